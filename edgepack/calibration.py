@@ -1,0 +1,154 @@
+"""Texts for calibration and held-out checks: read from .txt/.jsonl/.csv, sampled reproducibly.
+
+Texts are read once (a few MB at most for calibration) but tokenized and fed in batches, so a
+calibration run never holds more than one batch of activations per stride.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgepack.errors import UserError
+
+FORMATS = (".txt", ".jsonl", ".csv")
+MAX_FILE_BYTES = 512 << 20
+
+
+@dataclass(frozen=True)
+class TextSet:
+    """Texts plus where they came from; ``sha256`` covers exactly the texts used."""
+
+    texts: tuple[str, ...]
+    source: str
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256("\n".join(self.texts).encode("utf-8")).hexdigest()
+
+    def record(self) -> dict[str, Any]:
+        return {"source": self.source, "count": len(self.texts), "sha256": self.sha256}
+
+
+def _decode(path: Path) -> str:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise UserError(f"{path} is larger than {MAX_FILE_BYTES >> 20} MB; pass a smaller file.")
+    if b"\x00" in raw[:8192]:
+        raise UserError(f"{path} looks binary; expected UTF-8 text.")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path} is not UTF-8 (byte {exc.start}); re-save it as UTF-8.") from None
+
+
+def read_texts(path: Path | str, text_field: str = "text") -> TextSet:
+    """Read every non-empty text of a calibration/held-out file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"text file {path} does not exist.")
+    suffix = path.suffix.lower()
+    if suffix not in FORMATS:
+        raise UserError(f"{path}: unsupported format {suffix!r}; use one of {', '.join(FORMATS)}.")
+    content = _decode(path)
+    texts: list[str] = []
+    if suffix == ".txt":
+        texts = [line.strip() for line in content.splitlines()]
+    elif suffix == ".jsonl":
+        for n, line in enumerate(content.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise UserError(f"{path}:{n}: not valid JSON.") from None
+            if not isinstance(row, dict) or text_field not in row:
+                raise UserError(f"{path}:{n}: no field {text_field!r} (set --text-field).")
+            if not isinstance(row[text_field], str):
+                raise UserError(f"{path}:{n}: field {text_field!r} is not a string.")
+            texts.append(row[text_field].strip())
+    else:
+        try:
+            reader = csv.DictReader(io.StringIO(content))
+            header = reader.fieldnames or []
+            if text_field not in header:
+                raise UserError(
+                    f"{path}: no column {text_field!r}; columns are: {', '.join(header) or 'none'}"
+                    " (set --text-field)."
+                )
+            texts = [(row.get(text_field) or "").strip() for row in reader]
+        except csv.Error as exc:
+            raise UserError(f"{path}: not valid CSV ({exc}).") from None
+    texts = [t for t in texts if t]
+    if not texts:
+        raise UserError(f"{path} holds no texts.")
+    return TextSet(tuple(texts), str(path))
+
+
+def split(texts: TextSet, samples: int, seed: int) -> tuple[TextSet, TextSet]:
+    """A seeded subset of ``samples`` texts, and the rest (usable as held-out when none is given)."""
+    if samples <= 0:
+        raise UserError(f"--samples must be positive, got {samples}.")
+    if samples > len(texts.texts):
+        raise UserError(
+            f"{texts.source} has {len(texts.texts)} texts, fewer than --samples {samples}."
+        )
+    order = list(range(len(texts.texts)))
+    random.Random(seed).shuffle(order)
+    chosen, rest = sorted(order[:samples]), sorted(order[samples:])
+    return (
+        TextSet(tuple(texts.texts[i] for i in chosen), texts.source),
+        TextSet(tuple(texts.texts[i] for i in rest), texts.source + " (not sampled)"),
+    )
+
+
+def check_lengths(texts: TextSet, tokenizer: Any, max_length: int) -> int:
+    """Count texts longer than the model takes; they are truncated, which the user should know."""
+    lengths = [len(ids) for ids in tokenizer(list(texts.texts), truncation=False)["input_ids"]]
+    return sum(1 for n in lengths if n > max_length)
+
+
+def batches(
+    tokenizer: Any,
+    texts: TextSet,
+    input_names: list[str],
+    seq_len: int,
+    batch_size: int = 8,
+) -> Callable[[], Iterator[dict[str, np.ndarray]]]:
+    """A factory of fresh iterators of ONNX feeds, padded to ``seq_len`` like the device sees."""
+
+    def generate() -> Iterator[dict[str, np.ndarray]]:
+        for start in range(0, len(texts.texts), batch_size):
+            chunk = list(texts.texts[start : start + batch_size])
+            yield encode(tokenizer, chunk, input_names, seq_len)
+
+    return generate
+
+
+def encode(
+    tokenizer: Any, texts: list[str], input_names: list[str], seq_len: int
+) -> dict[str, np.ndarray]:
+    enc = tokenizer(
+        texts, padding="max_length", truncation=True, max_length=seq_len, return_tensors="np"
+    )
+    feeds: dict[str, np.ndarray] = {}
+    for name in input_names:
+        if name in enc:
+            feeds[name] = enc[name].astype(np.int64)
+        elif name == "token_type_ids":
+            feeds[name] = np.zeros_like(enc["input_ids"], dtype=np.int64)
+        else:
+            raise UserError(f"the model wants input {name!r}, which the tokenizer does not give.")
+    return feeds

@@ -1,0 +1,84 @@
+"""Build settings: a flat, typed record filled from a TOML file and then from CLI flags.
+
+The sample config in ``samples/build.toml`` supplies every default, so ``edgepack build`` with no
+argument builds the real sample model. Unknown keys are errors (with the closest valid key), never
+silently ignored.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from edgepack.errors import UserError, choices_hint
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    model: str = ""  # "package:NAME", a local HF folder, or a hub id (hub needs a network)
+    name: str = ""  # bundle name prefix; default: derived from the model
+    task: str = ""  # "" = detect from the model's config
+    target: str = "arm64"  # profile name, alias, "all", or a path to a profile .toml
+    calibration: str = ""  # .txt / .jsonl / .csv of texts for int8 calibration
+    text_field: str = "text"  # field (.jsonl) or column (.csv) holding the text
+    samples: int = 300  # calibration texts drawn (seeded) from the file
+    heldout: str = ""  # texts for the fidelity check; "" = calibration texts not sampled
+    seed: int = 0  # drives every random choice, so builds are reproducible
+    precision: str = ""  # "" = the target profile's; "fp32" builds the same bundle unquantized
+    out: str = "dist"
+    force: bool = False
+    trust_remote_code: bool = False
+    min_cosine: float = 0.98  # build fails if int8 mean cosine to fp32 falls below this
+    prune: float = 0.0  # fraction of encoder MACs to remove before export (0 = off)
+    distill_layers: int = 0  # train a student with this many layers first (0 = off)
+    distill_data: str = ""  # texts for distillation
+
+
+PATH_KEYS = ("calibration", "heldout", "distill_data")
+
+
+def sample_config_path() -> Path:
+    repo = Path(__file__).resolve().parent.parent / "samples" / "build.toml"
+    if repo.is_file():
+        return repo
+    from importlib.resources import files
+
+    return Path(str(files("edgepack.samples") / "build.toml"))
+
+
+def read_config(path: Path) -> BuildConfig:
+    """Parse a build config file; relative paths are relative to the file."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"build config {path} does not exist.") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise UserError(f"build config {path} is not readable TOML: {exc}") from None
+    return overlay(BuildConfig(), data, str(path), base=path.parent)
+
+
+def overlay(
+    config: BuildConfig, values: dict[str, Any], source: str, base: Path | None = None
+) -> BuildConfig:
+    """Apply ``values`` (from a file or CLI flags) on top of ``config``, type-checked."""
+    known = {f.name: f for f in fields(BuildConfig)}
+    changes: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in known:
+            raise UserError(f"{source}: unknown key {key!r}. {choices_hint(key, known)}")
+        want = type(getattr(BuildConfig(), key))
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+            raise UserError(f"{source}: {key} must be a {want.__name__}, got {value!r}.")
+        if key in PATH_KEYS and value and base is not None and not Path(value).is_absolute():
+            value = str((base / value).resolve())
+        changes[key] = value
+    return replace(config, **changes)

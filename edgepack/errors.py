@@ -1,0 +1,35 @@
+"""Errors the user can fix, kept apart from bugs.
+
+The CLI turns a ``UserError`` into one line and exit code 2; anything else is a bug and keeps its
+traceback. ``ToleranceNotMet`` gets its own exit code so scripts can tell "bad input" from "the
+model could not be made accurate enough" (the best model is still saved).
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class UserError(Exception):
+    """Something the user can fix: a bad path, value, file or flag."""
+
+    exit_code = 2
+
+
+class ToleranceNotMet(Exception):
+    """The accuracy tolerance was not met; the best model found was kept."""
+
+    exit_code = 3
+
+
+class BundleTampered(UserError):
+    """A bundle's file does not match its recorded checksum."""
+
+
+def choices_hint(value: str, valid: Iterable[str]) -> str:
+    """Name the valid choices, closest first, so a typo is one glance from its fix."""
+    valid = sorted(valid)
+    close = difflib.get_close_matches(value, valid, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return f"Valid choices are: {', '.join(valid)}.{hint}"

@@ -1,0 +1,100 @@
+"""Fidelity and host-side latency figures, shared by the build gate and ``edgepack eval``.
+
+Fidelity compares a model's primary output against a reference model's on the same inputs:
+cosine per example (per valid token for token outputs), plus top-1 agreement for classifiers.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def session(path: Path, threads: int = 1) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(
+    path: Path, feeds: Iterable[dict[str, np.ndarray]], threads: int = 1
+) -> list[np.ndarray]:
+    """The first (primary) output for each batch of feeds."""
+    sess = session(path, threads)
+    names = {i.name for i in sess.get_inputs()}
+    return [sess.run(None, {k: v for k, v in f.items() if k in names})[0] for f in feeds]
+
+
+def _rows(output: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """Flatten to one row per example, or per valid token for [batch, seq, dim] outputs."""
+    if output.ndim == 3:
+        flat = output.reshape(-1, output.shape[-1])
+        if mask is not None:
+            flat = flat[mask.reshape(-1).astype(bool)]
+        return flat.astype(np.float64)
+    return output.reshape(output.shape[0], -1).astype(np.float64)
+
+
+def fidelity(
+    reference: list[np.ndarray],
+    candidate: list[np.ndarray],
+    masks: list[np.ndarray] | None = None,
+    task: str = "feature-extraction",
+) -> dict[str, Any]:
+    """Mean/min cosine, max abs diff and, for classifiers, top-1 agreement."""
+    masks = masks or [None] * len(reference)  # type: ignore[list-item]
+    ref = np.concatenate([_rows(r, m) for r, m in zip(reference, masks, strict=True)])
+    got = np.concatenate([_rows(c, m) for c, m in zip(candidate, masks, strict=True)])
+    norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1)
+    cos = np.sum(ref * got, axis=1) / np.maximum(norms, 1e-12)
+    result: dict[str, Any] = {
+        "count": len(cos),
+        "mean_cosine": round(float(np.mean(cos)), 6),
+        "min_cosine": round(float(np.min(cos)), 6),
+        "p05_cosine": round(float(np.percentile(cos, 5)), 6),
+        "max_abs_diff": round(float(np.max(np.abs(ref - got))), 6),
+    }
+    if task in ("text-classification", "token-classification"):
+        result["top1_agreement"] = round(float(np.mean(ref.argmax(1) == got.argmax(1))), 6)
+    return result
+
+
+def host_latency(
+    models: dict[str, Path],
+    feeds: dict[str, np.ndarray],
+    threads: int,
+    rounds: int = 20,
+    per_round: int = 5,
+) -> dict[str, dict[str, float]]:
+    """Median latency per model, measured interleaved (A B A B ...) so drift favours none."""
+    sessions = {}
+    for name, path in models.items():
+        sess = session(path, threads)
+        wanted = {i.name for i in sess.get_inputs()}
+        batch = {k: v for k, v in feeds.items() if k in wanted}
+        for _ in range(3):
+            sess.run(None, batch)
+        sessions[name] = (sess, batch)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, (sess, batch) in sessions.items():
+            for _ in range(per_round):
+                start = time.perf_counter()
+                sess.run(None, batch)
+                times[name].append((time.perf_counter() - start) * 1000)
+    return {
+        name: {
+            "p50_ms": round(float(np.median(t)), 3),
+            "p90_ms": round(float(np.percentile(t, 90)), 3),
+            "runs": len(t),
+        }
+        for name, t in times.items()
+    }

@@ -1,0 +1,197 @@
+"""Resolve what the user named as a model into an ``HFModel`` record, refusing what cannot work.
+
+All checks that can be made without loading weights happen here, so a bad model fails in a second
+with one clear line rather than deep inside the exporter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from edgepack.artifacts import HFModel, sha256_file
+from edgepack.errors import UserError, choices_hint
+
+TASKS = ("feature-extraction", "text-classification", "token-classification")
+# Encoder families the export, quantization and pruning stages are written and tested for.
+SUPPORTED_MODEL_TYPES = (
+    "bert",
+    "distilbert",
+    "roberta",
+    "xlm-roberta",
+    "camembert",
+    "electra",
+    "mpnet",
+)
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+def resolve_path(spec: str) -> tuple[Path, str]:
+    """Turn ``package:NAME``, a local folder or a hub id into a local folder and a display source."""
+    if spec.startswith("package:"):
+        name = spec.split(":", 1)[1]
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            raise UserError(
+                f"model package {name!r} is not installed (pip install {name.replace('_', '-')})."
+            ) from None
+        return Path(module.get_model_path()), spec
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(f"model path {spec} is a file; give the model folder.")
+        return path.resolve(), str(path.resolve())
+    if spec.count("/") == 1 and not spec.startswith((".", "/")):
+        return _from_hub(spec), spec
+    raise UserError(f"model path {spec} does not exist.")
+
+
+def _from_hub(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(
+            snapshot_download(repo_id, local_files_only=os.environ.get("HF_HUB_OFFLINE") == "1")
+        )
+    except Exception as exc:  # the hub client raises many types; all mean "not reachable here"
+        raise UserError(
+            f"could not get {repo_id!r} from the Hugging Face Hub ({type(exc).__name__}); "
+            "the hub only works with a network - pass a local model folder instead."
+        ) from None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path} is not readable JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} must hold a JSON object.")
+    return data
+
+
+def _weights(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing or not shards:
+            raise UserError(f"{folder}: weight shards missing: {', '.join(missing) or 'all'}.")
+        return [folder / s for s in shards]
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / name).is_file():
+            return [folder / name]
+    raise UserError(
+        f"{folder} has a config.json but no weights; expected one of: {', '.join(WEIGHT_FILES)}."
+    )
+
+
+def _check_safetensors(path: Path) -> None:
+    """Read the header and check the file is as long as the header says: catches truncation."""
+    if path.suffix != ".safetensors":
+        return
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            raise UserError(f"{path} is truncated or not a safetensors file.")
+        n = int.from_bytes(head, "little")
+        if n <= 0 or n > min(size - 8, 100 << 20):
+            raise UserError(f"{path} is corrupt: its header length makes no sense.")
+        try:
+            header = json.loads(handle.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise UserError(f"{path} is corrupt: its header is not JSON.") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end != size:
+        raise UserError(
+            f"{path} is truncated or corrupt: {size} bytes on disk, {8 + n + end} expected."
+        )
+
+
+def detect_task(config: dict[str, Any], is_sentence_transformer: bool) -> str:
+    archs = " ".join(config.get("architectures") or [])
+    if "ForSequenceClassification" in archs:
+        return "text-classification"
+    if "ForTokenClassification" in archs:
+        return "token-classification"
+    return "feature-extraction"
+
+
+def _max_length(folder: Path, config: dict[str, Any]) -> int:
+    limits = [int(config.get("max_position_embeddings", 512))]
+    for name, key in (
+        ("sentence_bert_config.json", "max_seq_length"),
+        ("tokenizer_config.json", "model_max_length"),
+    ):
+        if (folder / name).is_file():
+            value = _read_json(folder / name).get(key)
+            if isinstance(value, int) and 0 < value < 1_000_000:
+                limits.append(value)
+    return min(limits)
+
+
+def load_model(spec: str, task: str | None = None, trust_remote_code: bool = False) -> HFModel:
+    """Check a model folder and describe it; weights are hashed, not loaded."""
+    folder, source = resolve_path(spec)
+    if not (folder / "config.json").is_file():
+        raise UserError(f"{folder} is not a Hugging Face model folder: it has no config.json.")
+    config = _read_json(folder / "config.json")
+    if config.get("auto_map") and not trust_remote_code:
+        raise UserError(
+            f"{folder} needs custom code from the model (auto_map in config.json); "
+            "refusing to run it. Pass --trust-remote-code if you trust its author."
+        )
+    model_type = str(config.get("model_type", ""))
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UserError(
+            f"unsupported architecture {model_type or '(none)'!r} in {folder}/config.json. "
+            f"Supported model types are: {', '.join(SUPPORTED_MODEL_TYPES)}."
+        )
+    weights = _weights(folder)
+    for w in weights:
+        _check_safetensors(w)
+    is_st = (folder / "modules.json").is_file()
+    detected = detect_task(config, is_st)
+    if task is None:
+        task = detected
+    elif task not in TASKS:
+        raise UserError(f"unknown task {task!r}. {choices_hint(task, TASKS)}")
+    elif task != "feature-extraction" and detected == "feature-extraction":
+        raise UserError(
+            f"{folder} has no {task} head (architectures: {config.get('architectures')})."
+        )
+    if not any((folder / n).is_file() for n in ("tokenizer.json", "vocab.txt", "vocab.json")):
+        raise UserError(
+            f"{folder} has no tokenizer files (tokenizer.json, vocab.txt or vocab.json)."
+        )
+    digest = hashlib.sha256()
+    for w in weights:
+        digest.update(sha256_file(w).encode())
+    return HFModel(
+        path=folder,
+        task=task,
+        source=source,
+        library="sentence_transformers"
+        if is_st and task == "feature-extraction"
+        else "transformers",
+        weights_sha256=digest.hexdigest(),
+        model_type=model_type,
+        max_length=_max_length(folder, config),
+    )
+
+
+def display_name(model: HFModel) -> str:
+    """A short, filesystem-safe name for bundle folders (the build config's ``name`` wins)."""
+    if model.source.startswith("package:"):
+        return _safe(model.source.split(":", 1)[1])
+    return _safe(Path(model.source).name or "model")
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name).strip("-.") or "model"

@@ -1,0 +1,82 @@
+"""manifest.json and SHA256SUMS: what a bundle claims to be, and the proof it still is.
+
+SHA256SUMS uses ``sha256sum -c`` format so a device can verify a bundle with coreutils alone; the
+harness and ``edgepack verify`` read the same file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from edgepack.artifacts import sha256_file
+from edgepack.errors import BundleTampered, UserError
+
+SCHEMA_VERSION = 1
+SUMS = "SHA256SUMS"
+MANIFEST = "manifest.json"
+# The one field allowed to differ between two builds of the same inputs.
+VOLATILE_KEYS = ("built_at",)
+
+
+def bundle_files(folder: Path) -> list[str]:
+    """Every regular file below ``folder`` except SHA256SUMS, as sorted POSIX paths."""
+    return sorted(
+        p.relative_to(folder).as_posix()
+        for p in folder.rglob("*")
+        if p.is_file() and p.relative_to(folder).as_posix() != SUMS
+    )
+
+
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    text = json.dumps({"schema_version": SCHEMA_VERSION, **manifest}, indent=2, sort_keys=True)
+    (folder / MANIFEST).write_text(text + "\n", encoding="utf-8")
+
+
+def write_sums(folder: Path) -> None:
+    lines = [f"{sha256_file(folder / name)}  {name}\n" for name in bundle_files(folder)]
+    (folder / SUMS).write_text("".join(lines), encoding="utf-8")
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    path = folder / MANIFEST
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{folder} is not a bundle: it has no {MANIFEST}.") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path} is not readable JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} must hold a JSON object.")
+    version = data.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise UserError(
+            f"{path}: manifest schema version {version!r} is not supported "
+            f"(this edgepack reads version {SCHEMA_VERSION})."
+        )
+    return data
+
+
+def verify(folder: Path) -> int:
+    """Raise ``BundleTampered`` naming the first file that differs; return the count checked."""
+    sums = folder / SUMS
+    if not sums.is_file():
+        raise BundleTampered(f"{folder} has no {SUMS}; cannot verify it.")
+    listed: dict[str, str] = {}
+    for n, line in enumerate(sums.read_text(encoding="utf-8").splitlines(), 1):
+        digest, sep, name = line.partition("  ")
+        if not sep or len(digest) != 64:
+            raise BundleTampered(f"{sums}:{n} is malformed.")
+        listed[name] = digest
+    present = set(bundle_files(folder))
+    for name in sorted(present - set(listed)):
+        raise BundleTampered(f"{folder}: file {name} is not listed in {SUMS} (added after build).")
+    for name, digest in sorted(listed.items()):
+        if name not in present:
+            raise BundleTampered(f"{folder}: file {name} is missing.")
+        if sha256_file(folder / name) != digest:
+            raise BundleTampered(
+                f"{folder}: file {name} was changed after build (checksum differs)."
+            )
+    return len(listed)

@@ -1,0 +1,251 @@
+"""``build()``: orders the stages, wraps each in the cache, gates on fidelity, packages per target.
+
+load -> [distill] -> [prune] -> export (validated vs PyTorch) -> quantize per distinct settings
+(fidelity measured vs fp32 on held-out text) -> package per target -> summary.
+Export and calibration happen once however many targets are built.
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgepack import __version__
+from edgepack.artifacts import HFModel, OnnxModel, canonical_json, sha256_file
+from edgepack.bundle import BuildResult, package_target
+from edgepack.cache import cached
+from edgepack.calibration import TextSet, batches, check_lengths, encode, read_texts, split
+from edgepack.config import BuildConfig
+from edgepack.errors import UserError
+from edgepack.progress import Progress
+from edgepack.targets import TargetProfile, resolve_targets
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+    import optimum.version
+    import torch
+    import transformers
+
+    return {
+        "edgepack": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "optimum": optimum.version.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _quant_settings(profile: TargetProfile) -> dict[str, Any]:
+    q = profile.section("quantization")
+    q.pop("precision", None)
+    return q
+
+
+def _precision(config: BuildConfig, profile: TargetProfile) -> str:
+    return config.precision or profile.precision
+
+
+def _seq_len(profile: TargetProfile, model: HFModel) -> int:
+    return min(int(profile.section("harness")["seq_len"]), model.max_length)
+
+
+MIN_HELDOUT = 8
+
+
+def _texts(config: BuildConfig) -> tuple[TextSet, TextSet]:
+    pool = read_texts(config.calibration, config.text_field)
+    calib, rest = split(pool, config.samples, config.seed)
+    heldout = read_texts(config.heldout, config.text_field) if config.heldout else rest
+    if len(heldout.texts) < MIN_HELDOUT:
+        raise UserError(
+            f"only {len(heldout.texts)} texts left for the fidelity check (need {MIN_HELDOUT}); "
+            "pass --heldout FILE or lower --samples."
+        )
+    overlap = set(calib.texts) & set(heldout.texts)
+    if overlap:
+        raise UserError(
+            f"{len(overlap)} held-out texts are also calibration texts; keep them apart."
+        )
+    return calib, heldout
+
+
+def _export(
+    model: HFModel, tokenizer: Any, texts: list[str], seq_len: int, progress: Progress
+) -> OnnxModel:
+    from edgepack.export import export_onnx, validate
+
+    settings = {"edgepack": __version__, "task": model.task, "library": model.library}
+    with progress.stage("export", model.source):
+        fp32, hit = cached(
+            "export", settings, model.digest, OnnxModel, lambda out: export_onnx(model, out)
+        )
+    if "validation" not in fp32.records:
+        feeds = encode(tokenizer, texts, [i["name"] for i in fp32.inputs], seq_len)
+        with progress.stage("validate", "ONNX vs PyTorch"):
+            record = validate(fp32, model, feeds)
+        fp32 = OnnxModel(**{**fp32.__dict__, "records": {**fp32.records, "validation": record}})
+    progress.note(
+        f"export max |ONNX - PyTorch| = {fp32.records['validation']['max_abs_diff_vs_pytorch']:.2e}"
+        + (" (cached)" if hit else "")
+    )
+    return fp32
+
+
+def _quantize(
+    fp32: OnnxModel,
+    settings: dict[str, Any],
+    calib: TextSet,
+    tokenizer: Any,
+    seq_len: int,
+    progress: Progress,
+) -> OnnxModel:
+    from edgepack.quantize import QuantSettings, quantize_static_int8
+
+    try:
+        qs = QuantSettings(**settings)
+    except TypeError as exc:
+        raise UserError(f"quantization settings not understood: {exc}") from None
+    names = [i["name"] for i in fp32.inputs]
+    key = {
+        "settings": asdict(qs),
+        "calibration": calib.sha256,
+        "seq_len": seq_len,
+        "v": __version__,
+    }
+
+    def make(out: Path) -> OnnxModel:
+        record = quantize_static_int8(
+            fp32.path,
+            out / "model.onnx",
+            batches(tokenizer, calib, names, seq_len),
+            qs,
+            out / "work",
+        )
+        return OnnxModel(
+            **{
+                **fp32.__dict__,
+                "path": out / "model.onnx",
+                "precision": "int8",
+                "sha256": sha256_file(out / "model.onnx"),
+                "records": {
+                    "quantization": {
+                        **record,
+                        "settings": asdict(qs),
+                        "calibration": calib.record(),
+                    }
+                },
+            }
+        )
+
+    with progress.stage("quantize", f"{len(calib.texts)} calibration texts, seq {seq_len}"):
+        model, _ = cached("quantize", key, fp32.digest, OnnxModel, make)
+    return model
+
+
+def _fidelity(
+    fp32: OnnxModel,
+    candidate: OnnxModel,
+    heldout_feeds: list[dict[str, np.ndarray]],
+    reference_out: list[np.ndarray],
+) -> dict[str, Any]:
+    from edgepack.evaluate import fidelity, run_onnx
+
+    # One thread: reductions then run in a fixed order, so the figures (kept in the manifest)
+    # are the same on every rebuild and every host.
+    got = run_onnx(candidate.path, heldout_feeds, threads=1)
+    masks = (
+        [f["attention_mask"] for f in heldout_feeds]
+        if "attention_mask" in heldout_feeds[0]
+        else None
+    )
+    return fidelity(reference_out, got, masks, fp32.task)
+
+
+def build(config: BuildConfig, progress: Progress) -> list[BuildResult]:
+    """Build one bundle per target named by ``config.target``; returns them in order."""
+    from transformers import AutoTokenizer
+
+    from edgepack.load import display_name, load_model
+    from edgepack.package import check_destination
+
+    profiles = resolve_targets(config.target)
+    out_root = Path(config.out)
+    with progress.stage("load", config.model):
+        model = load_model(config.model, config.task or None, config.trust_remote_code)
+        name = config.name or display_name(model)
+        for profile in profiles:
+            check_destination(out_root, f"{name}-{profile.name}", config.force)
+        calib, heldout = _texts(config)
+        tokenizer = AutoTokenizer.from_pretrained(str(model.path), local_files_only=True)
+    too_long = check_lengths(calib, tokenizer, model.max_length)
+    if too_long:
+        progress.note(f"{too_long} calibration texts exceed {model.max_length} tokens; truncated.")
+    model = _model_stages(model, config, calib, progress)
+
+    seq_len = max(_seq_len(p, model) for p in profiles)
+    fp32 = _export(model, tokenizer, list(heldout.texts[:8]), seq_len, progress)
+    names = [i["name"] for i in fp32.inputs]
+    results = []
+    quantized: dict[str, OnnxModel] = {}
+    for profile in profiles:
+        seq_len = _seq_len(profile, model)
+        heldout_feeds = list(batches(tokenizer, heldout, names, seq_len, batch_size=16)())
+        from edgepack.evaluate import run_onnx
+
+        reference_out = run_onnx(fp32.path, heldout_feeds, threads=1)
+        precision = _precision(config, profile)
+        candidate = fp32
+        if precision == "int8":
+            key = canonical_json([_quant_settings(profile), seq_len])
+            if key not in quantized:
+                quantized[key] = _quantize(
+                    fp32, _quant_settings(profile), calib, tokenizer, seq_len, progress
+                )
+            candidate = quantized[key]
+        with progress.stage("fidelity", f"{len(heldout.texts)} held-out texts"):
+            fid = _fidelity(fp32, candidate, heldout_feeds, reference_out)
+        progress.note(
+            f"{precision} vs fp32: mean cosine {fid['mean_cosine']:.4f}, min {fid['min_cosine']:.4f}"
+            + (f", top-1 agreement {fid['top1_agreement']:.3f}" if "top1_agreement" in fid else "")
+        )
+        if fid["mean_cosine"] < config.min_cosine:
+            raise UserError(
+                f"{precision} model's mean cosine to fp32 is {fid['mean_cosine']:.4f}, below the "
+                f"gate {config.min_cosine}; lower --min-cosine or use --precision fp32."
+            )
+        with progress.stage("package", profile.name):
+            result = package_target(
+                name=f"{name}-{profile.name}",
+                out_root=out_root,
+                force=config.force,
+                profile=profile,
+                model=model,
+                fp32=fp32,
+                candidate=candidate,
+                precision=precision,
+                fidelity=fid,
+                calib=calib,
+                heldout=heldout,
+                tokenizer=tokenizer,
+                seq_len=seq_len,
+                config=config,
+                versions=_versions(),
+                timings=dict(progress.timings),
+            )
+        results.append(result)
+    return results
+
+
+def _model_stages(
+    model: HFModel, config: BuildConfig, calib: TextSet, progress: Progress
+) -> HFModel:
+    """Optional model-changing stages before export (distillation, then pruning)."""
+    return model

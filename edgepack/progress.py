@@ -1,0 +1,29 @@
+"""Stage-by-stage progress on the terminal, with each stage's wall time kept for the manifest."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from rich.console import Console
+
+
+class Progress:
+    """Prints one line per stage to stderr so stdout stays clean for the bundle path."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.console = Console(stderr=True, quiet=quiet, highlight=False)
+        self.timings: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str, detail: str = "") -> Iterator[None]:
+        start = time.perf_counter()
+        with self.console.status(f"[bold]{name}[/] {detail}"):
+            yield
+        took = time.perf_counter() - start
+        self.timings[name] = self.timings.get(name, 0.0) + round(took, 2)
+        self.console.print(f"[green]✓[/] {name:<10} {took:7.1f}s  {detail}")
+
+    def note(self, text: str) -> None:
+        self.console.print(f"  {text}")
