@@ -154,7 +154,13 @@ def to_ort_format(onnx_path: Path, out_dir: Path, fmt: dict[str, Any]) -> tuple[
         raise RuntimeError(f"ORT format conversion failed:\n{done.stdout}\n{done.stderr}")
     ort_file = next(work.rglob("*.ort"))
     configs = sorted(work.rglob("*.config"))
-    return ort_file, (configs[0] if configs else None)
+    if not configs:
+        return ort_file, None
+    # The converter names the temporary model path in a comment; keep the file build-independent.
+    lines = configs[0].read_text(encoding="utf-8").splitlines()
+    body = [line for line in lines if not line.startswith("# - ")]
+    configs[0].write_text("\n".join(body).replace("model/s:", "model/s: model.ort") + "\n")
+    return ort_file, configs[0]
 
 
 def write_bundle(

@@ -1,0 +1,105 @@
+"""Shared fixtures: tiny random models built on the spot (no downloads), isolated cache and env."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+WORDS = (
+    "the a an cat dog bird runs walks flies over under quick lazy bright dark sun moon city river "
+    "music phone battery server network price market doctor patient school teacher book read write "
+    "good bad new old big small red blue green is was are were and or not with for to of in on"
+).split()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Stage cache per test session: tests never see a user's cache, but share exports."""
+    os.environ["EDGEPACK_CACHE"] = str(tmp_path_factory.mktemp("edgepack-cache"))
+
+
+def write_tokenizer(folder: Path) -> None:
+    from transformers import BertTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, *"abcdefghijklmnopqrstuvwxyz.,?!"]
+    vocab += [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(dict.fromkeys(vocab)) + "\n")
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), model_max_length=64).save_pretrained(folder)
+
+
+def make_tiny_model(folder: Path, kind: str = "bert", head: str = "", seed: int = 0) -> Path:
+    """A random 2-layer encoder saved like a hub checkpoint (safetensors + tokenizer)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    write_tokenizer(folder)
+    vocab = len((folder / "vocab.txt").read_text().split())
+    if kind == "distilbert":
+        config = transformers.DistilBertConfig(
+            vocab_size=vocab, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=64
+        )
+    else:
+        config = transformers.BertConfig(
+            vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=64, max_position_embeddings=64,
+        )
+    if head == "seq":
+        config.num_labels = 3
+        model = transformers.AutoModelForSequenceClassification.from_config(config)
+    elif head == "token":
+        config.num_labels = 5
+        model = transformers.AutoModelForTokenClassification.from_config(config)
+    else:
+        model = transformers.AutoModel.from_config(config)
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def make_tiny_sentence_transformer(folder: Path) -> Path:
+    """A tiny model laid out as sentence-transformers saves one (mean pooling + normalisation)."""
+    make_tiny_model(folder)
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ]
+    (folder / "modules.json").write_text(json.dumps(modules))
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(
+        json.dumps({"word_embedding_dimension": 32, "pooling_mode_mean_tokens": True})
+    )
+    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 64}))
+    return folder
+
+
+def write_texts(path: Path, count: int, seed: int = 0) -> Path:
+    import random
+
+    rng = random.Random(seed)
+    lines = {" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 20))) for _ in range(count * 2)}
+    path.write_text("\n".join(sorted(lines)[:count]) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_st(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_sentence_transformer(tmp_path_factory.mktemp("tiny-st"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def texts_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_texts(tmp_path_factory.mktemp("texts") / "calib.txt", 80)
