@@ -79,7 +79,6 @@ def package_target(
     seq_len: int,
     config: BuildConfig,
     versions: dict[str, str],
-    timings: dict[str, float],
 ) -> BuildResult:
     names = [i["name"] for i in fp32.inputs]
     inputs = encode(tokenizer, list(heldout.texts[:REFERENCE_TEXTS]), names, seq_len)
@@ -132,7 +131,6 @@ def package_target(
             "build": {
                 "config": {k: v for k, v in config.__dict__.items() if k not in ("out", "force")},
                 "command": "edgepack rebuild manifest.json",
-                "stage_seconds": timings,
             },
             "versions": versions,
         }

@@ -90,6 +90,8 @@ def build(config_path: Path | None, quiet: bool, **flags: Any) -> None:
     config = read_config(config_path or sample_config_path())
     if flags.get("model") and config_path is None:
         config = overlay(config, {"name": ""}, "--model")
+    if flags.get("calibration") and not flags.get("heldout"):
+        config = overlay(config, {"heldout": ""}, "--calibration")
     config = overlay(config, _build_options(flags), "command line")
     progress = Progress(quiet=quiet)
     results = run_build(config, progress)

@@ -238,7 +238,6 @@ def build(config: BuildConfig, progress: Progress) -> list[BuildResult]:
                 seq_len=seq_len,
                 config=config,
                 versions=_versions(),
-                timings=dict(progress.timings),
             )
         results.append(result)
     return results

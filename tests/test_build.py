@@ -1,0 +1,152 @@
+"""The whole pipeline on tiny random models: every target profile, determinism, atomicity."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from edgepack.cli import cli
+from edgepack.manifest import verify
+from edgepack.targets import list_targets
+
+
+def run(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(cli, list(args))
+    return result.exit_code, result.output
+
+
+def build_args(model: Path, texts: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "build",
+        "--model",
+        str(model),
+        "--calibration",
+        str(texts),
+        "--samples",
+        "40",
+        "--out",
+        str(out),
+        "--min-cosine",
+        "0.5",
+        "--quiet",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def matrix(tiny_st: Path, texts_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("dist")
+    code, output = run(*build_args(tiny_st, texts_file, out, "--target", "all", "--name", "tiny"))
+    assert code == 0, output
+    return out
+
+
+def test_all_builds_one_bundle_per_profile(matrix: Path) -> None:
+    names = {p.name for p in list_targets()}
+    assert {p.name for p in matrix.iterdir() if p.is_dir()} == {f"tiny-{n}" for n in names}
+    assert {p.name for p in matrix.glob("*.tar.gz")} == {f"tiny-{n}.tar.gz" for n in names}
+
+
+@pytest.mark.parametrize("profile", [p.name for p in list_targets()])
+def test_bundle_carries_its_profile(matrix: Path, profile: str) -> None:
+    folder = matrix / f"tiny-{profile}"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    target = next(p for p in list_targets() if p.name == profile)
+    assert manifest["target"]["quantization"] == target.data["quantization"]
+    assert (
+        manifest["quantization"]["settings"]["reduce_range"]
+        == target.data["quantization"]["reduce_range"]
+    )
+    assert manifest["model"]["file"] == (
+        "model.ort" if target.data["format"]["model"] == "ort" else "model.onnx"
+    )
+    assert (folder / manifest["model"]["file"]).is_file()
+    if target.data["format"].get("operator_config"):
+        assert (
+            "com.microsoft" in (folder / "required_operators_and_types.config").read_text()
+            or "ai.onnx" in (folder / "required_operators_and_types.config").read_text()
+        )
+    assert verify(folder) > 5
+    assert manifest["io"]["primary_output"] == "sentence_embedding"
+    assert 0.5 <= manifest["fidelity"]["mean_cosine"] <= 1.0
+    for key in ("versions", "source", "calibration", "heldout", "export", "reference"):
+        assert manifest[key], key
+    assert manifest["export"]["max_abs_diff_vs_pytorch"] < 1e-3
+
+
+def test_int8_model_has_qdq_on_the_linear_layers(matrix: Path) -> None:
+    import onnx
+
+    graph = onnx.load(str(matrix / "tiny-arm64" / "model.onnx")).graph
+    ops = Counter(n.op_type for n in graph.node)
+    assert ops["QuantizeLinear"] > 0 and ops["DequantizeLinear"] >= ops["QuantizeLinear"]
+    weights = {i.name for i in graph.initializer}
+    matmul_inputs = [n.input[1] for n in graph.node if n.op_type == "MatMul"]
+    dq_outputs = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    assert (
+        sum(name in dq_outputs for name in matmul_inputs) >= 2 * 4
+    )  # q, k, v, out, ffn x 2 layers
+    assert not any(name in weights for name in matmul_inputs if name in dq_outputs)
+
+
+def test_tarball_holds_the_same_verified_bundle(matrix: Path, tmp_path: Path) -> None:
+    with tarfile.open(matrix / "tiny-cpu.tar.gz") as tar:
+        tar.extractall(tmp_path, filter="data")
+    assert verify(tmp_path / "tiny-cpu") > 5
+
+
+def test_rebuild_is_byte_identical(
+    tiny_st: Path, texts_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for out in ("a", "b"):
+        monkeypatch.setenv("EDGEPACK_CACHE", str(tmp_path / f"cache-{out}"))  # no shared stages
+        code, output = run(*build_args(tiny_st, texts_file, tmp_path / out, "--target", "cpu-vnni"))
+        assert code == 0, output
+    name = f"{tiny_st.name}-cpu-vnni"
+    a, b = tmp_path / "a" / name, tmp_path / "b" / name
+    assert (a / "model.onnx").read_bytes() == (b / "model.onnx").read_bytes()
+    ma, mb = (json.loads((d / "manifest.json").read_text()) for d in (a, b))
+    ma.pop("built_at"), mb.pop("built_at")
+    assert ma == mb
+
+
+def test_existing_output_is_refused_before_any_work(
+    matrix: Path, tiny_st: Path, texts_file: Path
+) -> None:
+    before = (matrix / "tiny-arm64" / "manifest.json").read_text()
+    code, output = run(
+        *build_args(tiny_st, texts_file, matrix, "--target", "arm64", "--name", "tiny")
+    )
+    assert code == 2
+    assert "already exists; pass --force" in output
+    assert (matrix / "tiny-arm64" / "manifest.json").read_text() == before
+
+
+def test_fp32_precision_builds_the_same_bundle_unquantized(
+    tiny_st: Path, texts_file: Path, tmp_path: Path
+) -> None:
+    code, output = run(
+        *build_args(tiny_st, texts_file, tmp_path, "--target", "arm64", "--precision", "fp32")
+    )
+    assert code == 0, output
+    manifest = json.loads((tmp_path / f"{tiny_st.name}-arm64" / "manifest.json").read_text())
+    assert manifest["model"]["precision"] == "fp32" and manifest["quantization"] is None
+    assert manifest["fidelity"]["mean_cosine"] == pytest.approx(1.0, abs=1e-6)
+    assert output.strip().splitlines()[-1].endswith(f"{tiny_st.name}-arm64.tar.gz")
+
+
+@pytest.mark.parametrize("kind", ["seq", "token"])
+def test_classifiers_report_top1_agreement(kind: str, texts_file: Path, tmp_path: Path) -> None:
+    from conftest import make_tiny_model
+
+    model = make_tiny_model(tmp_path / f"m-{kind}", head=kind)
+    code, output = run(*build_args(model, texts_file, tmp_path / "out", "--target", "cpu-vnni"))
+    assert code == 0, output
+    manifest = json.loads((tmp_path / "out" / f"m-{kind}-cpu-vnni" / "manifest.json").read_text())
+    assert manifest["io"]["primary_output"] == "logits"
+    assert 0.0 <= manifest["fidelity"]["top1_agreement"] <= 1.0
