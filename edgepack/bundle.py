@@ -129,7 +129,11 @@ def package_target(
                 "min_cosine": round(min(check["min_cosine"] - DEVICE_COSINE_MARGIN, 0.999), 4),
             },
             "build": {
-                "config": {k: v for k, v in config.__dict__.items() if k not in ("out", "force")},
+                # This bundle's own target, so `edgepack rebuild` of one bundle of a matrix works.
+                "config": {
+                    **{k: v for k, v in config.__dict__.items() if k not in ("out", "force")},
+                    "target": profile.name,
+                },
                 "command": "edgepack rebuild manifest.json",
             },
             "versions": versions,

@@ -17,7 +17,10 @@ import click
 from edgepack.errors import ToleranceNotMet, UserError
 
 # Commands that live in their own modules: (module, attribute).
-EXTRA_COMMANDS: tuple[tuple[str, str], ...] = ()
+EXTRA_COMMANDS: tuple[tuple[str, str], ...] = (
+    ("edgepack.commands_bench", "bench"),
+    ("edgepack.commands_bench", "compare_cmd"),
+)
 
 
 class Group(click.Group):
@@ -112,6 +115,23 @@ def verify(bundle: Path) -> None:
     read_manifest(bundle)
     count = verify_sums(bundle)
     click.echo(f"OK: {count} files match SHA256SUMS in {bundle}")
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option(
+    "--target", "target_file", help="Profile file, for bundles built from a custom profile."
+)
+def rebuild(bundle: Path, target_file: str | None) -> None:
+    """Rebuild BUNDLE (or its manifest.json) from its recorded inputs and compare the hashes."""
+    from edgepack.progress import Progress
+    from edgepack.rebuild import rebuild as run_rebuild
+
+    diffs = run_rebuild(bundle, target_file, Progress())
+    if diffs:
+        click.echo("Rebuild differs:\n  " + "\n  ".join(diffs))
+        sys.exit(1)
+    click.echo(f"Rebuild of {bundle} reproduced every file hash.")
 
 
 def _register_extra() -> None:

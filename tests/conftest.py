@@ -28,11 +28,21 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
 def write_tokenizer(folder: Path) -> None:
     from transformers import BertTokenizerFast
 
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, *"abcdefghijklmnopqrstuvwxyz.,?!"]
+    vocab = [
+        "[PAD]",
+        "[UNK]",
+        "[CLS]",
+        "[SEP]",
+        "[MASK]",
+        *WORDS,
+        *"abcdefghijklmnopqrstuvwxyz.,?!",
+    ]
     vocab += [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"]
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.txt").write_text("\n".join(dict.fromkeys(vocab)) + "\n")
-    BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), model_max_length=64).save_pretrained(folder)
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), model_max_length=64).save_pretrained(
+        folder
+    )
 
 
 def make_tiny_model(folder: Path, kind: str = "bert", head: str = "", seed: int = 0) -> Path:
@@ -45,12 +55,21 @@ def make_tiny_model(folder: Path, kind: str = "bert", head: str = "", seed: int 
     vocab = len((folder / "vocab.txt").read_text().split())
     if kind == "distilbert":
         config = transformers.DistilBertConfig(
-            vocab_size=vocab, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=64
+            vocab_size=vocab,
+            dim=32,
+            n_layers=2,
+            n_heads=4,
+            hidden_dim=64,
+            max_position_embeddings=64,
         )
     else:
         config = transformers.BertConfig(
-            vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-            intermediate_size=64, max_position_embeddings=64,
+            vocab_size=vocab,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=64,
         )
     if head == "seq":
         config.num_labels = 3
@@ -69,8 +88,18 @@ def make_tiny_sentence_transformer(folder: Path) -> Path:
     make_tiny_model(folder)
     modules = [
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+        {
+            "idx": 1,
+            "name": "1",
+            "path": "1_Pooling",
+            "type": "sentence_transformers.models.Pooling",
+        },
+        {
+            "idx": 2,
+            "name": "2",
+            "path": "2_Normalize",
+            "type": "sentence_transformers.models.Normalize",
+        },
     ]
     (folder / "modules.json").write_text(json.dumps(modules))
     (folder / "1_Pooling").mkdir()
@@ -85,7 +114,9 @@ def write_texts(path: Path, count: int, seed: int = 0) -> Path:
     import random
 
     rng = random.Random(seed)
-    lines = {" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 20))) for _ in range(count * 2)}
+    lines = {
+        " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 20))) for _ in range(count * 2)
+    }
     path.write_text("\n".join(sorted(lines)[:count]) + "\n")
     return path
 

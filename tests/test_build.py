@@ -150,3 +150,24 @@ def test_classifiers_report_top1_agreement(kind: str, texts_file: Path, tmp_path
     manifest = json.loads((tmp_path / "out" / f"m-{kind}-cpu-vnni" / "manifest.json").read_text())
     assert manifest["io"]["primary_output"] == "logits"
     assert 0.0 <= manifest["fidelity"]["top1_agreement"] <= 1.0
+
+
+def test_rebuild_from_manifest_reproduces_the_hashes(matrix: Path) -> None:
+    code, output = run("rebuild", str(matrix / "tiny-cpu" / "manifest.json"))
+    assert code == 0, output
+    assert "reproduced every file hash" in output
+
+
+def test_rebuild_notices_a_changed_input(matrix: Path, tmp_path: Path) -> None:
+    import shutil
+
+    folder = shutil.copytree(matrix / "tiny-arm64", tmp_path / "tiny-arm64")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    texts = Path(manifest["build"]["config"]["calibration"])
+    changed = tmp_path / "calib.txt"
+    changed.write_text(texts.read_text().replace("the", "a"))
+    manifest["build"]["config"]["calibration"] = str(changed)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    code, output = run("rebuild", str(folder))
+    assert code == 1
+    assert "Rebuild differs" in output and "model.onnx" in output

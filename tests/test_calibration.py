@@ -10,7 +10,7 @@ from edgepack.errors import UserError
 
 
 def test_txt_jsonl_csv_read_the_same_texts(tmp_path: Path) -> None:
-    texts = ["first text", "second, with a comma", "third \"quoted\""]
+    texts = ["first text", "second, with a comma", 'third "quoted"']
     (tmp_path / "a.txt").write_text("\n".join(texts) + "\n\n")
     (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"body": t}) for t in texts))
     import csv
@@ -36,7 +36,9 @@ def test_txt_jsonl_csv_read_the_same_texts(tmp_path: Path) -> None:
         ("w.parquet", b"PAR1", "unsupported format"),
     ],
 )
-def test_bad_text_files_get_one_line(tmp_path: Path, name: str, content: bytes, message: str) -> None:
+def test_bad_text_files_get_one_line(
+    tmp_path: Path, name: str, content: bytes, message: str
+) -> None:
     path = tmp_path / name
     path.write_bytes(content)
     with pytest.raises(UserError, match=message) as info:

@@ -59,7 +59,9 @@ def test_bad_input_exits_2_with_one_line(args: list[str], message: str, tmp_path
 def test_empty_calibration_file(tmp_path: Path, tiny_st: Path) -> None:
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")
-    code, output = run("build", "--model", str(tiny_st), "--calibration", str(empty), "--out", str(tmp_path / "d"))
+    code, output = run(
+        "build", "--model", str(tiny_st), "--calibration", str(empty), "--out", str(tmp_path / "d")
+    )
     assert code == 2 and "holds no texts" in output
 
 
@@ -70,5 +72,7 @@ def test_debug_shows_the_traceback() -> None:
 
 
 def test_console_script_is_installed() -> None:
-    done = subprocess.run([sys.executable, "-m", "edgepack.cli", "--help"], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "edgepack.cli", "--help"], capture_output=True, text=True
+    )
     assert done.returncode == 0 and "build" in done.stdout

@@ -25,5 +25,7 @@ def test_ruff_check() -> None:
 
 
 def test_ruff_format() -> None:
-    done = subprocess.run([*_ruff(), "format", "--check", "."], cwd=ROOT, capture_output=True, text=True)
+    done = subprocess.run(
+        [*_ruff(), "format", "--check", "."], cwd=ROOT, capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stdout + done.stderr

@@ -17,15 +17,24 @@ def _copy(src: Path, dst: Path) -> Path:
 
 def test_sentence_transformer_folder_is_feature_extraction_with_pooling(tiny_st: Path) -> None:
     model = load_model(str(tiny_st))
-    assert (model.task, model.library, model.model_type) == ("feature-extraction", "sentence_transformers", "bert")
+    assert (model.task, model.library, model.model_type) == (
+        "feature-extraction",
+        "sentence_transformers",
+        "bert",
+    )
     assert len(model.weights_sha256) == 64
 
 
 def test_task_detected_from_architectures(tmp_path: Path) -> None:
     from conftest import make_tiny_model
 
-    assert load_model(str(make_tiny_model(tmp_path / "s", head="seq"))).task == "text-classification"
-    assert load_model(str(make_tiny_model(tmp_path / "t", head="token"))).task == "token-classification"
+    assert (
+        load_model(str(make_tiny_model(tmp_path / "s", head="seq"))).task == "text-classification"
+    )
+    assert (
+        load_model(str(make_tiny_model(tmp_path / "t", head="token"))).task
+        == "token-classification"
+    )
 
 
 def test_sample_package_resolves_offline() -> None:
@@ -50,7 +59,9 @@ def test_sample_package_resolves_offline() -> None:
         ("package", "model package 'no_such_pkg' is not installed"),
     ],
 )
-def test_bad_models_are_refused_with_one_line(tiny_bert: Path, tmp_path: Path, breakage: str, message: str) -> None:
+def test_bad_models_are_refused_with_one_line(
+    tiny_bert: Path, tmp_path: Path, breakage: str, message: str
+) -> None:
     folder = _copy(tiny_bert, tmp_path / "m")
     spec, task = str(folder), None
     weights = folder / "model.safetensors"

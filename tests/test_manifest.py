@@ -31,8 +31,11 @@ def test_sums_cover_every_file_sorted_and_coreutils_agrees(tmp_path: Path) -> No
 
 @pytest.mark.parametrize(
     ("action", "message"),
-    [("change", "model.onnx was changed after build"), ("remove", "sub/x.txt is missing"),
-     ("add", "file extra.bin is not listed")],
+    [
+        ("change", "model.onnx was changed after build"),
+        ("remove", "sub/x.txt is missing"),
+        ("add", "file extra.bin is not listed"),
+    ],
 )
 def test_tampering_is_named(tmp_path: Path, action: str, message: str) -> None:
     folder = _bundle(tmp_path)

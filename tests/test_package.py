@@ -73,5 +73,8 @@ def test_staging_is_removed_on_failure_and_stale_dirs_are_swept(tmp_path: Path) 
 def test_unwritable_output_is_one_line(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("")
-    with pytest.raises(UserError, match="cannot write to output folder"), staging(blocker / "dist", "x"):
+    with (
+        pytest.raises(UserError, match="cannot write to output folder"),
+        staging(blocker / "dist", "x"),
+    ):
         pass

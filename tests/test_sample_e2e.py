@@ -19,7 +19,9 @@ def sample_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("dist")
     done = subprocess.run(
         [sys.executable, "-m", "edgepack.cli", "build", "--target", "arm64", "--out", str(out)],
-        capture_output=True, text=True, timeout=1500,
+        capture_output=True,
+        text=True,
+        timeout=1500,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return out, done.stdout
@@ -53,11 +55,15 @@ def test_qdq_nodes_present(sample_bundle: tuple[Path, str]) -> None:
     import onnx
 
     out, _ = sample_bundle
-    ops = Counter(n.op_type for n in onnx.load(str(out / "all-MiniLM-L6-v2-arm64" / "model.onnx")).graph.node)
+    ops = Counter(
+        n.op_type for n in onnx.load(str(out / "all-MiniLM-L6-v2-arm64" / "model.onnx")).graph.node
+    )
     assert ops["QuantizeLinear"] >= 6 * 4 and ops["DequantizeLinear"] >= 6 * 6
 
 
-def test_harness_runs_from_the_unpacked_tarball(sample_bundle: tuple[Path, str], tmp_path: Path) -> None:
+def test_harness_runs_from_the_unpacked_tarball(
+    sample_bundle: tuple[Path, str], tmp_path: Path
+) -> None:
     out, _ = sample_bundle
     with tarfile.open(out / "all-MiniLM-L6-v2-arm64.tar.gz") as tar:
         tar.extractall(tmp_path, filter="data")
@@ -65,8 +71,11 @@ def test_harness_runs_from_the_unpacked_tarball(sample_bundle: tuple[Path, str],
     assert subprocess.run(["sha256sum", "-c", "--quiet", "SHA256SUMS"], cwd=bundle).returncode == 0
     done = subprocess.run(
         ["sh", "run.sh", "--warmup", "2", "--runs", "10", "--json", str(tmp_path / "r.json")],
-        cwd=tmp_path, env={"PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin"},
-        capture_output=True, text=True, timeout=600,
+        cwd=tmp_path,
+        env={"PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads((tmp_path / "r.json").read_text())

@@ -34,9 +34,15 @@ def test_unknown_target_names_the_choices() -> None:
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (("per_channel = true", "per_chanel = true"), r"unknown key quantization\.'per_chanel'.*Did you mean 'per_channel'"),
+        (
+            ("per_channel = true", "per_chanel = true"),
+            r"unknown key quantization\.'per_chanel'.*Did you mean 'per_channel'",
+        ),
         (("per_channel = true\n", ""), r"missing key quantization\.per_channel"),
-        (('activation_type = "uint8"', 'activation_type = "uint7"'), r"activation_type = 'uint7' is not allowed.*uint8"),
+        (
+            ('activation_type = "uint8"', 'activation_type = "uint7"'),
+            r"activation_type = 'uint7' is not allowed.*uint8",
+        ),
         (("threads = 4", 'threads = "four"'), r"harness\.threads must be a int"),
         (("threads = 4", "threads = 0"), r"harness\.threads must be positive"),
         (("[harness]", "[harnes]"), r"unknown key 'harnes'.*Did you mean 'harness'"),
@@ -51,7 +57,9 @@ def test_bad_profile_gets_one_clear_line(edit: tuple[str, str], message: str) ->
 
 def test_user_written_profile_file_works(tmp_path: Path) -> None:
     path = tmp_path / "pi4.toml"
-    path.write_text(GOOD.replace('name = "arm64"', 'name = "pi4"').replace("threads = 4", "threads = 3"))
+    path.write_text(
+        GOOD.replace('name = "arm64"', 'name = "pi4"').replace("threads = 4", "threads = 3")
+    )
     profile = load_target(str(path))
     assert profile.name == "pi4"
     assert profile.section("harness")["threads"] == 3

@@ -1,0 +1,146 @@
+"""Side-by-side view of bench.py JSON reports, from any device, plus a latency-distribution plot.
+
+The first file is the reference: every row shows its p50 as a ratio to the first file's, so
+"1.80" reads as "80% slower than the baseline".
+
+Usage:
+    print(compare([Path("results/pi.json"), Path("results/x86.json")], plot=Path("lat.png")))
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from edgepack.errors import UserError
+
+REQUIRED = (
+    "latency_ms.p50",
+    "latency_ms.p90",
+    "latency_ms.p99",
+    "peak_rss_mb",
+    "cold_start_ms.import",
+    "cold_start_ms.session_create",
+    "cold_start_ms.first_inference",
+    "throughput_per_s",
+    "check.passed",
+    "latencies_ms",
+)
+COLUMNS = ("report", "p50 ms", "p90 ms", "p99 ms", "RSS MB", "cold ms", "per s", "check", "p50 x")
+
+
+def _get(report: dict[str, Any], dotted: str) -> Any:
+    node: Any = report
+    for key in dotted.split("."):
+        node = node[key]
+    return node
+
+
+def load_report(path: Path) -> dict[str, Any]:
+    """Read one report and check it has every key the table needs (values may be null)."""
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise UserError(f"{path} is not valid JSON: {exc}") from None
+    for dotted in REQUIRED:
+        try:
+            _get(report, dotted)
+        except (KeyError, TypeError):
+            raise UserError(f"{path} is not a bench.py report: it has no key '{dotted}'") from None
+    if not isinstance(report["latency_ms"]["p50"], int | float) or report["latency_ms"]["p50"] <= 0:
+        raise UserError(f"{path}: latency_ms.p50 must be a positive number")
+    return report
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "pass" if value else "FAIL"
+    return f"{value:.{digits}f}"
+
+
+def _cold_total(report: dict[str, Any]) -> float | None:
+    parts = [report["cold_start_ms"][k] for k in ("import", "session_create", "first_inference")]
+    return None if any(p is None for p in parts) else sum(parts)
+
+
+def _labels(paths: list[Path]) -> list[str]:
+    stems = [p.stem for p in paths]
+    return stems if len(set(stems)) == len(stems) else [str(p) for p in paths]
+
+
+def compare(paths: list[Path], plot: Path | None) -> str:
+    """Return the comparison table; write a PNG of the latency distributions to ``plot``."""
+    if not paths:
+        raise UserError("compare needs at least one report")
+    reports = [load_report(path) for path in paths]
+    labels = _labels(paths)
+    base = reports[0]["latency_ms"]["p50"]
+    rows = [COLUMNS]
+    for label, rep in zip(labels, reports, strict=True):
+        lat = rep["latency_ms"]
+        rows.append(
+            (
+                label,
+                _fmt(lat["p50"], 3),
+                _fmt(lat["p90"], 3),
+                _fmt(lat["p99"], 3),
+                _fmt(rep["peak_rss_mb"], 1),
+                _fmt(_cold_total(rep), 1),
+                _fmt(rep["throughput_per_s"], 1),
+                _fmt(rep["check"]["passed"]) if rep["check"]["passed"] is not None else "skip",
+                _fmt(lat["p50"] / base, 2),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    lines = [
+        "  ".join(
+            cell.ljust(w) if i == 0 else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in rows
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append("cold ms = import + session create + first inference; p50 x = p50 / first p50")
+    if plot is not None:
+        lines.append(_plot(labels, reports, plot))
+    return "\n".join(lines)
+
+
+def _plot(labels: list[str], reports: list[dict[str, Any]], out: Path) -> str:
+    """Box plot of every run's latency per report; reports without raw latencies are noted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    drawn = [
+        (lab, rep["latencies_ms"])
+        for lab, rep in zip(labels, reports, strict=True)
+        if rep["latencies_ms"]
+    ]
+    if not drawn:
+        raise UserError("no report has latencies_ms (raw per-run latencies) to plot")
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.6 * len(drawn)))
+    data = [d for _, d in drawn]
+    try:  # matplotlib >= 3.10 spells it orientation=; vert= is deprecated there
+        ax.boxplot(data, orientation="horizontal", showfliers=True, whis=(1, 99))
+    except TypeError:
+        ax.boxplot(data, vert=False, showfliers=True, whis=(1, 99))
+    ax.set_yticks(range(1, len(drawn) + 1), [lab for lab, _ in drawn])
+    ax.set_xlabel("latency (ms); whiskers at p1 and p99")
+    ax.set_xscale(
+        "log" if max(max(d) for _, d in drawn) > 20 * min(min(d) for _, d in drawn) else "linear"
+    )
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    skipped = [lab for lab, rep in zip(labels, reports, strict=True) if not rep["latencies_ms"]]
+    note = f" (no raw latencies, not drawn: {', '.join(skipped)})" if skipped else ""
+    return f"plot: {out}{note}"

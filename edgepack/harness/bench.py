@@ -1,0 +1,804 @@
+#!/usr/bin/env python3
+"""Latency harness for an edgepack bundle; runs on the device with only numpy and onnxruntime.
+
+This file is copied verbatim into every bundle, so it never imports edgepack, reads everything from
+the bundle folder it sits in, and runs on Python 3.8+. Its conventions follow onnxruntime_perf_test,
+TFLite's benchmark_model, OpenVINO's benchmark_app and MLPerf's SingleStream scenario: warm up,
+time one query at a time, report percentiles and an early-stopping p90.
+
+Usage (on the device, from anywhere):
+
+    python3 bench.py                          # defaults from manifest.json
+    python3 bench.py --runs 500 --threads 2 --cpus 4-7 --json result.json
+    python3 bench.py --cold-runs 5            # also time import/session/first run in new processes
+    python3 bench.py --compare baseline.json --threshold 0.05
+
+Exit codes: 0 ok; 1 the accuracy check failed or the p50 regressed against --compare; 2 a problem
+the user can fix (tampered bundle, unknown provider, bad flag), printed as one line.
+
+JSON report (--json PATH); times in milliseconds, rounded to 4 decimals:
+
+    key                           type          meaning
+    schema_version                int           1
+    bundle                        str           bundle folder name
+    started_utc                   str           ISO 8601 start time
+    settings                      object        warmup, runs, duration_s, batch, seq_len, ep, cpus
+    runs                          int           timed runs done (after warmup)
+    latency_ms                    object        mean, std (sample), min, p50, p90, p95, p99, max
+    latencies_ms                  list[float]   every timed run, in order
+    p90_early_stopping_ms         float|null    MLPerf early-stopping p90 (null: too few runs)
+    p90_early_stopping_discarded  int|null      slowest runs that estimate discards
+    p90_early_stopping_min_runs   int           runs needed for an estimate (64)
+    throughput_per_s              float         batch * runs / wall seconds of the timed loop
+    cold_start_ms                 object        import, session_create, first_inference
+    cold_runs                     int           fresh processes behind cold_start_ms (0: this one)
+    peak_rss_mb                   float|null    peak resident set size of this process
+    runtime                       object        onnxruntime, providers, threads, inter_op, python,
+                                                numpy
+    env                           object        machine, os, cpu_model, cores, affinity, governor,
+                                                cpu_mhz, temperature_c, device_model (null: unknown)
+    model                         object        file, sha256, bytes
+    check                         object        passed, max_abs_diff, min_cosine, threshold,
+                                                skipped (passed is null when skipped)
+    compare                       object|null   baseline, statistic ("p50"), current_ms,
+                                                baseline_ms, ratio, threshold, regressed
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path, PurePosixPath
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+PROVIDERS = {  # --ep value -> onnxruntime provider name
+    "cpu": "CPUExecutionProvider",
+    "xnnpack": "XnnpackExecutionProvider",
+    "nnapi": "NnapiExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+}
+INT_DTYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
+
+
+class HarnessError(Exception):
+    """A problem the user can fix; printed as one line with exit code 2."""
+
+
+# --- bundle integrity and manifest ------------------------------------------------------------
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(str(path), "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_checksums(bundle: Path) -> int:
+    """Refuse a bundle whose files differ from SHA256SUMS; return how many files were checked.
+
+    Files not listed (result.json, __pycache__) are allowed: the harness writes into the folder.
+    """
+    sums = bundle / "SHA256SUMS"
+    if not sums.is_file():
+        raise HarnessError("bundle has no SHA256SUMS; re-copy the bundle or pass --no-verify")
+    checked = 0
+    for number, line in enumerate(sums.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split(None, 1)
+        if len(parts) != 2 or len(parts[0]) != 64:
+            raise HarnessError("SHA256SUMS line {} is malformed: {!r}".format(number, line))
+        expected, name = parts[0].lower(), parts[1].strip().lstrip("*")
+        rel = PurePosixPath(name)
+        if rel.is_absolute() or ".." in rel.parts:
+            raise HarnessError("SHA256SUMS names a path outside the bundle: {}".format(name))
+        target = bundle.joinpath(*rel.parts)
+        if not target.is_file():
+            raise HarnessError(
+                "{} is listed in SHA256SUMS but missing; re-copy the bundle".format(name)
+            )
+        if sha256_file(target) != expected:
+            raise HarnessError(
+                "{} does not match SHA256SUMS (changed or corrupted); re-copy the bundle "
+                "or pass --no-verify".format(name)
+            )
+        checked += 1
+    return checked
+
+
+def manifest_value(manifest: Dict[str, Any], dotted: str) -> Any:
+    node = manifest  # type: Any
+    for key in dotted.split("."):
+        if not isinstance(node, dict) or key not in node:
+            raise HarnessError("manifest.json has no '{}'; rebuild the bundle".format(dotted))
+        node = node[key]
+    return node
+
+
+def load_manifest(bundle: Path) -> Dict[str, Any]:
+    path = bundle / "manifest.json"
+    if not path.is_file():
+        raise HarnessError("{} has no manifest.json; is --bundle the bundle folder?".format(bundle))
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise HarnessError("manifest.json is not valid JSON: {}".format(exc)) from None
+
+
+def load_npz(path: Path) -> Dict[str, np.ndarray]:
+    with np.load(str(path), allow_pickle=False) as data:
+        return {name: data[name] for name in data.files}
+
+
+# --- CPUs, environment, memory ----------------------------------------------------------------
+
+
+def parse_cpu_list(text: str) -> List[int]:
+    """Parse taskset-style CPU lists ("4-7", "0,2-3") into sorted CPU ids."""
+    cpus = set()
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            if "-" in part:
+                low, high = (int(x) for x in part.split("-", 1))
+                if low > high:
+                    raise ValueError
+                cpus.update(range(low, high + 1))
+            else:
+                cpus.add(int(part))
+        except ValueError:
+            raise HarnessError(
+                "--cpus {!r} is not a CPU list; use ids and ranges like 0,2-3".format(text)
+            ) from None
+    if not cpus or min(cpus) < 0:
+        raise HarnessError("--cpus {!r} names no valid CPU".format(text))
+    return sorted(cpus)
+
+
+def pin_cpus(cpus: Sequence[int]) -> None:
+    if not hasattr(os, "sched_setaffinity"):
+        raise HarnessError("--cpus is not supported on this OS (no sched_setaffinity)")
+    try:
+        os.sched_setaffinity(0, set(cpus))
+    except OSError as exc:
+        raise HarnessError("cannot pin to CPUs {}: {}".format(list(cpus), exc)) from None
+
+
+def usable_cpus() -> Optional[List[int]]:
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return None
+
+
+def read_text(path: str) -> Optional[str]:
+    """A small sysfs/procfs read; None when the file is absent or unreadable."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(1 << 16).decode("utf-8", "replace").replace("\x00", "").strip()
+    except OSError:
+        return None
+
+
+def cpuinfo_field(names: Sequence[str]) -> Optional[str]:
+    info = read_text("/proc/cpuinfo") or ""
+    for name in names:
+        for line in info.splitlines():
+            key, _, value = line.partition(":")
+            if key.strip().lower() == name and value.strip():
+                return value.strip()
+    return None
+
+
+def command_output(argv: Sequence[str]) -> Optional[str]:
+    try:
+        out = subprocess.run(
+            list(argv), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, timeout=5, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    text = out.stdout.decode("utf-8", "replace").strip()
+    return text or None
+
+
+def max_temperature_c() -> Optional[float]:
+    temps = []
+    base = "/sys/class/thermal"
+    try:
+        zones = [name for name in os.listdir(base) if name.startswith("thermal_zone")]
+    except OSError:
+        return None
+    for zone in zones:
+        raw = read_text(os.path.join(base, zone, "temp"))
+        try:
+            value = float(raw) if raw else None
+        except ValueError:
+            value = None
+        if value is not None:
+            temps.append(value / 1000.0 if abs(value) > 200 else value)  # millidegrees on Linux
+    return round(max(temps), 1) if temps else None
+
+
+def collect_env() -> Dict[str, Any]:
+    """Describe the device, so two results can be told apart; anything unknown is null."""
+    affinity = usable_cpus()
+    cpu = affinity[0] if affinity else 0
+    freq = "/sys/devices/system/cpu/cpu{}/cpufreq/".format(cpu)
+    mhz = None  # type: Optional[float]
+    khz = read_text(freq + "scaling_cur_freq")
+    if khz and khz.isdigit():
+        mhz = int(khz) / 1000.0
+    else:
+        try:
+            mhz = float(cpuinfo_field(["cpu mhz"]) or "")
+        except ValueError:
+            mhz = None
+    model = cpuinfo_field(["model name", "hardware", "processor", "cpu model"])
+    if (model is None or model.isdigit()) and sys.platform == "darwin":
+        model = command_output(["sysctl", "-n", "machdep.cpu.brand_string"])
+    device = read_text("/proc/device-tree/model") or read_text(
+        "/sys/devices/virtual/dmi/id/product_name"
+    )
+    if device is None and os.path.exists("/system/bin/getprop"):
+        device = command_output(["/system/bin/getprop", "ro.product.model"])
+    return {
+        "machine": platform.machine() or None,
+        "os": platform.platform(),
+        "cpu_model": model if model and not model.isdigit() else (platform.processor() or None),
+        "cores": os.cpu_count(),
+        "affinity": affinity,
+        "governor": read_text(freq + "scaling_governor"),
+        "cpu_mhz": round(mhz, 1) if mhz else None,
+        "temperature_c": max_temperature_c(),
+        "device_model": device,
+    }
+
+
+def peak_rss_mb() -> Optional[float]:
+    status = read_text("/proc/self/status") or ""
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024.0, 1)  # kB
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    scale = 1024.0 * 1024.0 if sys.platform == "darwin" else 1024.0  # bytes on macOS, kB on Linux
+    return round(peak / scale, 1) if peak else None
+
+
+# --- statistics -------------------------------------------------------------------------------
+
+
+def summarize(latencies: Sequence[float]) -> Dict[str, float]:
+    values = np.asarray(latencies, dtype=np.float64)
+    pct = np.percentile(values, [50, 90, 95, 99])  # linear interpolation between order stats
+    return {
+        "mean": round(float(values.mean()), 4),
+        "std": round(float(values.std(ddof=1)) if values.size > 1 else 0.0, 4),
+        "min": round(float(values.min()), 4),
+        "p50": round(float(pct[0]), 4),
+        "p90": round(float(pct[1]), 4),
+        "p95": round(float(pct[2]), 4),
+        "p99": round(float(pct[3]), 4),
+        "max": round(float(values.max()), 4),
+    }
+
+
+def binomial_log_pmf(k: int, n: int, q: float) -> float:
+    return (
+        math.lgamma(n + 1)
+        - math.lgamma(k + 1)
+        - math.lgamma(n - k + 1)
+        + k * math.log(q)
+        + (n - k) * math.log1p(-q)
+    )
+
+
+def early_stopping_min_runs(percentile: float = 0.9, confidence: float = 0.99) -> int:
+    """Fewest runs for which MLPerf's early-stopping estimate exists (64 for p90 at 99%)."""
+    n = 1
+    while True:
+        n += 1
+        q = 1.0 - percentile
+        cdf = math.exp(binomial_log_pmf(0, n, q)) + math.exp(binomial_log_pmf(1, n, q))
+        if cdf < 1.0 - confidence:
+            return n
+
+
+def early_stopping_estimate(
+    latencies: Sequence[float], percentile: float = 0.9, confidence: float = 0.99
+) -> Tuple[Optional[float], Optional[int]]:
+    """MLPerf LoadGen's SingleStream early-stopping percentile estimate: (estimate, discarded).
+
+    The rule (MLPerf Inference policies, "Early stopping"; LoadGen results.cc EarlyStopping and
+    early_stopping.cc): with n queries of which t exceed a latency bound, the claim "the true
+    `percentile` latency is <= the bound" holds at `confidence` when a model whose overlatency rate
+    is exactly 1 - percentile would show t or fewer overlatency queries with probability below
+    1 - confidence: P(Binomial(n, 1 - percentile) <= t) < 1 - confidence. LoadGen finds the
+    largest such t (t >= 1) and reports sorted_latencies[n - t], i.e. it discards the t - 1
+    slowest queries. LoadGen searches h = n - t with a binary search per t; since the binomial CDF
+    only grows with t, walking t upward once gives the same t. None when even t = 1 fails (too
+    few runs).
+    """
+    n = len(latencies)
+    q = 1.0 - percentile
+    threshold = 1.0 - confidence
+    cdf, t = 0.0, 0
+    while t < n:
+        next_cdf = cdf + math.exp(binomial_log_pmf(t, n, q))
+        if next_cdf >= threshold:
+            break
+        cdf, t = next_cdf, t + 1
+    # After the loop, P(X <= t - 1) < threshold <= P(X <= t): the largest passing count is t - 1.
+    passing = t - 1
+    if passing < 1:
+        return None, None
+    ordered = sorted(latencies)
+    return round(float(ordered[n - passing]), 4), passing - 1
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine; two zero rows count as identical, one zero row as unrelated."""
+    dot = np.sum(a * b, axis=-1)
+    norms = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
+    both_zero = (np.linalg.norm(a, axis=-1) == 0) & (np.linalg.norm(b, axis=-1) == 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = np.where(norms > 0, dot / np.where(norms > 0, norms, 1.0), 0.0)
+    return np.where(both_zero, 1.0, cos)
+
+
+def compare_outputs(
+    got: np.ndarray, want: np.ndarray, mask: Optional[np.ndarray], threshold: float
+) -> Dict[str, Any]:
+    """Compare model output to the fp32 reference: per row, or per real token for 3-D outputs."""
+    result = {"passed": False, "max_abs_diff": None, "min_cosine": None, "threshold": threshold}
+    if got.shape != want.shape:
+        result["error"] = "output shape {} != reference {}".format(got.shape, want.shape)
+        return result
+    got64, want64 = got.astype(np.float64), want.astype(np.float64)
+    if got64.ndim == 3:
+        keep = (
+            mask.astype(bool) if mask is not None else np.ones(got64.shape[:2], dtype=bool)
+        )  # [n, seq]: compare only real tokens
+        got64, want64 = got64[keep], want64[keep]
+    else:
+        got64 = got64.reshape(got64.shape[0], -1)
+        want64 = want64.reshape(want64.shape[0], -1)
+    if got64.size == 0:
+        result["error"] = "no rows to compare"
+        return result
+    cos = cosine_rows(got64, want64)
+    min_cos = float(np.min(cos)) if np.all(np.isfinite(cos)) else float("nan")
+    max_abs = float(np.max(np.abs(got64 - want64)))
+    finite = math.isfinite(min_cos) and math.isfinite(max_abs)
+    result.update(
+        passed=bool(finite and min_cos >= threshold),
+        max_abs_diff=round(max_abs, 6) if finite else None,
+        min_cosine=round(min_cos, 6) if finite else None,
+    )
+    return result
+
+
+# --- onnxruntime --------------------------------------------------------------------------------
+
+
+def import_onnxruntime() -> Tuple[Any, float]:
+    """Import onnxruntime late, so its import time is measured; return (module, ms)."""
+    start = time.perf_counter()
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        hint = "run: python3 -m pip install -r requirements.txt"
+        raise HarnessError("cannot import onnxruntime ({}); {}".format(exc, hint)) from None
+    return onnxruntime, (time.perf_counter() - start) * 1000.0
+
+
+def create_session(
+    ort: Any, model_path: Path, ep: str, threads: int, inter_op: int
+) -> Tuple[Any, float]:
+    """Build the session for one execution provider; return (session, ms)."""
+    provider = PROVIDERS[ep]
+    available = ort.get_available_providers()
+    if provider not in available:
+        raise HarnessError(
+            "--ep {}: {} is not in this onnxruntime build (available: {}); install a build "
+            "with it or choose another --ep".format(ep, provider, ", ".join(available))
+        )
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = inter_op
+    # inter-op threads only run independent nodes in parallel in ORT_PARALLEL mode.
+    if inter_op > 1:
+        options.execution_mode = ort.ExecutionMode.ORT_PARALLEL
+    providers = [provider]  # type: List[Any]
+    if ep == "xnnpack":
+        # XNNPACK has its own thread pool; onnxruntime's docs advise one ORT intra-op thread
+        # without spinning so the two pools do not fight over cores.
+        options.intra_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        providers = [(provider, {"intra_op_num_threads": str(threads)})]
+    if ep != "cpu":
+        providers.append("CPUExecutionProvider")  # ops the accelerator lacks fall back to CPU
+    start = time.perf_counter()
+    session = ort.InferenceSession(str(model_path), sess_options=options, providers=providers)
+    return session, (time.perf_counter() - start) * 1000.0
+
+
+def input_dtype(session_input: Any) -> Any:
+    if session_input.type not in INT_DTYPES:
+        raise HarnessError(
+            "model input {} has type {}; the harness feeds int64/int32 token inputs".format(
+                session_input.name, session_input.type
+            )
+        )
+    return INT_DTYPES[session_input.type]
+
+
+def latency_feeds(
+    session: Any, reference: Dict[str, np.ndarray], batch: int, seq_len: int
+) -> Dict[str, np.ndarray]:
+    """Deterministic [batch, seq_len] inputs: the first reference row's real tokens, tiled."""
+    ids = reference.get("input_ids")
+    mask = reference.get("attention_mask")
+    feeds = {}
+    for item in session.get_inputs():
+        dtype = input_dtype(item)
+        name = item.name
+        if name == "attention_mask":
+            row = np.ones(seq_len, dtype=dtype)
+        elif name == "token_type_ids":
+            row = np.zeros(seq_len, dtype=dtype)
+        elif name == "position_ids":
+            row = np.arange(seq_len, dtype=dtype)
+        elif name in reference:
+            source = reference[name][0]
+            if name == "input_ids" and ids is not None and mask is not None:
+                real = ids[0][mask[0].astype(bool)]
+                source = real if real.size else ids[0]
+            row = np.resize(source, seq_len).astype(dtype)  # np.resize tiles, then trims
+        else:
+            raise HarnessError("reference/inputs.npz has no array for model input " + name)
+        feeds[name] = np.ascontiguousarray(np.tile(row, (batch, 1)))
+    return feeds
+
+
+def reference_feeds(session: Any, reference: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    feeds = {}
+    for item in session.get_inputs():
+        if item.name not in reference:
+            raise HarnessError("reference/inputs.npz has no array for model input " + item.name)
+        feeds[item.name] = reference[item.name].astype(input_dtype(item))
+    return feeds
+
+
+def run_check(session: Any, bundle: Path, manifest: Dict[str, Any]) -> Dict[str, Any]:
+    """Run the bundled reference inputs and compare to the bundled fp32 outputs."""
+    ref = manifest_value(manifest, "reference")
+    primary = manifest_value(manifest, "io.primary_output")
+    threshold = float(ref.get("min_cosine", 0.98))
+    inputs = load_npz(bundle / ref["inputs"])
+    expected = load_npz(bundle / ref["outputs"])
+    if primary not in expected:
+        raise HarnessError("{} has no array named {}".format(ref["outputs"], primary))
+    (got,) = session.run([primary], reference_feeds(session, inputs))
+    result = compare_outputs(got, expected[primary], inputs.get("attention_mask"), threshold)
+    result["skipped"] = False
+    return result
+
+
+# --- cold start --------------------------------------------------------------------------------
+
+
+def cold_child(args: argparse.Namespace, bundle: Path, manifest: Dict[str, Any]) -> int:
+    """Measure one cold start in this fresh process and print it as one JSON line."""
+    ort, import_ms = import_onnxruntime()
+    model = bundle / manifest_value(manifest, "model.file")
+    session, create_ms = create_session(ort, model, args.ep, args.threads, args.inter_op)
+    feeds = latency_feeds(
+        session, load_npz(bundle / "reference/inputs.npz"), args.batch, args.seq_len
+    )
+    start = time.perf_counter()
+    session.run(None, feeds)
+    first_ms = (time.perf_counter() - start) * 1000.0
+    print(
+        json.dumps({"import": import_ms, "session_create": create_ms, "first_inference": first_ms})
+    )
+    return EXIT_OK
+
+
+def cold_runs(args: argparse.Namespace, bundle: Path, count: int) -> Dict[str, float]:
+    """Medians of import/session-create/first-inference over `count` fresh interpreters.
+
+    The OS file cache stays warm; for a truly cold disk drop caches first (see README).
+    """
+    argv = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--bundle", str(bundle), "--cold-child", "--no-verify",
+        "--ep", args.ep, "--threads", str(args.threads), "--inter-op", str(args.inter_op),
+        "--batch", str(args.batch), "--seq-len", str(args.seq_len),
+    ]  # fmt: skip
+    if args.cpus:
+        argv += ["--cpus", args.cpus]
+    samples = []  # type: List[Dict[str, float]]
+    for _ in range(count):
+        proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=False)
+        if proc.returncode != 0:
+            tail = proc.stderr.decode("utf-8", "replace").strip().splitlines()[-1:]
+            raise HarnessError("cold-start child failed: " + (tail[0] if tail else "no output"))
+        samples.append(json.loads(proc.stdout.decode("utf-8").strip().splitlines()[-1]))
+    return {
+        key: round(float(np.median([s[key] for s in samples])), 4)
+        for key in ("import", "session_create", "first_inference")
+    }
+
+
+# --- comparison and output ----------------------------------------------------------------------
+
+
+def compare_to_baseline(
+    current_p50: float, baseline_path: Path, threshold: float
+) -> Dict[str, Any]:
+    """Judge the p50 latency against a baseline report: regressed when slower than 1+threshold."""
+    try:
+        baseline = json.loads(baseline_path.read_text(encoding="utf-8"))
+        base_p50 = float(baseline["latency_ms"]["p50"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise HarnessError(
+            "--compare {}: not a bench.py JSON report with latency_ms.p50 ({})".format(
+                baseline_path, exc
+            )
+        ) from None
+    if base_p50 <= 0:
+        raise HarnessError("--compare {}: latency_ms.p50 must be > 0".format(baseline_path))
+    ratio = current_p50 / base_p50
+    return {
+        "baseline": str(baseline_path),
+        "statistic": "p50",
+        "current_ms": round(current_p50, 4),
+        "baseline_ms": round(base_p50, 4),
+        "ratio": round(ratio, 4),
+        "threshold": threshold,
+        "regressed": ratio > 1.0 + threshold,
+    }
+
+
+def format_table(report: Dict[str, Any]) -> str:
+    lat = report["latency_ms"]
+    cold = report["cold_start_ms"]
+    check = report["check"]
+    es = report["p90_early_stopping_ms"]
+    cold_label = (
+        "median of {} new processes: ".format(report["cold_runs"]) if report["cold_runs"] else ""
+    )
+    rows = [
+        ("model", "{} ({} bytes)".format(report["model"]["file"], report["model"]["bytes"])),
+        ("providers", ", ".join(report["runtime"]["providers"])),
+        ("threads", "{} intra-op, {} inter-op".format(
+            report["runtime"]["threads"], report["runtime"]["inter_op"])),
+        ("runs", str(report["runs"])),
+        ("latency ms", "p50 {p50:.3f}  p90 {p90:.3f}  p99 {p99:.3f}  mean {mean:.3f}"
+         "  std {std:.3f}".format(**lat)),
+        ("p90 early-stop", "{:.3f} ms ({} discarded)".format(
+            es, report["p90_early_stopping_discarded"]) if es is not None else
+         "n/a (needs {} runs)".format(report["p90_early_stopping_min_runs"])),
+        ("throughput", "{:.1f} /s".format(report["throughput_per_s"])),
+        ("cold start ms", cold_label + "import {import:.1f}  session {session_create:.1f}  "
+         "first run {first_inference:.1f}".format(**cold)),
+        ("peak RSS", "{} MB".format(report["peak_rss_mb"])),
+        ("check", "skipped" if check.get("skipped") else "{} (min cosine {}, need >= {})".format(
+            "PASS" if check["passed"] else "FAIL", check["min_cosine"], check["threshold"])),
+    ]  # fmt: skip
+    width = max(len(name) for name, _ in rows)
+    return "\n".join("{}  {}".format(name.ljust(width), value) for name, value in rows)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bench.py", description="Time an edgepack bundle's model on this device."
+    )
+    add = parser.add_argument
+    add("--bundle", type=Path, default=Path(__file__).resolve().parent, help="bundle folder")
+    add("--warmup", type=int, default=10, help="untimed runs first (default 10)")
+    add("--runs", type=int, default=1000, help="timed runs at most (default 1000)")
+    add("--duration", type=float, default=60.0, help="seconds at most (default 60)")
+    add("--threads", type=int, default=None, help="intra-op threads (default: manifest, clamped)")
+    add("--inter-op", type=int, default=1, help="inter-op threads (default 1)")
+    add("--ep", choices=sorted(PROVIDERS), default=None, help="default: manifest (cpu)")
+    add("--seq-len", type=int, default=None, help="sequence length (default: manifest)")
+    add("--batch", type=int, default=None, help="batch size (default: manifest)")
+    add("--cpus", default=None, help="pin to CPUs, e.g. 4-7 or 0,2-3 (Linux)")
+    add("--cold-runs", type=int, default=0, help="fresh processes to time cold start in")
+    add("--json", type=Path, default=None, help="write the JSON report here")
+    add("--compare", type=Path, default=None, help="baseline JSON report to compare p50 with")
+    add("--threshold", type=float, default=0.05, help="allowed p50 slowdown fraction (0.05)")
+    add("--no-verify", action="store_true", help="skip the SHA256SUMS check")
+    add("--skip-check", action="store_true", help="skip the accuracy check")
+    add("--quiet", action="store_true", help="print no table")
+    add("--cold-child", action="store_true", help=argparse.SUPPRESS)
+    return parser
+
+
+def resolve_user_path(path: Optional[Path]) -> Optional[Path]:
+    """Relative paths are the caller's: run.sh cds into the bundle but exports the caller's cwd."""
+    if path is None or path.is_absolute():
+        return path
+    return Path(os.environ.get("EDGEPACK_CALLER_CWD") or os.getcwd()) / path
+
+
+def settle_args(args: argparse.Namespace, manifest: Dict[str, Any]) -> None:
+    harness = manifest_value(manifest, "harness")
+    if args.ep is None:
+        args.ep = str(harness.get("execution_provider", "cpu"))
+        if args.ep not in PROVIDERS:
+            raise HarnessError("manifest harness.execution_provider {!r} is not one of {}".format(
+                args.ep, ", ".join(sorted(PROVIDERS))))  # fmt: skip
+    if args.cpus:
+        args.cpu_list = parse_cpu_list(args.cpus)
+    for name in ("warmup", "runs", "inter_op", "cold_runs", "threads", "batch", "seq_len"):
+        value = getattr(args, name)
+        minimum = 0 if name in ("warmup", "cold_runs") else 1
+        if value is not None and value < minimum:
+            raise HarnessError("--{} must be >= {}".format(name.replace("_", "-"), minimum))
+    if args.duration <= 0 or args.threshold < 0:
+        raise HarnessError("--duration must be > 0 and --threshold >= 0")
+    args.batch = args.batch or int(harness["batch"])
+    args.seq_len = args.seq_len or int(harness["seq_len"])
+    usable = usable_cpus()
+    limit = len(usable) if usable else (os.cpu_count() or 1)
+    args.threads = args.threads or max(1, min(int(harness["threads"]), limit))
+    args.json = resolve_user_path(args.json)
+    args.compare = resolve_user_path(args.compare)
+
+
+def measure(
+    session: Any, feeds: Dict[str, np.ndarray], args: argparse.Namespace
+) -> Tuple[List[float], float]:
+    """Warm up, then time single queries until --runs or --duration ends; (latencies, wall s)."""
+    for _ in range(args.warmup):
+        session.run(None, feeds)
+    latencies = []  # type: List[float]
+    clock = time.perf_counter
+    start = clock()
+    deadline = start + args.duration
+    while len(latencies) < args.runs:
+        t0 = clock()
+        session.run(None, feeds)
+        t1 = clock()
+        latencies.append((t1 - t0) * 1000.0)
+        if t1 >= deadline:
+            break
+    return latencies, clock() - start
+
+
+def run(argv: Optional[Sequence[str]] = None) -> int:
+    if sys.version_info < (3, 8):
+        raise HarnessError("bench.py needs Python 3.8 or newer")
+    args = build_parser().parse_args(argv)
+    bundle = args.bundle.resolve()
+    if not args.no_verify:
+        verify_checksums(bundle)
+    manifest = load_manifest(bundle)
+    settle_args(args, manifest)
+    if args.cpus:
+        pin_cpus(args.cpu_list)  # before onnxruntime starts its thread pools
+        args.threads = min(args.threads, len(args.cpu_list))
+    if args.cold_child:
+        return cold_child(args, bundle, manifest)
+
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    ort, import_ms = import_onnxruntime()
+    model_path = bundle / manifest_value(manifest, "model.file")
+    if not model_path.is_file():
+        raise HarnessError("model file {} is missing from the bundle".format(model_path.name))
+    session, create_ms = create_session(ort, model_path, args.ep, args.threads, args.inter_op)
+    reference = load_npz(bundle / manifest_value(manifest, "reference.inputs"))
+    feeds = latency_feeds(session, reference, args.batch, args.seq_len)
+    t0 = time.perf_counter()
+    session.run(None, feeds)
+    first_ms = (time.perf_counter() - t0) * 1000.0
+    cold = {"import": import_ms, "session_create": create_ms, "first_inference": first_ms}
+    cold = {key: round(value, 4) for key, value in cold.items()}
+
+    if args.skip_check:
+        threshold = manifest.get("reference", {}).get("min_cosine")
+        check = {"passed": None, "max_abs_diff": None, "min_cosine": None,
+                 "threshold": threshold, "skipped": True}  # fmt: skip
+    else:
+        check = run_check(session, bundle, manifest)
+
+    latencies, wall_s = measure(session, feeds, args)
+    es_value, es_discarded = early_stopping_estimate(latencies)
+    if args.cold_runs:
+        cold = cold_runs(args, bundle, args.cold_runs)
+    stats = summarize(latencies)
+    report = {
+        "schema_version": SCHEMA_VERSION,
+        "bundle": bundle.name,
+        "started_utc": started,
+        "settings": {
+            "warmup": args.warmup, "runs": args.runs, "duration_s": args.duration,
+            "batch": args.batch, "seq_len": args.seq_len, "ep": args.ep, "cpus": args.cpus,
+        },
+        "runs": len(latencies),
+        "latency_ms": stats,
+        "latencies_ms": [round(value, 4) for value in latencies],
+        "p90_early_stopping_ms": es_value,
+        "p90_early_stopping_discarded": es_discarded,
+        "p90_early_stopping_min_runs": early_stopping_min_runs(),
+        "throughput_per_s": round(len(latencies) * args.batch / wall_s, 4),
+        "cold_start_ms": cold,
+        "cold_runs": args.cold_runs,
+        "peak_rss_mb": peak_rss_mb(),
+        "runtime": {
+            "onnxruntime": ort.__version__, "providers": session.get_providers(),
+            "threads": args.threads, "inter_op": args.inter_op,
+            "python": platform.python_version(), "numpy": np.__version__,
+        },
+        "env": collect_env(),
+        "model": {
+            "file": model_path.name, "sha256": sha256_file(model_path),
+            "bytes": model_path.stat().st_size,
+        },
+        "check": check,
+        "compare": None,
+    }  # fmt: skip
+    if args.compare is not None:
+        report["compare"] = compare_to_baseline(stats["p50"], args.compare, args.threshold)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return report_outcome(report, args)
+
+
+def report_outcome(report: Dict[str, Any], args: argparse.Namespace) -> int:
+    if not args.quiet:
+        print(format_table(report))
+        if args.json is not None:
+            print("report: {}".format(args.json))
+    code = EXIT_OK
+    check = report["check"]
+    if check["passed"] is False:
+        detail = check.get("error") or "min cosine {} < {}".format(
+            check["min_cosine"], check["threshold"]
+        )
+        print("check FAILED: outputs differ from the fp32 reference ({})".format(detail),
+              file=sys.stderr)  # fmt: skip
+        code = EXIT_FAILED
+    comp = report["compare"]
+    if comp is not None:
+        line = "p50 latency {:.4f} ms vs baseline {:.4f} ms: ratio {:.3f} (allowed {:.3f})".format(
+            comp["current_ms"], comp["baseline_ms"], comp["ratio"], 1.0 + comp["threshold"]
+        )
+        if comp["regressed"]:
+            print("REGRESSION: " + line, file=sys.stderr)
+            code = EXIT_FAILED
+        else:
+            print("ok: " + line)
+    return code
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        return run(argv)
+    except HarnessError as exc:
+        print("error: {}".format(exc), file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
