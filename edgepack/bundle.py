@@ -90,6 +90,11 @@ def package_target(
             model_file, op_config = to_ort_format(candidate.path, tmp, fmt)
             if op_config is not None:
                 extra["required_operators_and_types.config"] = op_config
+        if config.with_runtime:
+            from edgepack.runtime_wheels import download_runtime
+
+            download_runtime(profile.section("device"), tmp / "wheels", versions["onnxruntime"])
+            extra["wheels"] = tmp / "wheels"
         file_name = "model.ort" if fmt["model"] == "ort" else "model.onnx"
         check = fidelity_on(model_file, inputs, ref_out, fp32.task)
         manifest = {

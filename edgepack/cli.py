@@ -20,6 +20,8 @@ from edgepack.errors import ToleranceNotMet, UserError
 EXTRA_COMMANDS: tuple[tuple[str, str], ...] = (
     ("edgepack.commands_bench", "bench"),
     ("edgepack.commands_bench", "compare_cmd"),
+    ("edgepack.commands_prune", "prune"),
+    ("edgepack.commands_distill", "distill"),
 )
 
 
@@ -83,6 +85,17 @@ def _build_options(values: dict[str, Any]) -> dict[str, Any]:
 @click.option("--min-cosine", type=float, help="Fail if int8 mean cosine to fp32 is below this.")
 @click.option("--force", is_flag=True, help="Replace existing bundles.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow models that ship their own code.")
+@click.option(
+    "--prune", type=float, help="Fraction of encoder MACs to prune before export (0-0.9)."
+)
+@click.option("--distill-layers", type=int, help="First distil a student with this many layers.")
+@click.option("--distill-data", help="Texts to distil on (.txt/.jsonl/.csv).")
+@click.option("--distill-seconds", type=float, help="Time budget for distillation (default 600).")
+@click.option(
+    "--with-runtime",
+    is_flag=True,
+    help="Download the target's onnxruntime and numpy wheels into wheels/ (offline device install).",
+)
 @click.option("--quiet", is_flag=True, help="Only print the bundle paths.")
 def build(config_path: Path | None, quiet: bool, **flags: Any) -> None:
     """Build one verified bundle per target; the last line printed is the .tar.gz path."""

@@ -35,10 +35,12 @@ class BuildConfig:
     out: str = "dist"
     force: bool = False
     trust_remote_code: bool = False
+    with_runtime: bool = False  # put the device's onnxruntime/numpy wheels into the bundle
     min_cosine: float = 0.98  # build fails if int8 mean cosine to fp32 falls below this
     prune: float = 0.0  # fraction of encoder MACs to remove before export (0 = off)
     distill_layers: int = 0  # train a student with this many layers first (0 = off)
     distill_data: str = ""  # texts for distillation
+    distill_seconds: float = 600.0  # time budget for distillation; it stops cleanly and saves
 
 
 PATH_KEYS = ("calibration", "heldout", "distill_data")

@@ -80,8 +80,15 @@ def torch_reference(model: HFModel, feeds: dict[str, np.ndarray], output: str) -
     """Run the PyTorch model on ONNX-style feeds; the yardstick for the export check."""
     import torch
 
+    from edgepack.prune import is_pruned, load_pruned
+
     tensors = {k: torch.from_numpy(v) for k, v in feeds.items()}
     with torch.inference_mode():
+        if is_pruned(model.path):
+            net = load_pruned(model.path)
+            if model.library == "sentence_transformers":
+                return net(dict(tensors))[output].numpy()
+            return getattr(net(**tensors), output).numpy()
         if model.library == "sentence_transformers":
             from sentence_transformers import SentenceTransformer
 
@@ -98,11 +105,9 @@ def torch_reference(model: HFModel, feeds: dict[str, np.ndarray], output: str) -
         return getattr(net(**tensors), output).numpy()
 
 
-def export_onnx(model: HFModel, out_dir: Path, opset: int | None = None) -> OnnxModel:
-    """Export with optimum; validation against PyTorch is a separate step (``validate``)."""
+def _export_folder(model: HFModel, staging: Path, opset: int | None) -> None:
     from optimum.exporters.onnx import main_export
 
-    staging = out_dir / "optimum"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -119,6 +124,21 @@ def export_onnx(model: HFModel, out_dir: Path, opset: int | None = None) -> Onnx
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"could not export {model.source}: {first}") from None
+
+
+def export_onnx(model: HFModel, out_dir: Path, opset: int | None = None) -> OnnxModel:
+    """Export with optimum; validation against PyTorch is a separate step (``validate``)."""
+    from edgepack.prune import export_pruned, is_pruned
+
+    staging = out_dir / "optimum"
+    if is_pruned(model.path):
+        # Uneven heads/FFN widths cannot be described by config.json: export the rebuilt module.
+        export_pruned(model.path, staging, model.task, model.library)
+        for name in TOKENIZER_FILES:
+            if (model.path / name).is_file() and not (staging / name).is_file():
+                shutil.copy2(model.path / name, staging / name)
+    else:
+        _export_folder(model, staging, opset)
     onnx_path = out_dir / "model.onnx"
     shutil.move(str(staging / "model.onnx"), onnx_path)
     tokenizer_dir = out_dir / "tokenizer"

@@ -182,7 +182,10 @@ def write_bundle(
     for name in HARNESS_FILES:
         shutil.copy2(HARNESS_DIR / name, folder / name)
     for name, src in extra_files.items():
-        shutil.copy2(src, folder / name)
+        if src.is_dir():
+            shutil.copytree(src, folder / name)
+        else:
+            shutil.copy2(src, folder / name)
     for name in EXECUTABLE:
         if (folder / name).exists():
             (folder / name).chmod(0o755)

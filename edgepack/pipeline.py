@@ -246,5 +246,38 @@ def build(config: BuildConfig, progress: Progress) -> list[BuildResult]:
 def _model_stages(
     model: HFModel, config: BuildConfig, calib: TextSet, progress: Progress
 ) -> HFModel:
-    """Optional model-changing stages before export (distillation, then pruning)."""
+    """Optional model-changing stages before export: distillation, then pruning."""
+    if config.distill_layers:
+        from edgepack.distill import DistillSettings, distill
+
+        if not config.distill_data:
+            raise UserError("--distill-layers needs --distill-data (a text file to train on).")
+        data = read_texts(config.distill_data, config.text_field)
+        settings = DistillSettings(
+            layers=config.distill_layers, seed=config.seed, time_budget=config.distill_seconds
+        )
+        key = {"settings": asdict(settings), "data": data.sha256, "v": __version__}
+        teacher = model
+        with progress.stage("distill", f"{config.distill_layers} layers, {len(data.texts)} texts"):
+            model, _ = cached(
+                "distill",
+                key,
+                teacher.digest,
+                HFModel,
+                lambda out: distill(teacher, data, settings, out),
+            )
+    if config.prune:
+        from edgepack.prune import PruneSettings, prune_model
+
+        settings = PruneSettings(budget=config.prune, seed=config.seed)
+        key = {"settings": asdict(settings), "texts": calib.sha256, "v": __version__}
+        unpruned = model
+        with progress.stage("prune", f"{config.prune:.0%} of encoder MACs"):
+            model, _ = cached(
+                "prune",
+                key,
+                unpruned.digest,
+                HFModel,
+                lambda out: prune_model(unpruned, calib, settings, out),
+            )
     return model

@@ -171,3 +171,34 @@ def test_rebuild_notices_a_changed_input(matrix: Path, tmp_path: Path) -> None:
     code, output = run("rebuild", str(folder))
     assert code == 1
     assert "Rebuild differs" in output and "model.onnx" in output
+
+
+def test_build_with_pruning_and_distillation_stages(
+    tiny_st: Path, texts_file: Path, tmp_path: Path
+) -> None:
+    import onnx
+
+    code, output = run(
+        *build_args(
+            tiny_st,
+            texts_file,
+            tmp_path,
+            "--target",
+            "arm64",
+            "--prune",
+            "0.3",
+            "--distill-layers",
+            "1",
+            "--distill-data",
+            str(texts_file),
+            "--distill-seconds",
+            "20",
+        )
+    )
+    assert code == 0, output
+    folder = tmp_path / f"{tiny_st.name}-arm64"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert [h["stage"] for h in manifest["source"]["history"]] == ["distill", "prune"]
+    graph = onnx.load(str(folder / "model.onnx")).graph
+    assert sum(n.op_type == "Softmax" for n in graph.node) == 1  # one encoder layer left
+    assert manifest["export"]["max_abs_diff_vs_pytorch"] < 1e-3
