@@ -91,7 +91,8 @@ def read_texts(path: Path | str, text_field: str = "text") -> TextSet:
             texts = [(row.get(text_field) or "").strip() for row in reader]
         except csv.Error as exc:
             raise UserError(f"{path}: not valid CSV ({exc}).") from None
-    texts = [t for t in texts if t]
+    # Duplicates add nothing to calibration and would leak into the held-out split.
+    texts = list(dict.fromkeys(t for t in texts if t))
     if not texts:
         raise UserError(f"{path} holds no texts.")
     return TextSet(tuple(texts), str(path))
@@ -114,10 +115,15 @@ def split(texts: TextSet, samples: int, seed: int) -> tuple[TextSet, TextSet]:
     )
 
 
-def check_lengths(texts: TextSet, tokenizer: Any, max_length: int) -> int:
-    """Count texts longer than the model takes; they are truncated, which the user should know."""
+def check_lengths(texts: TextSet, tokenizer: Any, max_length: int) -> None:
+    """Refuse a text the model cannot see whole: silently cut text skews calibration ranges."""
     lengths = [len(ids) for ids in tokenizer(list(texts.texts), truncation=False)["input_ids"]]
-    return sum(1 for n in lengths if n > max_length)
+    for n, length in enumerate(lengths):
+        if length > max_length:
+            raise UserError(
+                f"{texts.source}: text {n + 1} of the sample has {length} tokens, more than the "
+                f"model's maximum {max_length}; split it, or pass --truncate to cut long texts."
+            )
 
 
 def batches(

@@ -84,6 +84,7 @@ def _build_options(values: dict[str, Any]) -> dict[str, Any]:
 @click.option("--out", help="Output folder (default dist).")
 @click.option("--min-cosine", type=float, help="Fail if int8 mean cosine to fp32 is below this.")
 @click.option("--force", is_flag=True, help="Replace existing bundles.")
+@click.option("--truncate", is_flag=True, help="Cut calibration texts longer than the model takes.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow models that ship their own code.")
 @click.option(
     "--prune", type=float, help="Fraction of encoder MACs to prune before export (0-0.9)."
@@ -120,14 +121,32 @@ def build(config_path: Path | None, quiet: bool, **flags: Any) -> None:
 
 @cli.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
-def verify(bundle: Path) -> None:
-    """Check a bundle's files against its SHA256SUMS and manifest."""
+@click.option(
+    "--emulate",
+    is_flag=True,
+    help="Also run the bundle's output check on emulated aarch64 (qemu-user).",
+)
+def verify(bundle: Path, emulate: bool) -> None:
+    """Check a bundle (folder or .tar.gz) against its SHA256SUMS and manifest."""
+    from edgepack.bench_host import bundle_folder
     from edgepack.manifest import read_manifest
     from edgepack.manifest import verify as verify_sums
 
-    read_manifest(bundle)
-    count = verify_sums(bundle)
-    click.echo(f"OK: {count} files match SHA256SUMS in {bundle}")
+    with bundle_folder(bundle) as folder:
+        read_manifest(folder)
+        count = verify_sums(folder)
+        click.echo(f"OK: {count} files match SHA256SUMS in {bundle}")
+        if not emulate:
+            return
+        from edgepack.emulate import verify_emulated
+
+        check = verify_emulated(folder)
+    click.echo(
+        f"aarch64 (emulated): check {'passed' if check.get('passed') else 'FAILED'}, "
+        f"min cosine {check.get('min_cosine')}, max abs diff {check.get('max_abs_diff')}"
+    )
+    if not check.get("passed"):
+        sys.exit(1)
 
 
 @cli.command()

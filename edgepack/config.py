@@ -35,6 +35,7 @@ class BuildConfig:
     out: str = "dist"
     force: bool = False
     trust_remote_code: bool = False
+    truncate: bool = False  # cut calibration texts longer than the model's maximum
     with_runtime: bool = False  # put the device's onnxruntime/numpy wheels into the bundle
     min_cosine: float = 0.98  # build fails if int8 mean cosine to fp32 falls below this
     prune: float = 0.0  # fraction of encoder MACs to remove before export (0 = off)

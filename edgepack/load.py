@@ -114,6 +114,24 @@ def _check_safetensors(path: Path) -> None:
         )
 
 
+def _check_pickle(path: Path) -> None:
+    """A .bin checkpoint is a pickle: load it with weights_only so code in it never runs."""
+    if path.suffix != ".bin":
+        return
+    import pickle
+
+    import torch
+
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"refusing {path}: it is not a plain weights pickle ({first}); "
+            "convert it to safetensors or use a trusted checkpoint."
+        ) from None
+
+
 def detect_task(config: dict[str, Any], is_sentence_transformer: bool) -> str:
     archs = " ".join(config.get("architectures") or [])
     if "ForSequenceClassification" in archs:
@@ -156,6 +174,7 @@ def load_model(spec: str, task: str | None = None, trust_remote_code: bool = Fal
     weights = _weights(folder)
     for w in weights:
         _check_safetensors(w)
+        _check_pickle(w)
     is_st = (folder / "modules.json").is_file()
     detected = detect_task(config, is_st)
     if task is None:

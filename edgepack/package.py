@@ -8,6 +8,7 @@ and archive members are sorted with fixed metadata, so two builds of the same in
 
 from __future__ import annotations
 
+import errno
 import gzip
 import io
 import os
@@ -30,6 +31,8 @@ HARNESS_DIR = Path(__file__).parent / "harness"
 HARNESS_FILES = ("bench.py", "run.sh")
 EXECUTABLE = ("run.sh", "bench.py", "bench_android.sh")
 TMP_PREFIX = ".edgepack-tmp-"
+# Failures of the destination, not of edgepack: a full disk, quota, read-only or forbidden folder.
+WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG)
 FIXED_MTIME = 315532800  # 1980-01-01, the earliest a zip entry can say; used for tar too
 
 
@@ -81,6 +84,12 @@ def staging(out_root: Path, name: str) -> Iterator[Path]:
         ) from None
     try:
         yield tmp
+    except OSError as exc:
+        if exc.errno not in WRITE_ERRORS:
+            raise
+        raise UserError(
+            f"could not write the bundle into {out_root}: {exc.strerror or exc}; nothing was kept."
+        ) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

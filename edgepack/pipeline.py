@@ -185,9 +185,9 @@ def build(config: BuildConfig, progress: Progress) -> list[BuildResult]:
             check_destination(out_root, f"{name}-{profile.name}", config.force)
         calib, heldout = _texts(config)
         tokenizer = AutoTokenizer.from_pretrained(str(model.path), local_files_only=True)
-    too_long = check_lengths(calib, tokenizer, model.max_length)
-    if too_long:
-        progress.note(f"{too_long} calibration texts exceed {model.max_length} tokens; truncated.")
+    if not config.truncate:
+        check_lengths(calib, tokenizer, model.max_length)
+        check_lengths(heldout, tokenizer, model.max_length)
     model = _model_stages(model, config, calib, progress)
 
     seq_len = max(_seq_len(p, model) for p in profiles)

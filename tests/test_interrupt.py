@@ -1,0 +1,92 @@
+"""Kill real builds part-way: no partial bundle is ever visible, and a rerun succeeds."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+STAGES = ("load", "export", "validate", "quantize", "fidelity", "package")
+
+
+def _start(model: Path, texts: Path, out: Path, cache: Path) -> subprocess.Popen[str]:
+    env = {**os.environ, "EDGEPACK_CACHE": str(cache), "COLUMNS": "200"}
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "edgepack.cli",
+            "build",
+            "--model",
+            str(model),
+            "--calibration",
+            str(texts),
+            "--samples",
+            "40",
+            "--target",
+            "arm64",
+            "--out",
+            str(out),
+            "--min-cosine",
+            "0.5",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+def _visible(out: Path) -> list[str]:
+    return (
+        sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) if out.exists() else []
+    )
+
+
+@pytest.mark.parametrize(
+    ("how", "stage"),
+    [(signal.SIGKILL, "export"), (signal.SIGINT, "quantize"), (signal.SIGKILL, "package")],
+)
+def test_kill_during_a_stage_leaves_no_partial_bundle(
+    stage: str, how: signal.Signals, tiny_st: Path, texts_file: Path, tmp_path: Path
+) -> None:
+    out, cache = tmp_path / "dist", tmp_path / "cache"
+    proc = _start(tiny_st, texts_file, out, cache)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr or []), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 240
+    # Stage lines are printed when a stage ends: wait for the one before ours, then kill.
+    before = STAGES[STAGES.index(stage) - 1]
+    while not any(f"✓ {before}" in x for x in lines) and proc.poll() is None:
+        assert time.monotonic() < deadline, "".join(lines)
+        time.sleep(0.05)
+    assert proc.poll() is None, f"build ended before {stage}: {''.join(lines)}"
+    proc.send_signal(how)
+    code = proc.wait(timeout=60)
+    reader.join(timeout=10)
+    seen = "".join(lines)
+    assert code != 0
+    if how == signal.SIGINT:
+        assert "Interrupted" in seen
+        assert "Traceback" not in seen
+    assert _visible(out) == []  # neither the folder nor the tar.gz
+    rerun = _start(tiny_st, texts_file, out, cache)
+    stdout, stderr = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, stderr
+    assert _visible(out) == [f"{tiny_st.name}-arm64", f"{tiny_st.name}-arm64.tar.gz"]
+    assert not list(out.glob(".edgepack-tmp-*"))  # stale temp folders were swept
+    assert (
+        subprocess.run(
+            [sys.executable, "-m", "edgepack.cli", "verify", str(out / f"{tiny_st.name}-arm64")]
+        ).returncode
+        == 0
+    )
