@@ -21,6 +21,7 @@ import sys
 import tarfile
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
 from edgepack.errors import UserError
@@ -71,6 +72,16 @@ def extract_bundle(archive: Path, dest: Path) -> Path:
     except tarfile.TarError as exc:
         raise UserError(f"{archive}: not a readable .tar.gz ({exc})") from None
     return dest / top
+
+
+@contextlib.contextmanager
+def bundle_folder(bundle: Path) -> Iterator[Path]:
+    """A bundle folder as given, or a .tar.gz safely extracted into a temporary folder."""
+    if not _is_archive(bundle):
+        yield bundle
+        return
+    with tempfile.TemporaryDirectory(prefix="edgepack-bundle-") as tmp:
+        yield extract_bundle(bundle, Path(tmp))
 
 
 def bundle_name(bundle: Path) -> str:
