@@ -23,6 +23,10 @@ WORDS = (
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Stage cache per test session: tests never see a user's cache, but share exports."""
     os.environ["EDGEPACK_CACHE"] = str(tmp_path_factory.mktemp("edgepack-cache"))
+    # The emulated aarch64 sysroot takes a minute to build: keep it across sessions.
+    os.environ.setdefault(
+        "EDGEPACK_SYSROOT_CACHE", str(Path.home() / ".cache" / "edgepack" / "aarch64-sysroot")
+    )
 
 
 def write_tokenizer(folder: Path) -> None:

@@ -202,3 +202,15 @@ def test_build_with_pruning_and_distillation_stages(
     graph = onnx.load(str(folder / "model.onnx")).graph
     assert sum(n.op_type == "Softmax" for n in graph.node) == 1  # one encoder layer left
     assert manifest["export"]["max_abs_diff_vs_pytorch"] < 1e-3
+
+
+@pytest.mark.slow
+def test_arm64_bundle_check_passes_on_emulated_aarch64(matrix: Path) -> None:
+    from edgepack.emulate import emulator_available
+
+    reason = emulator_available()
+    if reason:
+        pytest.skip(reason)
+    code, output = run("verify", "--emulate", str(matrix / "tiny-arm64.tar.gz"))
+    assert code == 0, output
+    assert "aarch64 (emulated): check passed" in output

@@ -353,3 +353,31 @@ def test_tampered_bundle_is_refused_by_the_harness_and_no_verify_overrides(tmp_p
     refused = subprocess.run(base, capture_output=True, text=True)
     assert refused.returncode == 2 and "reference/inputs.npz" in refused.stderr + refused.stdout
     assert subprocess.run([*base, "--no-verify"], capture_output=True).returncode == 0
+
+
+def test_soak_10000_inferences_do_not_grow_memory(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    bundle = _bundle(tmp_path)
+    peaks = []
+    for runs in (500, 10_000):
+        out = tmp_path / f"r{runs}.json"
+        cmd = [
+            sys.executable,
+            str(bundle / "bench.py"),
+            "--warmup",
+            "10",
+            "--runs",
+            str(runs),
+            "--duration",
+            "300",
+            "--json",
+            str(out),
+            "--quiet",
+        ]
+        subprocess.run(cmd, check=True, capture_output=True)
+        report = json.loads(out.read_text())
+        assert report["runs"] == runs
+        peaks.append(report["peak_rss_mb"])
+    assert peaks[1] - peaks[0] < 8.0, peaks  # 20x the inferences, no more than a few MB more
