@@ -16,7 +16,14 @@ from edgepack.artifacts import HFModel, OnnxModel, sha256_file
 from edgepack.calibration import TextSet, encode
 from edgepack.config import BuildConfig
 from edgepack.evaluate import fidelity, run_onnx
-from edgepack.package import publish, staging, to_ort_format, write_bundle, write_tar
+from edgepack.package import (
+    fix_input_shapes,
+    publish,
+    staging,
+    to_ort_format,
+    write_bundle,
+    write_tar,
+)
 from edgepack.targets import TargetProfile
 
 HARNESS_README = Path(__file__).parent / "harness" / "README.md"
@@ -86,8 +93,15 @@ def package_target(
     fmt = profile.section("format")
     with staging(out_root, name) as tmp:
         model_file, extra = candidate.path, {}
+        inputs_io, outputs_io = list(fp32.inputs), list(fp32.outputs)
+        if fmt.get("fixed_shape"):
+            from edgepack.export import io_signature
+
+            batch = int(profile.section("harness").get("batch", 1))
+            model_file = fix_input_shapes(model_file, tmp, batch, seq_len)
+            inputs_io, outputs_io = (list(x) for x in io_signature(model_file))
         if fmt["model"] == "ort":
-            model_file, op_config = to_ort_format(candidate.path, tmp, fmt)
+            model_file, op_config = to_ort_format(model_file, tmp, fmt)
             if op_config is not None:
                 extra["required_operators_and_types.config"] = op_config
         if config.with_runtime:
@@ -108,8 +122,8 @@ def package_target(
                 "fp32_bytes": fp32.path.stat().st_size,
             },
             "io": {
-                "inputs": list(fp32.inputs),
-                "outputs": list(fp32.outputs),
+                "inputs": inputs_io,
+                "outputs": outputs_io,
                 "primary_output": fp32.primary_output,
             },
             "source": {

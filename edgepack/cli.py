@@ -22,6 +22,7 @@ EXTRA_COMMANDS: tuple[tuple[str, str], ...] = (
     ("edgepack.commands_bench", "compare_cmd"),
     ("edgepack.commands_prune", "prune"),
     ("edgepack.commands_distill", "distill"),
+    ("edgepack.commands_eval", "eval_cmd"),
 )
 
 

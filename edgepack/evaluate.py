@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from edgepack.artifacts import OnnxModel
 
 
 def session(path: Path, threads: int = 1) -> Any:
@@ -30,7 +33,19 @@ def run_onnx(
     """The first (primary) output for each batch of feeds."""
     sess = session(path, threads)
     names = {i.name for i in sess.get_inputs()}
-    return [sess.run(None, {k: v for k, v in f.items() if k in names})[0] for f in feeds]
+    batch_dim = sess.get_inputs()[0].shape[0]
+    outputs = []
+    for f in feeds:
+        f = {k: v for k, v in f.items() if k in names}
+        rows = len(next(iter(f.values())))
+        # Fixed-shape models (NNAPI/CoreML bundles) take only their own batch size.
+        step = batch_dim if isinstance(batch_dim, int) and batch_dim > 0 else rows
+        parts = [
+            sess.run(None, {k: v[i : i + step] for k, v in f.items()})[0]
+            for i in range(0, rows, step)
+        ]
+        outputs.append(np.concatenate(parts))
+    return outputs
 
 
 def _rows(output: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
@@ -98,3 +113,51 @@ def host_latency(
         }
         for name, t in times.items()
     }
+
+
+@dataclass(frozen=True)
+class Evaluable:
+    """What ``edgepack eval`` needs of a bundle or a model folder, whatever it came from."""
+
+    name: str
+    model_file: Path
+    tokenizer_dir: Path
+    task: str
+    seq_len: int
+    labels: list[str] | None
+
+
+def open_evaluable(spec: Path, workdir: Path) -> Evaluable:
+    """A bundle (folder or .tar.gz) as shipped, or a Hugging Face model folder exported to fp32."""
+    from edgepack.bench_host import ARCHIVE_SUFFIXES, extract_bundle
+    from edgepack.manifest import read_manifest
+
+    if spec.name.endswith(ARCHIVE_SUFFIXES):
+        spec = extract_bundle(spec, workdir)
+    if (spec / "manifest.json").is_file():
+        manifest = read_manifest(spec)
+        return Evaluable(
+            spec.name,
+            spec / manifest["model"]["file"],
+            spec / "tokenizer",
+            manifest["task"],
+            int(manifest["harness"]["seq_len"]),
+            manifest.get("labels"),
+        )
+    from edgepack.cache import cached
+    from edgepack.export import export_onnx, labels_of
+    from edgepack.load import load_model
+
+    model = load_model(str(spec))
+    settings = {"task": model.task, "library": model.library}
+    onnx_model, _ = cached(
+        "export", settings, model.digest, OnnxModel, lambda out: export_onnx(model, out)
+    )
+    return Evaluable(
+        spec.name,
+        onnx_model.path,
+        onnx_model.tokenizer_dir,
+        model.task,
+        min(128, model.max_length),
+        labels_of(model.path),
+    )

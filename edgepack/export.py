@@ -42,7 +42,7 @@ def _primary(model: HFModel) -> str:
     return PRIMARY_OUTPUT[model.task]
 
 
-def _io_signature(path: Path) -> tuple[tuple[dict[str, Any], ...], tuple[dict[str, Any], ...]]:
+def io_signature(path: Path) -> tuple[tuple[dict[str, Any], ...], tuple[dict[str, Any], ...]]:
     import onnx
 
     graph = onnx.load(str(path), load_external_data=False).graph
@@ -74,6 +74,17 @@ def _keep_outputs(path: Path, keep: str) -> None:
         del model.graph.output[:]
         model.graph.output.extend(outputs)
         onnx.save(model, str(path))
+
+
+def labels_of(folder: Path) -> list[str] | None:
+    """Class names in id order from config.json, for metrics and the device app."""
+    import json
+
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    id2label = config.get("id2label") or {}
+    if not id2label or config.get("architectures", [""])[0].endswith("Model"):
+        return None
+    return [str(id2label[k]) for k in sorted(id2label, key=int)]
 
 
 def torch_reference(model: HFModel, feeds: dict[str, np.ndarray], output: str) -> np.ndarray:
@@ -149,7 +160,7 @@ def export_onnx(model: HFModel, out_dir: Path, opset: int | None = None) -> Onnx
     shutil.rmtree(staging)
     primary = _primary(model)
     _keep_outputs(onnx_path, primary)
-    inputs, outputs = _io_signature(onnx_path)
+    inputs, outputs = io_signature(onnx_path)
     return OnnxModel(
         path=onnx_path,
         task=model.task,

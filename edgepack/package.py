@@ -141,6 +141,20 @@ def write_tar(folder: Path, tar_path: Path) -> None:
                 tar.addfile(info, handle)
 
 
+def fix_input_shapes(onnx_path: Path, out_dir: Path, batch: int, seq_len: int) -> Path:
+    """Pin [batch, seq] inputs: NNAPI and CoreML only take the graph whole with static shapes."""
+    import onnx
+    from onnxruntime.tools.onnx_model_utils import fix_output_shapes, make_input_shape_fixed
+
+    model = onnx.load(str(onnx_path))
+    for value in model.graph.input:
+        make_input_shape_fixed(model.graph, value.name, [batch, seq_len])
+    fix_output_shapes(model)
+    fixed = out_dir / "fixed-shape.onnx"
+    onnx.save(model, str(fixed))
+    return fixed
+
+
 def to_ort_format(onnx_path: Path, out_dir: Path, fmt: dict[str, Any]) -> tuple[Path, Path | None]:
     """Convert with onnxruntime's own converter, as its mobile docs prescribe."""
     work = out_dir / "ort-convert"

@@ -494,7 +494,16 @@ def run_check(session: Any, bundle: Path, manifest: Dict[str, Any]) -> Dict[str,
     expected = load_npz(bundle / ref["outputs"])
     if primary not in expected:
         raise HarnessError("{} has no array named {}".format(ref["outputs"], primary))
-    (got,) = session.run([primary], reference_feeds(session, inputs))
+    feeds = reference_feeds(session, inputs)
+    rows = len(next(iter(feeds.values())))
+    # A fixed-shape model (NNAPI/CoreML bundles) takes only its own batch size: feed in chunks.
+    batch_dim = session.get_inputs()[0].shape[0]
+    step = batch_dim if isinstance(batch_dim, int) and batch_dim > 0 else rows
+    chunks = [
+        session.run([primary], {k: v[i : i + step] for k, v in feeds.items()})[0]
+        for i in range(0, rows, step)
+    ]
+    got = np.concatenate(chunks)
     result = compare_outputs(got, expected[primary], inputs.get("attention_mask"), threshold)
     result["skipped"] = False
     return result

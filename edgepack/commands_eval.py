@@ -1,0 +1,97 @@
+"""``edgepack eval``: the task metric of a bundle or model, and its fidelity to a reference."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import click
+
+
+def evaluate_one(target: Any, data: Any) -> tuple[dict[str, Any] | None, list[Any]]:
+    """The metric (None for unlabelled data) and the primary outputs on every text."""
+    from transformers import AutoTokenizer
+
+    from edgepack.calibration import encode
+    from edgepack.evaldata import score
+    from edgepack.evaluate import run_onnx, session
+
+    tokenizer = AutoTokenizer.from_pretrained(str(target.tokenizer_dir), local_files_only=True)
+    names = [i.name for i in session(target.model_file).get_inputs()]
+
+    def run(feeds: dict[str, Any]) -> Any:
+        return run_onnx(target.model_file, [feeds], threads=1)[0]
+
+    metric = (
+        None
+        if data.kind == "texts"
+        else score(data, run, tokenizer, names, target.seq_len, target.labels)
+    )
+    texts = data.texts()
+    outputs = [
+        run(encode(tokenizer, texts[i : i + 32], names, target.seq_len))
+        for i in range(0, len(texts), 32)
+    ]
+    return metric, outputs
+
+
+@click.command("eval")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option(
+    "--data",
+    "data_path",
+    required=True,
+    help="CSV/JSONL: text_a,text_b,score | text,label | tokens,tags | texts.",
+)
+@click.option(
+    "--reference",
+    type=click.Path(path_type=Path),
+    help="Bundle or model to compare with (e.g. the fp32 one).",
+)
+@click.option("--text-field", default="text", show_default=True)
+@click.option(
+    "--json", "json_path", type=click.Path(path_type=Path), help="Write the results here."
+)
+def eval_cmd(
+    model: Path, data_path: str, reference: Path | None, text_field: str, json_path: Path | None
+) -> None:
+    """Score MODEL (a bundle, its .tar.gz, or a Hugging Face folder) on labelled data."""
+    from edgepack.errors import UserError
+    from edgepack.evaldata import read_eval_data
+    from edgepack.evaluate import fidelity, open_evaluable
+
+    data = read_eval_data(data_path, text_field)
+    if data.kind == "texts" and reference is None:
+        raise UserError(f"{data_path} has no labels; pass --reference to measure fidelity instead.")
+    results: dict[str, Any] = {"data": data.source, "kind": data.kind}
+    with tempfile.TemporaryDirectory(prefix="edgepack-eval-") as tmp:
+        target = open_evaluable(model, Path(tmp) / "a")
+        metric, outputs = evaluate_one(target, data)
+        results["model"] = {"name": target.name, **(metric or {})}
+        if reference is not None:
+            ref = open_evaluable(reference, Path(tmp) / "b")
+            ref_metric, ref_outputs = evaluate_one(ref, data)
+            results["reference"] = {"name": ref.name, **(ref_metric or {})}
+            results["fidelity"] = fidelity(ref_outputs, outputs, None, target.task)
+            if metric and ref_metric:
+                results["drop"] = round(ref_metric["value"] - metric["value"], 6)
+    for role in ("model", "reference"):
+        if role in results:
+            r = results[role]
+            value = f"{r['metric']} {r['value']:.4f}" if "metric" in r else "no labels"
+            click.echo(
+                f"{role:<10} {r['name']:<40} {value}"
+                + (f"  macro-F1 {r['macro_f1']:.4f}" if "macro_f1" in r else "")
+            )
+    if "fidelity" in results:
+        f = results["fidelity"]
+        click.echo(
+            f"fidelity   mean cosine {f['mean_cosine']:.4f}, min {f['min_cosine']:.4f}"
+            + (f", top-1 agreement {f['top1_agreement']:.4f}" if "top1_agreement" in f else "")
+        )
+    if "drop" in results:
+        click.echo(f"drop       {results['drop']:+.4f} (reference minus model)")
+    if json_path:
+        json_path.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
