@@ -16,6 +16,7 @@ from edgepack.artifacts import HFModel, OnnxModel, sha256_file
 from edgepack.calibration import TextSet, encode
 from edgepack.config import BuildConfig
 from edgepack.evaluate import fidelity, run_onnx
+from edgepack.export import labels_of
 from edgepack.package import (
     fix_input_shapes,
     publish,
@@ -80,6 +81,7 @@ def package_target(
     candidate: OnnxModel,
     precision: str,
     fidelity: dict[str, Any],
+    evaluation: dict[str, Any] | None,
     calib: TextSet,
     heldout: TextSet,
     tokenizer: Any,
@@ -140,6 +142,8 @@ def package_target(
             "calibration": calib.record() if precision == "int8" else None,
             "heldout": heldout.record(),
             "fidelity": fidelity,
+            "evaluation": evaluation,
+            "labels": labels_of(model.path),
             "reference": {
                 "inputs": "reference/inputs.npz",
                 "outputs": "reference/outputs_fp32.npz",

@@ -84,6 +84,12 @@ def _build_options(values: dict[str, Any]) -> dict[str, Any]:
 @click.option("--precision", type=click.Choice(["int8", "fp32"]), help="Override the profile's.")
 @click.option("--out", help="Output folder (default dist).")
 @click.option("--min-cosine", type=float, help="Fail if int8 mean cosine to fp32 is below this.")
+@click.option(
+    "--max-drop",
+    type=float,
+    help="Allowed drop of mean cosine to fp32 (default 0.005); negative turns the search off.",
+)
+@click.option("--time-budget", type=float, help="Seconds for the accuracy search (default 900).")
 @click.option("--force", is_flag=True, help="Replace existing bundles.")
 @click.option("--truncate", is_flag=True, help="Cut calibration texts longer than the model takes.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow models that ship their own code.")
@@ -113,11 +119,17 @@ def build(config_path: Path | None, quiet: bool, **flags: Any) -> None:
     config = overlay(config, _build_options(flags), "command line")
     progress = Progress(quiet=quiet)
     results = run_build(config, progress)
-    from edgepack.summary import print_summary
+    from edgepack.pipeline import raise_if_tolerance_missed
+    from edgepack.report import write_report
+    from edgepack.summary import measure_latency, print_summary
 
-    print_summary(results, progress)
+    latency = measure_latency(results, progress)
+    print_summary(results, latency, progress)
+    md, page = write_report(results, latency, dict(progress.timings), Path(config.out))
+    progress.note(f"report: {md} and {page}")
     for result in results:
         click.echo(str(result.tarball))
+    raise_if_tolerance_missed(results)
 
 
 @cli.command()

@@ -30,6 +30,9 @@ class BuildConfig:
     text_field: str = "text"  # field (.jsonl) or column (.csv) holding the text
     samples: int = 300  # calibration texts drawn (seeded) from the file
     heldout: str = ""  # texts for the fidelity check; "" = calibration texts not sampled
+    # Labelled task data (text_a,text_b,score / text,label / tokens,tags): the task metric of the
+    # fp32 and int8 models is recorded side by side. "" = fidelity only.
+    eval_data: str = ""
     seed: int = 0  # drives every random choice, so builds are reproducible
     precision: str = ""  # "" = the target profile's; "fp32" builds the same bundle unquantized
     out: str = "dist"
@@ -38,13 +41,18 @@ class BuildConfig:
     truncate: bool = False  # cut calibration texts longer than the model's maximum
     with_runtime: bool = False  # put the device's onnxruntime/numpy wheels into the bundle
     min_cosine: float = 0.98  # build fails if int8 mean cosine to fp32 falls below this
+    # Accuracy-aware quantization: allowed drop of mean cosine to fp32 on dev texts (0.005 means
+    # >= 0.995); the search tries other calibrations, then keeps the most sensitive layers in fp32.
+    # A negative value turns the search off (the recipe alone).
+    max_drop: float = 0.005
+    time_budget: float = 900.0  # seconds for the accuracy search; the best model so far is kept
     prune: float = 0.0  # fraction of encoder MACs to remove before export (0 = off)
     distill_layers: int = 0  # train a student with this many layers first (0 = off)
     distill_data: str = ""  # texts for distillation
     distill_seconds: float = 600.0  # time budget for distillation; it stops cleanly and saves
 
 
-PATH_KEYS = ("calibration", "heldout", "distill_data")
+PATH_KEYS = ("calibration", "heldout", "distill_data", "eval_data")
 
 
 def sample_config_path() -> Path:

@@ -58,6 +58,12 @@ def _rows(output: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     return output.reshape(output.shape[0], -1).astype(np.float64)
 
 
+def fidelity_rows(outputs: list[np.ndarray], masks: list[np.ndarray] | None) -> np.ndarray:
+    """All batches as one float64 matrix of rows to compare (examples, or valid tokens)."""
+    masks = masks or [None] * len(outputs)  # type: ignore[list-item]
+    return np.concatenate([_rows(o, m) for o, m in zip(outputs, masks, strict=True)])
+
+
 def fidelity(
     reference: list[np.ndarray],
     candidate: list[np.ndarray],
@@ -65,9 +71,7 @@ def fidelity(
     task: str = "feature-extraction",
 ) -> dict[str, Any]:
     """Mean/min cosine, max abs diff and, for classifiers, top-1 agreement."""
-    masks = masks or [None] * len(reference)  # type: ignore[list-item]
-    ref = np.concatenate([_rows(r, m) for r, m in zip(reference, masks, strict=True)])
-    got = np.concatenate([_rows(c, m) for c, m in zip(candidate, masks, strict=True)])
+    ref, got = fidelity_rows(reference, masks), fidelity_rows(candidate, masks)
     norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1)
     cos = np.sum(ref * got, axis=1) / np.maximum(norms, 1e-12)
     result: dict[str, Any] = {
@@ -110,6 +114,7 @@ def host_latency(
             "p50_ms": round(float(np.median(t)), 3),
             "p90_ms": round(float(np.percentile(t, 90)), 3),
             "runs": len(t),
+            "times_ms": [round(x, 4) for x in t],
         }
         for name, t in times.items()
     }

@@ -15,12 +15,13 @@ from typing import Any
 import numpy as np
 
 from edgepack import __version__
-from edgepack.artifacts import HFModel, OnnxModel, canonical_json, sha256_file
+from edgepack.artifacts import HFModel, OnnxModel, canonical_json
 from edgepack.bundle import BuildResult, package_target
 from edgepack.cache import cached
 from edgepack.calibration import TextSet, batches, check_lengths, encode, read_texts, split
 from edgepack.config import BuildConfig
-from edgepack.errors import UserError
+from edgepack.errors import ToleranceNotMet, UserError
+from edgepack.int8_stage import quantize_stage
 from edgepack.progress import Progress
 from edgepack.targets import TargetProfile, resolve_targets
 
@@ -60,7 +61,11 @@ def _seq_len(profile: TargetProfile, model: HFModel) -> int:
 MIN_HELDOUT = 8
 
 
-def _texts(config: BuildConfig) -> tuple[TextSet, TextSet]:
+DEV_TEXTS = 64  # texts the accuracy search may choose on; never the held-out ones
+
+
+def _texts(config: BuildConfig) -> tuple[TextSet, TextSet, TextSet]:
+    """Calibration sample, held-out texts (for the reported figures) and dev texts (for choices)."""
     pool = read_texts(config.calibration, config.text_field)
     calib, rest = split(pool, config.samples, config.seed)
     heldout = read_texts(config.heldout, config.text_field) if config.heldout else rest
@@ -74,7 +79,12 @@ def _texts(config: BuildConfig) -> tuple[TextSet, TextSet]:
         raise UserError(
             f"{len(overlap)} held-out texts are also calibration texts; keep them apart."
         )
-    return calib, heldout
+    unused = [t for t in rest.texts if t not in set(heldout.texts)]
+    if len(unused) >= 16:
+        dev = TextSet(tuple(unused[:DEV_TEXTS]), rest.source)
+    else:  # no spare texts: choose on the calibration sample, still never on held-out text
+        dev = TextSet(calib.texts[-DEV_TEXTS:], calib.source + " (calibration sample)")
+    return calib, heldout, dev
 
 
 def _export(
@@ -97,57 +107,6 @@ def _export(
         + (" (cached)" if hit else "")
     )
     return fp32
-
-
-def _quantize(
-    fp32: OnnxModel,
-    settings: dict[str, Any],
-    calib: TextSet,
-    tokenizer: Any,
-    seq_len: int,
-    progress: Progress,
-) -> OnnxModel:
-    from edgepack.quantize import QuantSettings, quantize_static_int8
-
-    try:
-        qs = QuantSettings(**settings)
-    except TypeError as exc:
-        raise UserError(f"quantization settings not understood: {exc}") from None
-    names = [i["name"] for i in fp32.inputs]
-    key = {
-        "settings": asdict(qs),
-        "calibration": calib.sha256,
-        "seq_len": seq_len,
-        "v": __version__,
-    }
-
-    def make(out: Path) -> OnnxModel:
-        record = quantize_static_int8(
-            fp32.path,
-            out / "model.onnx",
-            batches(tokenizer, calib, names, seq_len),
-            qs,
-            out / "work",
-        )
-        return OnnxModel(
-            **{
-                **fp32.__dict__,
-                "path": out / "model.onnx",
-                "precision": "int8",
-                "sha256": sha256_file(out / "model.onnx"),
-                "records": {
-                    "quantization": {
-                        **record,
-                        "settings": asdict(qs),
-                        "calibration": calib.record(),
-                    }
-                },
-            }
-        )
-
-    with progress.stage("quantize", f"{len(calib.texts)} calibration texts, seq {seq_len}"):
-        model, _ = cached("quantize", key, fp32.digest, OnnxModel, make)
-    return model
 
 
 def _fidelity(
@@ -183,7 +142,7 @@ def build(config: BuildConfig, progress: Progress) -> list[BuildResult]:
         name = config.name or display_name(model)
         for profile in profiles:
             check_destination(out_root, f"{name}-{profile.name}", config.force)
-        calib, heldout = _texts(config)
+        calib, heldout, dev = _texts(config)
         tokenizer = AutoTokenizer.from_pretrained(str(model.path), local_files_only=True)
     if not config.truncate:
         check_lengths(calib, tokenizer, model.max_length)
@@ -206,8 +165,8 @@ def build(config: BuildConfig, progress: Progress) -> list[BuildResult]:
         if precision == "int8":
             key = canonical_json([_quant_settings(profile), seq_len])
             if key not in quantized:
-                quantized[key] = _quantize(
-                    fp32, _quant_settings(profile), calib, tokenizer, seq_len, progress
+                quantized[key] = quantize_stage(
+                    fp32, _quant_settings(profile), calib, dev, tokenizer, seq_len, config, progress
                 )
             candidate = quantized[key]
         with progress.stage("fidelity", f"{len(heldout.texts)} held-out texts"):
@@ -221,6 +180,7 @@ def build(config: BuildConfig, progress: Progress) -> list[BuildResult]:
                 f"{precision} model's mean cosine to fp32 is {fid['mean_cosine']:.4f}, below the "
                 f"gate {config.min_cosine}; lower --min-cosine or use --precision fp32."
             )
+        evaluation = _task_metric(model.path, config, fp32, candidate, tokenizer, seq_len, progress)
         with progress.stage("package", profile.name):
             result = package_target(
                 name=f"{name}-{profile.name}",
@@ -232,6 +192,7 @@ def build(config: BuildConfig, progress: Progress) -> list[BuildResult]:
                 candidate=candidate,
                 precision=precision,
                 fidelity=fid,
+                evaluation=evaluation,
                 calib=calib,
                 heldout=heldout,
                 tokenizer=tokenizer,
@@ -241,6 +202,59 @@ def build(config: BuildConfig, progress: Progress) -> list[BuildResult]:
             )
         results.append(result)
     return results
+
+
+def raise_if_tolerance_missed(results: list[BuildResult]) -> None:
+    """After everything is written: exit 3 when an accuracy search ended without meeting --max-drop."""
+    for r in results:
+        search = (r.manifest.get("quantization") or {}).get("accuracy_search") or {}
+        if search.get("met") is False:
+            raise ToleranceNotMet(
+                f"no int8 model met --max-drop {search['max_drop']} for {r.target} (best dev drop "
+                f"{search['dev_drop']:.4f}, {search['chosen']}); the best model was saved: {r.tarball}"
+            )
+
+
+def _task_metric(
+    model_path: Path,
+    config: BuildConfig,
+    fp32: OnnxModel,
+    candidate: OnnxModel,
+    tokenizer: Any,
+    seq_len: int,
+    progress: Progress,
+) -> dict[str, Any] | None:
+    """The task metric of fp32 and the shipped model on labelled data, when the config names some."""
+    if not config.eval_data:
+        return None
+    from edgepack.evaldata import read_eval_data, score
+    from edgepack.evaluate import run_onnx
+    from edgepack.export import labels_of
+
+    data = read_eval_data(config.eval_data, config.text_field)
+    names = [i["name"] for i in fp32.inputs]
+    labels = labels_of(model_path)
+    figures = {}
+    with progress.stage("evaluate", f"{data.kind} on {Path(data.source).name}"):
+        for label, model in (("fp32", fp32), (candidate.precision, candidate)):
+            figures[label] = score(
+                data, lambda f, m=model: run_onnx(m.path, [f])[0], tokenizer, names, seq_len, labels
+            )
+    metric = figures["fp32"]["metric"]
+    result = {
+        "data": data.source,
+        "kind": data.kind,
+        "metric": metric,
+        "fp32": figures["fp32"]["value"],
+        candidate.precision: figures[candidate.precision]["value"],
+        "drop": round(figures["fp32"]["value"] - figures[candidate.precision]["value"], 6),
+        "count": figures["fp32"]["count"],
+    }
+    progress.note(
+        f"{metric}: fp32 {result['fp32']:.4f}, {candidate.precision} "
+        f"{result[candidate.precision]:.4f} (drop {result['drop']:+.4f})"
+    )
+    return result
 
 
 def _model_stages(

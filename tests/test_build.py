@@ -218,3 +218,13 @@ def test_arm64_bundle_check_passes_on_emulated_aarch64(matrix: Path) -> None:
     code, output = run("verify", "--emulate", str(matrix / "tiny-arm64.tar.gz"))
     assert code == 0, output
     assert "aarch64 (emulated): check passed" in output
+
+
+def test_build_report_has_every_target_and_its_plots(matrix: Path) -> None:
+    page = (matrix / "report.html").read_text()
+    md = (matrix / "report.md").read_text()
+    for profile in list_targets():
+        assert f"<td>{profile.name}</td>" in page
+        assert f"| {profile.name} |" in md
+    assert page.count("data:image/png;base64,") >= 3  # latency, size, sensitivity
+    assert "accuracy search chose" in md

@@ -1,0 +1,196 @@
+"""report.md and a self-contained report.html beside the bundles: the numbers behind each choice.
+
+Plots are PNGs embedded in the HTML as data URIs, so the report is one file to mail or attach.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from edgepack.bundle import BuildResult
+
+
+def _node_counts(result: BuildResult) -> str:
+    """QDQ vs plain MatMuls in the shipped graph (ORT-format models are not readable by onnx)."""
+    path = result.folder / result.manifest["model"]["file"]
+    if path.suffix != ".onnx":
+        path = result.fp32_model if result.manifest["model"]["precision"] == "fp32" else path
+        if path.suffix != ".onnx":
+            return "n/a (ORT format)"
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    ops = Counter(n.op_type for n in graph.node)
+    producer = {o: n.op_type for n in graph.node for o in n.output}
+    int8 = sum(
+        1
+        for n in graph.node
+        if n.op_type == "MatMul" and producer.get(n.input[0]) == "DequantizeLinear"
+    )
+    return f"{int8} int8 / {ops['MatMul'] - int8} fp32 MatMuls, {ops['QuantizeLinear']} Q"
+
+
+def _rows(results: list[BuildResult], latency: dict[str, dict[str, Any]]) -> list[list[str]]:
+    rows = []
+    for r in results:
+        m, lat = r.manifest, latency[r.target]
+        ev = m.get("evaluation") or {}
+        metric = (
+            f"{ev['metric']} {ev['fp32']:.4f} → {ev[m['model']['precision']]:.4f}" if ev else "—"
+        )
+        rows.append(
+            [
+                r.target,
+                m["model"]["precision"],
+                f"{m['model']['bytes'] / 1e6:.1f} / {m['model']['fp32_bytes'] / 1e6:.1f}",
+                f"{m['fidelity']['mean_cosine']:.4f} / {m['fidelity']['min_cosine']:.4f}",
+                metric,
+                f"{lat['model']['p50_ms']:.2f} / {lat['model']['p90_ms']:.2f}",
+                f"{lat['fp32']['p50_ms']:.2f}",
+                f"{lat['model']['p50_ms'] / lat['fp32']['p50_ms']:.2f}",
+                _node_counts(r),
+            ]
+        )
+    return rows
+
+
+HEADER = [
+    "target",
+    "precision",
+    "MB (model / fp32)",
+    "cosine to fp32 (mean / min)",
+    "task metric (fp32 → model)",
+    "host p50 / p90 ms",
+    "fp32 p50 ms",
+    "ratio",
+    "nodes",
+]
+
+
+def _plots(
+    results: list[BuildResult], latency: dict[str, dict[str, Any]], folder: Path
+) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    series = [latency[results[0].target]["fp32"]["times_ms"]] + [
+        latency[r.target]["model"]["times_ms"] for r in results
+    ]
+    ax.boxplot(series, showfliers=False)
+    ax.set_xticks(range(1, len(series) + 1), ["fp32"] + [r.target for r in results], rotation=20)
+    ax.set_ylabel("latency per query, ms (host)")
+    ax.set_title("Latency distribution per variant")
+    fig.tight_layout()
+    paths.append(folder / "report-latency.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    for r in results:
+        m = r.manifest
+        ax.scatter(m["model"]["bytes"] / 1e6, 1 - m["fidelity"]["mean_cosine"], label=r.target)
+    ax.set_xlabel("model size, MB")
+    ax.set_ylabel("1 - mean cosine to fp32")
+    ax.set_title("Size vs fidelity loss")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(folder / "report-size.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    sens = next(
+        (
+            ((r.manifest.get("quantization") or {}).get("accuracy_search") or {}).get("sensitivity")
+            for r in results
+            if r.manifest.get("quantization")
+        ),
+        None,
+    )
+    if sens:
+        fig, ax = plt.subplots(figsize=(7, max(3, 0.18 * len(sens))))
+        names = [s["name"].replace("/MatMul", "").replace("/0/encoder/", "") for s in sens][::-1]
+        ax.barh(names, [s["dev_drop_recovered"] for s in sens][::-1])
+        ax.set_xlabel("fidelity drop recovered with this layer's activation in fp32")
+        ax.set_title("Per-layer int8 sensitivity (dev texts)")
+        ax.tick_params(axis="y", labelsize=6)
+        fig.tight_layout()
+        paths.append(folder / "report-sensitivity.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths
+
+
+def write_report(
+    results: list[BuildResult],
+    latency: dict[str, dict[str, Any]],
+    timings: dict[str, float],
+    out_root: Path,
+) -> tuple[Path, Path]:
+    """Write report.md and report.html into ``out_root``; returns their paths."""
+    rows = _rows(results, latency)
+    plots = _plots(results, latency, out_root)
+    first = results[0].manifest
+    title = f"edgepack build: {Path(first['source']['model']).name}"
+    stages = ", ".join(f"{k} {v:.1f}s" for k, v in timings.items())
+    threads = ", ".join(f"{t}: {lat['threads']}" for t, lat in latency.items())
+    md = [
+        f"# {title}",
+        "",
+        f"Source `{first['source']['model']}`, task {first['task']}, "
+        f"edgepack {first['versions']['edgepack']}, onnxruntime {first['versions']['onnxruntime']}.",
+        "",
+        "| " + " | ".join(HEADER) + " |",
+        "|" + "---|" * len(HEADER),
+    ]
+    md += ["| " + " | ".join(row) + " |" for row in rows]
+    md += [
+        "",
+        f"Host latency: batch 1, interleaved medians, threads {threads}. Stage times: {stages}.",
+        "",
+    ]
+    for r in results:
+        search = (r.manifest.get("quantization") or {}).get("accuracy_search")
+        if search:
+            md.append(
+                f"- {r.target}: accuracy search chose **{search['chosen']}** (dev drop "
+                f"{search['dev_drop']:.4f}, tolerance {search['max_drop']}, met: {search['met']})."
+            )
+    md += [""] + [f"![{p.stem}]({p.name})" for p in plots]
+    md_path = out_root / "report.md"
+    md_path.write_text("\n".join(md) + "\n", encoding="utf-8")
+
+    def img(p: Path) -> str:
+        data = base64.b64encode(p.read_bytes()).decode()
+        return f'<img alt="{p.stem}" src="data:image/png;base64,{data}">'
+
+    table = "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in HEADER) + "</tr>"
+    table += "".join(
+        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows
+    )
+    table += "</table>"
+    notes = "".join(
+        f"<li>{html.escape(line[2:]).replace('**', '')}</li>"
+        for line in md
+        if line.startswith("- ")
+    )
+    page = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}img{max-width:100%;margin:1em 0}"
+        "</style></head><body>"
+        f"<h1>{html.escape(title)}</h1>{table}<p>Host latency: batch 1, interleaved medians, threads "
+        f"{html.escape(threads)}. Stage times: {html.escape(stages)}.</p><ul>{notes}</ul>"
+        + "".join(img(p) for p in plots)
+        + "</body></html>"
+    )
+    html_path = out_root / "report.html"
+    html_path.write_text(page, encoding="utf-8")
+    return md_path, html_path

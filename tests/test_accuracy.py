@@ -1,0 +1,98 @@
+"""Accuracy-aware quantization: search order, fallback surgery, best model kept, exit code 3."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from edgepack.cli import cli
+
+
+def _build(model: Path, texts: Path, out: Path, *extra: str) -> tuple[int, str]:
+    result = CliRunner().invoke(
+        cli,
+        [
+            "build",
+            "--model",
+            str(model),
+            "--calibration",
+            str(texts),
+            "--samples",
+            "30",
+            "--target",
+            "cpu-vnni",
+            "--out",
+            str(out),
+            "--min-cosine",
+            "0.5",
+            *extra,
+        ],
+    )
+    return result.exit_code, result.output
+
+
+def test_unreachable_tolerance_saves_the_best_and_exits_3(
+    tiny_st: Path, texts_file: Path, tmp_path: Path
+) -> None:
+    code, output = _build(
+        tiny_st, texts_file, tmp_path, "--max-drop", "0"
+    )  # weight rounding alone makes the drop > 0
+    assert code == 3, output
+    assert "no int8 model met --max-drop 0" in output and "the best model was saved" in output
+    manifest = json.loads((tmp_path / f"{tiny_st.name}-cpu-vnni" / "manifest.json").read_text())
+    search = manifest["quantization"]["accuracy_search"]
+    assert search["met"] is False
+    labels = [entry["candidate"] for entry in search["log"]]
+    assert labels[:3] == ["default", "calibration percentile", "calibration entropy"]
+    assert any(label.startswith("fallback") for label in labels)
+    assert search["dev_drop"] == min(entry["dev_drop"] for entry in search["log"])
+    kept = [k for k in manifest["quantization"]["kept_fp32"] if "dev drop" in k.get("reason", "")]
+    assert kept, "the fallback layers and why must be recorded"
+
+
+def test_met_tolerance_stops_at_the_first_candidate(
+    tiny_st: Path, texts_file: Path, tmp_path: Path
+) -> None:
+    code, output = _build(tiny_st, texts_file, tmp_path, "--max-drop", "0.5")
+    assert code == 0, output
+    manifest = json.loads((tmp_path / f"{tiny_st.name}-cpu-vnni" / "manifest.json").read_text())
+    search = manifest["quantization"]["accuracy_search"]
+    assert search["met"] is True and [e["candidate"] for e in search["log"]] == ["default"]
+
+
+def test_bypass_removes_only_the_named_activation_qdq(
+    tiny_st: Path, texts_file: Path, tmp_path: Path
+) -> None:
+    import onnx
+
+    from edgepack.accuracy import bypass_activation_qdq
+
+    code, output = _build(tiny_st, texts_file, tmp_path, "--max-drop", "-1")
+    assert code == 0, output
+    model = onnx.load(str(tmp_path / f"{tiny_st.name}-cpu-vnni" / "model.onnx"))
+    producer = {o: n for n in model.graph.node for o in n.output}
+    linears = [
+        n
+        for n in model.graph.node
+        if n.op_type == "MatMul"
+        and producer.get(n.input[0]) is not None
+        and producer[n.input[0]].op_type == "DequantizeLinear"
+    ]
+    target = linears[-1].name
+    changed = bypass_activation_qdq(model, {target})
+    node = next(n for n in changed.graph.node if n.name == target)
+    new_producer = {o: n for n in changed.graph.node for o in n.output}
+    assert (
+        node.input[0] not in new_producer
+        or new_producer[node.input[0]].op_type != "DequantizeLinear"
+    )
+    before, after = (
+        Counter(n.op_type for n in model.graph.node),
+        Counter(n.op_type for n in changed.graph.node),
+    )
+    assert after["QuantizeLinear"] <= before["QuantizeLinear"]
+    assert after["MatMul"] == before["MatMul"]
+    onnx.checker.check_model(changed)
