@@ -16,13 +16,12 @@ def evaluate_one(target: Any, data: Any) -> tuple[dict[str, Any] | None, list[An
 
     from edgepack.calibration import encode
     from edgepack.evaldata import score
-    from edgepack.evaluate import run_onnx, session
+    from edgepack.evaluate import onnx_runner, session
 
     tokenizer = AutoTokenizer.from_pretrained(str(target.tokenizer_dir), local_files_only=True)
     names = [i.name for i in session(target.model_file).get_inputs()]
 
-    def run(feeds: dict[str, Any]) -> Any:
-        return run_onnx(target.model_file, [feeds], threads=1)[0]
+    run = onnx_runner(target.model_file)
 
     metric = (
         None

@@ -7,7 +7,7 @@ cosine per example (per valid token for token outputs), plus top-1 agreement for
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,13 @@ def session(path: Path, threads: int = 1) -> Any:
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def onnx_runner(path: Path, threads: int = 1) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
+    """One session reused across calls: the primary output for one batch of feeds."""
+    sess = session(path, threads)
+    names = {i.name for i in sess.get_inputs()}
+    return lambda feeds: sess.run(None, {k: v for k, v in feeds.items() if k in names})[0]
 
 
 def run_onnx(

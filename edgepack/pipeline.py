@@ -228,7 +228,7 @@ def _task_metric(
     if not config.eval_data:
         return None
     from edgepack.evaldata import read_eval_data, score
-    from edgepack.evaluate import run_onnx
+    from edgepack.evaluate import onnx_runner
     from edgepack.export import labels_of
 
     data = read_eval_data(config.eval_data, config.text_field)
@@ -237,9 +237,7 @@ def _task_metric(
     figures = {}
     with progress.stage("evaluate", f"{data.kind} on {Path(data.source).name}"):
         for label, model in (("fp32", fp32), (candidate.precision, candidate)):
-            figures[label] = score(
-                data, lambda f, m=model: run_onnx(m.path, [f])[0], tokenizer, names, seq_len, labels
-            )
+            figures[label] = score(data, onnx_runner(model.path), tokenizer, names, seq_len, labels)
     metric = figures["fp32"]["metric"]
     result = {
         "data": data.source,

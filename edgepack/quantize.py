@@ -30,6 +30,15 @@ from typing import Any
 
 import numpy as np
 
+from edgepack.quant_graph import (
+    apply_smoothing,
+    emit_fused_int8,
+    find_linears,
+    read_outliers_from_fp32,
+    sort_topologically,
+    split_outliers,
+)
+
 try:
     from edgepack.errors import UserError
 except ImportError:  # pragma: no cover - edgepack/errors.py is owned by another engineer
@@ -43,6 +52,7 @@ _ACT_TYPES = ("uint8", "int8")
 _WEIGHT_TYPES = ("int8", "uint8")
 _METHODS = ("minmax", "entropy", "percentile")
 _SITES = ("qkv", "attn_out", "ffn_in", "ffn_out", "other")
+_FORMATS = ("qdq", "ort_fused")
 
 
 @dataclass(frozen=True)
@@ -83,6 +93,11 @@ class QuantSettings:
     symmetric_activations: bool = (
         False  # zero-point fixed at 0; only sensible with activation_type="int8"
     )
+    # "qdq": portable QuantizeLinear/DequantizeLinear graph (NNAPI/XNNPACK/QNN take it; the accuracy
+    # search edits it); onnxruntime's CPU EP fuses each DQ->MatMul into MatMulIntegerToFloat but
+    # leaves the bias Add separate. "ort_fused": emit QuantizeLinear -> com.microsoft
+    # MatMulIntegerToFloat with the bias fused directly (onnxruntime CPU EP only, any ISA).
+    quant_format: str = "qdq"
 
 
 def _validate(s: QuantSettings) -> None:
@@ -104,91 +119,20 @@ def _validate(s: QuantSettings) -> None:
     bad = [x for x in s.outlier_sites if x not in _SITES]
     if bad:
         raise UserError(f"unknown outlier_sites {bad}; allowed: {_SITES}")
+    if s.quant_format not in _FORMATS:
+        raise UserError(f"quant_format must be one of {_FORMATS}, got {s.quant_format!r}")
     if s.max_calibration_batches is not None and s.max_calibration_batches < 1:
         raise UserError("max_calibration_batches must be >= 1 or None")
-    if s.activation_type == "uint8" and s.weight_type == "uint8":
+    if s.quant_format == "qdq" and s.activation_type == "uint8" and s.weight_type == "uint8":
         raise UserError(
             "uint8 activations with uint8 weights is not supported by onnxruntime's CPU kernels"
+            " in QDQ form; use weight_type='int8' or quant_format='ort_fused'"
         )
-
-
-# ----------------------------------------------------------------------------- graph analysis
-@dataclass
-class _Linear:
-    node: Any  # onnx.NodeProto (MatMul)
-    weight: str  # initializer name, shape [K, N]
-    site: str  # structural role
-
-
-def _gelu_fed(model: Any, tensor: str, producers: dict[str, Any]) -> bool:
-    """True if `tensor` is the output of a GELU: a Gelu/FastGelu op or a Mul chain containing Erf/Tanh."""
-    seen, stack = set(), [(tensor, 0)]
-    while stack:
-        name, depth = stack.pop()
-        node = producers.get(name)
-        if node is None or depth > 4 or node.name in seen:
-            continue
-        seen.add(node.name)
-        if node.op_type in ("Gelu", "FastGelu", "BiasGelu", "Erf", "Tanh"):
-            return True
-        if node.op_type in ("Mul", "Add"):
-            stack.extend((i, depth + 1) for i in node.input)
-    return False
-
-
-def _analyse(model: Any) -> tuple[list[_Linear], list[Any]]:
-    inits = {i.name: i for i in model.graph.initializer}
-    producers = {o: n for n in model.graph.node for o in n.output}
-    linears: list[_Linear] = []
-    actact: list[Any] = []
-    for n in model.graph.node:
-        if n.op_type != "MatMul":
-            continue
-        w = inits.get(n.input[1])
-        if w is None or len(w.dims) != 2:
-            actact.append(n)
-            continue
-        linears.append(_Linear(n, w.name, "other"))
-    # Roles: a tensor feeding >= 3 linears is the QKV input; a GELU-fed one is the FFN output dense;
-    # a linear whose output feeds (after its bias Add) a GELU is the FFN input dense; a linear fed from
-    # the attention context (an act x act MatMul within 3 hops) is the attention output dense.
-    consumers: dict[str, int] = {}
-    for lin in linears:
-        consumers[lin.node.input[0]] = consumers.get(lin.node.input[0], 0) + 1
-    act_outs = {o for n in actact for o in n.output}
-    for lin in linears:
-        x = lin.node.input[0]
-        if _gelu_fed(model, x, producers):
-            lin.site = "ffn_out"
-            continue
-        if consumers[x] >= 3:
-            lin.site = "qkv"
-            continue
-        hop, frontier = 0, [x]
-        while hop < 3 and lin.site == "other":
-            nxt = []
-            for t in frontier:
-                if t in act_outs:
-                    lin.site = "attn_out"
-                p = producers.get(t)
-                if p is not None and p.op_type in ("Reshape", "Transpose"):
-                    nxt.append(p.input[0])
-            frontier, hop = nxt, hop + 1
-    consumers_of: dict[str, list[Any]] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            consumers_of.setdefault(i, []).append(n)
-    for lin in linears:
-        if lin.site != "other":
-            continue
-        frontier = [lin.node.output[0]]
-        for _ in range(3):  # output -> (bias Add) -> (Div/Mul) -> Erf / Gelu ?
-            nxt = [n for t in frontier for n in consumers_of.get(t, [])]
-            if any(n.op_type in ("Erf", "Gelu", "FastGelu", "BiasGelu", "Tanh") for n in nxt):
-                lin.site = "ffn_in"
-                break
-            frontier = [o for n in nxt if n.op_type in ("Add", "Div", "Mul") for o in n.output]
-    return linears, actact
+    if s.quant_format == "ort_fused" and s.activation_type == "int8" and s.weight_type == "uint8":
+        raise UserError(
+            "onnxruntime has no MatMulIntegerToFloat for int8 activations with uint8 weights;"
+            " use weight_type='int8' or activation_type='uint8'"
+        )
 
 
 # ----------------------------------------------------------------------------- calibration
@@ -280,198 +224,44 @@ def _histogram_ranges(
     }
 
 
-# ----------------------------------------------------------------------------- smoothing surgery
-def _smooth(
-    model: Any,
-    linears: list[_Linear],
-    mins: dict[str, np.ndarray],
-    maxs: dict[str, np.ndarray],
-    s: QuantSettings,
-) -> tuple[dict[str, str], dict[str, np.ndarray], list[dict[str, Any]]]:
-    """Apply SmoothQuant in place. Returns (old input -> new input tensor, per-tensor channel scales, log)."""
-    from onnx import numpy_helper as nh
+def _quantize_qdq(
+    model: Any, to_quant: list[str], ranges: dict[str, tuple[float, float]], s: QuantSettings
+) -> Any:
+    """QDQ graph via onnxruntime's quantizer with our ranges; MatMul outputs stay fp32."""
+    from onnxruntime.quantization import QuantType
+    from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
+    from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
 
-    inits = {i.name: i for i in model.graph.initializer}
-    producers = {o: n for n in model.graph.node for o in n.output}
-    groups: dict[str, list[_Linear]] = {}
-    for lin in linears:
-        groups.setdefault(lin.node.input[0], []).append(lin)
-    renamed: dict[str, str] = {}
-    scales: dict[str, np.ndarray] = {}
-    log: list[dict[str, Any]] = []
-    if s.smooth_alpha == 0.0:
-        return renamed, scales, log
-    all_consumers: dict[str, int] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            all_consumers[i] = all_consumers.get(i, 0) + 1
-    for x in sorted(groups):
-        lins = groups[x]
-        if not any(lin.site in s.smooth_sites for lin in lins):
-            continue
-        ws = [nh.to_array(inits[lin.weight]) for lin in lins]
-        if any(w.dtype != np.float32 or w.shape[0] != maxs[x].shape[0] for w in ws):
-            continue
-        if len({lin.weight for lin in lins}) != len(lins):
-            continue  # a weight shared by several MatMuls: skip, scaling it twice would be wrong
-        act = np.maximum(np.abs(mins[x]), np.abs(maxs[x])).astype(np.float64)
-        wmax = np.max(np.stack([np.abs(w).max(1) for w in ws]), 0).astype(np.float64)
-        sc = np.power(np.maximum(act, 1e-5), s.smooth_alpha) / np.power(
-            np.maximum(wmax, 1e-5), 1 - s.smooth_alpha
-        )
-        sc = np.clip(sc, 1e-4, 1e4).astype(np.float32)
-        for lin, w in zip(lins, ws, strict=True):
-            inits[lin.weight].CopyFrom(
-                nh.from_array((w * sc[:, None]).astype(np.float32), lin.weight)
+    qt = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
+    tensors_range = TensorsData(
+        CalibrationMethod.MinMax,
+        {
+            t: TensorData(
+                lowest=np.array(lo, dtype=np.float32), highest=np.array(hi, dtype=np.float32)
             )
-        inv = (1.0 / sc).astype(np.float32)
-        prod = producers.get(x)
-        const = None
-        if prod is not None and prod.op_type == "Mul" and all_consumers.get(x, 0) == len(lins):
-            const = next(
-                (i for i in prod.input if i in inits and int(np.prod(inits[i].dims)) == 1), None
-            )
-        base = (lins[0].node.name or x).replace("/", "_").strip("_")
-        if const is not None:  # fold 1/s into the constant of the producing Mul (free)
-            new = f"{base}_smooth_folded"
-            cval = float(nh.to_array(inits[const]).reshape(-1)[0])
-            model.graph.initializer.append(nh.from_array((cval * inv).astype(np.float32), new))
-            prod.input[list(prod.input).index(const)] = new
-            how, out = "folded_into_producer_mul", x
-        else:  # insert x' = x * (1/s) in front of the linears only
-            new, out = f"{base}_smooth_inv_scale", f"{base}_smoothed"
-            model.graph.initializer.append(nh.from_array(inv, new))
-            import onnx
-
-            mul = onnx.helper.make_node("Mul", [x, new], [out], name=f"{base}_smooth_mul")
-            idx = next(i for i, n in enumerate(model.graph.node) if n is lins[0].node)
-            model.graph.node.insert(idx, mul)
-            for lin in lins:
-                lin.node.input[0] = out
-            renamed[x] = out
-            how = "inserted_mul"
-        scales[out] = sc
-        log.append(
-            {
-                "tensor": x,
-                "site": sorted({lin.site for lin in lins}),
-                "how": how,
-                "act_absmax": float(act.max()),
-                "act_absmax_median": float(np.median(act)),
-                "scale_min": float(sc.min()),
-                "scale_max": float(sc.max()),
-            }
-        )
-    return renamed, scales, log
-
-
-def _split_outliers(
-    model: Any,
-    linears: list[_Linear],
-    mins: dict[str, np.ndarray],
-    maxs: dict[str, np.ndarray],
-    s: QuantSettings,
-) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
-    """Move the top-k |x| input channels of each selected linear to an fp32 side MatMul (in place).
-
-    Returns {input tensor: boolean mask of channels that stay in the int8 path} and a log."""
-    import onnx
-    from onnx import numpy_helper as nh
-
-    keep_mask: dict[str, np.ndarray] = {}
-    log: list[dict[str, Any]] = []
-    if s.outlier_channels == 0:
-        return keep_mask, log
-    inits = {i.name: i for i in model.graph.initializer}
-    groups: dict[str, list[_Linear]] = {}
-    for lin in linears:
-        if lin.site in s.outlier_sites:
-            groups.setdefault(lin.node.input[0], []).append(lin)
-    for x in sorted(groups):
-        act = np.maximum(np.abs(mins[x]), np.abs(maxs[x]))
-        k = min(s.outlier_channels, act.shape[0] - 1)
-        idx = np.sort(np.argsort(-act, kind="stable")[:k]).astype(np.int64)
-        mask = np.ones(act.shape[0], dtype=bool)
-        mask[idx] = False
-        keep_mask[x] = mask
-        base = (groups[x][0].node.name or x).replace("/", "_").strip("_")
-        idx_name, gathered = f"{base}_outlier_idx", f"{base}_outlier_cols"
-        model.graph.initializer.append(nh.from_array(idx, idx_name))
-        new_nodes = [
-            onnx.helper.make_node(
-                "Gather", [x, idx_name], [gathered], name=f"{base}_outlier_gather", axis=-1
-            )
-        ]
-        for lin in groups[x]:
-            w = nh.to_array(inits[lin.weight])
-            nb = (lin.node.name or lin.weight).replace("/", "_").strip("_")
-            side_w, side_y, main_y = f"{nb}_outlier_w", f"{nb}_outlier_y", f"{nb}_int8_y"
-            model.graph.initializer.append(nh.from_array(w[idx].astype(np.float32), side_w))
-            w = w.copy()
-            w[idx] = 0.0
-            inits[lin.weight].CopyFrom(nh.from_array(w, lin.weight))
-            orig_out = lin.node.output[0]
-            lin.node.output[0] = main_y
-            new_nodes.append(
-                onnx.helper.make_node(
-                    "MatMul", [gathered, side_w], [side_y], name=f"{nb}_outlier_matmul"
-                )
-            )
-            new_nodes.append(
-                onnx.helper.make_node("Add", [main_y, side_y], [orig_out], name=f"{nb}_outlier_add")
-            )
-        pos = (
-            max(
-                i for i, n in enumerate(model.graph.node) if any(n is lin.node for lin in groups[x])
-            )
-            + 1
-        )
-        for j, n in enumerate(new_nodes):
-            model.graph.node.insert(pos + j, n)
-        log.append(
-            {
-                "tensor": x,
-                "site": sorted({lin.site for lin in groups[x]}),
-                "channels": idx.tolist(),
-                "absmax_split": float(act[idx].max()),
-                "absmax_int8": float(act[mask].max()),
-            }
-        )
-    return keep_mask, log
-
-
-# ----------------------------------------------------------------------------- entry point
-def _toposort(graph: Any) -> None:
-    """Order nodes so each comes after its inputs' producers (the ONNX checker and tools need it).
-
-    Graph surgery appends nodes out of order; Kahn's algorithm keeping the original order among
-    ready nodes makes the result deterministic and as close to the input as possible.
-    """
-    import heapq
-
-    nodes = list(graph.node)
-    produced_by = {out: i for i, n in enumerate(nodes) for out in n.output if out}
-    waiting = [0] * len(nodes)
-    users: dict[int, list[int]] = {}
-    for i, n in enumerate(nodes):
-        deps = {produced_by[x] for x in n.input if x in produced_by and produced_by[x] != i}
-        waiting[i] = len(deps)
-        for d in deps:
-            users.setdefault(d, []).append(i)
-    ready = [i for i, w in enumerate(waiting) if w == 0]
-    heapq.heapify(ready)
-    order = []
-    while ready:
-        i = heapq.heappop(ready)
-        order.append(i)
-        for u in users.get(i, []):
-            waiting[u] -= 1
-            if waiting[u] == 0:
-                heapq.heappush(ready, u)
-    if len(order) != len(nodes):
-        raise RuntimeError("quantized graph has a cycle")
-    del graph.node[:]
-    graph.node.extend(nodes[i] for i in order)
+            for t, (lo, hi) in ranges.items()
+        },
+    )
+    quantizer = QDQQuantizer(
+        model,
+        s.per_channel,
+        s.reduce_range,
+        qt[s.weight_type],
+        qt[s.activation_type],
+        tensors_range,
+        to_quant,
+        [],
+        ["MatMul"],
+        {
+            # fp32 MatMul output -> onnxruntime fuses DQ->MatMul into MatMulIntegerToFloat
+            "OpTypesToExcludeOutputQuantization": ["MatMul"],
+            "ActivationSymmetric": s.symmetric_activations,
+            "WeightSymmetric": s.weight_type == "int8",
+            "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
+        },
+    )
+    quantizer.quantize_model()
+    return quantizer.model.model
 
 
 def quantize_static_int8(
@@ -484,9 +274,6 @@ def quantize_static_int8(
     """Quantize `fp32_model` to a static int8 QDQ model at `out_model`; returns a manifest record."""
     _validate(settings)
     import onnx
-    from onnxruntime.quantization import QuantType
-    from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
-    from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     fp32_model, out_model, work_dir = Path(fp32_model), Path(out_model), Path(work_dir)
@@ -496,7 +283,7 @@ def quantize_static_int8(
     pre = work_dir / "preprocessed.onnx"
     quant_pre_process(str(fp32_model), str(pre), skip_symbolic_shape=True)
     model = onnx.load(str(pre))
-    linears, actact = _analyse(model)
+    linears, actact = find_linears(model)
     if not linears:
         raise UserError("no MatMul with a constant 2-D weight found: nothing to quantize")
     keep = set(settings.keep_fp32_nodes)
@@ -508,9 +295,9 @@ def quantize_static_int8(
     mins, maxs, nbatches = _channel_stats(
         model, inputs, calibration(), work_dir, settings.max_calibration_batches
     )
-    keep_mask, split_log = _split_outliers(model, linears, mins, maxs, settings)
+    keep_mask, split_log = split_outliers(model, linears, mins, maxs, settings)
     smooth_lins = [lin for lin in linears if lin.node.input[0] not in keep_mask]
-    renamed, scales, smooth_log = _smooth(model, smooth_lins, mins, maxs, settings)
+    renamed, scales, smooth_log = apply_smoothing(model, smooth_lins, mins, maxs, settings)
 
     ranges: dict[str, tuple[float, float]] = {}
     for x in inputs:
@@ -532,42 +319,21 @@ def quantize_static_int8(
     to_quant = [lin.node.name for lin in linears if lin.node.name not in keep]
     if settings.quantize_attention_matmuls:
         to_quant += [n.name for n in actact if n.name not in keep]
-    qt = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
-    tensors_range = TensorsData(
-        CalibrationMethod.MinMax,
-        {
-            t: TensorData(
-                lowest=np.array(lo, dtype=np.float32), highest=np.array(hi, dtype=np.float32)
-            )
-            for t, (lo, hi) in ranges.items()
-        },
-    )
-    quantizer = QDQQuantizer(
-        model,
-        settings.per_channel,
-        settings.reduce_range,
-        qt[settings.weight_type],
-        qt[settings.activation_type],
-        tensors_range,
-        to_quant,
-        [],
-        ["MatMul"],
-        {
-            "OpTypesToExcludeOutputQuantization": [
-                "MatMul"
-            ],  # fp32 MatMul output -> MatMulIntegerToFloat
-            "ActivationSymmetric": settings.symmetric_activations,
-            "WeightSymmetric": settings.weight_type == "int8",
-            "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
-        },
-    )
-    quantizer.quantize_model()
+    sort_topologically(model.graph)
+    if settings.quant_format == "ort_fused":
+        by_name = {n.name: n for n in model.graph.node}
+        fused_bias = emit_fused_int8(model, [by_name[n] for n in to_quant], ranges, settings)
+        qmodel = model
+    else:
+        qmodel = _quantize_qdq(model, to_quant, ranges, settings)
+        read_outliers_from_fp32(qmodel, split_log)
+        fused_bias = 0
     out_model.parent.mkdir(parents=True, exist_ok=True)
-    qmodel = quantizer.model.model
-    _toposort(qmodel.graph)
+    sort_topologically(qmodel.graph)
     qmodel.producer_name, qmodel.producer_version = "edgepack.quantize", RECIPE
     data = qmodel.SerializeToString(deterministic=True)
     out_model.write_bytes(data)
+    op_type = "MatMulIntegerToFloat" if settings.quant_format == "ort_fused" else "MatMul"
 
     return {
         "recipe": RECIPE,
@@ -575,13 +341,15 @@ def quantize_static_int8(
             k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(settings).items()
         },
         "calibration_batches": nbatches,
+        "quant_format": settings.quant_format,
+        "bias_adds_fused": fused_bias,
         "quantized_nodes": [
-            {"name": lin.node.name, "op_type": "MatMul", "site": lin.site}
+            {"name": lin.node.name, "op_type": op_type, "site": lin.site}
             for lin in linears
             if lin.node.name in to_quant
         ]
         + [
-            {"name": n.name, "op_type": "MatMul", "site": "attention_act_x_act"}
+            {"name": n.name, "op_type": op_type, "site": "attention_act_x_act"}
             for n in actact
             if n.name in to_quant
         ],
