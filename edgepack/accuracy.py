@@ -184,7 +184,6 @@ def search(
             "met": best["drop"] <= max_drop,
             "stopped_by_budget": stopped,
             "sensitivity": [{"name": n, "dev_drop_recovered": round(g, 6)} for g, n in gains],
-            "seconds": round(time.monotonic() - start, 1),
             "log": log,
         },
     }

@@ -80,6 +80,9 @@ def _build_options(values: dict[str, Any]) -> dict[str, Any]:
 @click.option("--text-field", help="Field (.jsonl) or column (.csv) holding the text.")
 @click.option("--samples", type=int, help="Calibration texts drawn (seeded) from the file.")
 @click.option("--heldout", help="Texts for the fidelity check (default: unsampled calibration).")
+@click.option(
+    "--eval-data", help="Labelled data (text_a,text_b,score | text,label | tokens,tags) to score."
+)
 @click.option("--seed", type=int, help="Seed for every random choice.")
 @click.option("--precision", type=click.Choice(["int8", "fp32"]), help="Override the profile's.")
 @click.option("--out", help="Output folder (default dist).")
@@ -113,7 +116,8 @@ def build(config_path: Path | None, quiet: bool, **flags: Any) -> None:
 
     config = read_config(config_path or sample_config_path())
     if flags.get("model") and config_path is None:
-        config = overlay(config, {"name": ""}, "--model")
+        # The sample's name and task data describe the sample; its texts remain the default.
+        config = overlay(config, {"name": "", "eval_data": ""}, "--model")
     if flags.get("calibration") and not flags.get("heldout"):
         config = overlay(config, {"heldout": ""}, "--calibration")
     config = overlay(config, _build_options(flags), "command line")

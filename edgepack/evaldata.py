@@ -95,6 +95,15 @@ def read_eval_data(path: Path | str, text_field: str = "text") -> EvalData:
     )
 
 
+def _pooled(run: Any, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    """Token states are mean-pooled over real tokens, so plain encoders get sentence vectors too."""
+    out = run(feeds)
+    if out.ndim == 3 and "attention_mask" in feeds:
+        mask = feeds["attention_mask"][..., None].astype(out.dtype)
+        return (out * mask).sum(1) / np.maximum(mask.sum(1), 1)
+    return out
+
+
 def _label_index(label: Any, names: list[str], source: str) -> int:
     if label in names:
         return names.index(label)
@@ -160,10 +169,11 @@ def score(
             "value": round(token_f1(np.array(got), np.array(gold), outside), 6),
             "count": len(data.rows),
         }
+    texts = data.texts()
     out = np.concatenate(
         [
-            run(encode(tokenizer, data.texts()[i : i + 32], input_names, seq_len))
-            for i in range(0, len(data.texts()), 32)
+            _pooled(run, encode(tokenizer, texts[i : i + 32], input_names, seq_len))
+            for i in range(0, len(texts), 32)
         ]
     )
     if data.kind == "similarity":

@@ -14,7 +14,10 @@ Recipe ("smoothquant-linear-qdq"), measured on all-MiniLM-L6-v2 (see the lab not
    into a preceding Mul-by-constant when there is one).
 4b. Outlier split on the post-GELU FFN-out input: the 4 largest-|x| channels go through a tiny fp32
    MatMul on gathered columns; their int8 weight rows are zeroed so the per-tensor range ignores them.
-   (MiniLM held-out mean cos: plain static 0.9881 -> this recipe 0.9952.)
+   The side path reads the fp32 tensor, not the quantizer's clipped Q->DQ copy.
+   (MiniLM held-out mean cos: plain static 0.9881 -> this recipe 0.9979, min 0.9899.)
+6. Output: QDQ (portable; onnxruntime fuses DQ->MatMul) or, with ``quant_format="ort_fused"``,
+   QuantizeLinear -> MatMulIntegerToFloat with the bias Add fused (onnxruntime CPU only).
 5. Per-tensor activation ranges of the smoothed tensors follow exactly from the per-channel stats,
    so no second calibration pass is needed for min-max.
 """
@@ -47,7 +50,7 @@ except ImportError:  # pragma: no cover - edgepack/errors.py is owned by another
         """Fallback until edgepack.errors lands; same contract (bad user settings)."""
 
 
-RECIPE = "smoothquant-linear-qdq/v1"
+RECIPE = "smoothquant-linear-qdq/v2"  # v2: fp32 outlier path, reduce_range, ort_fused
 _ACT_TYPES = ("uint8", "int8")
 _WEIGHT_TYPES = ("int8", "uint8")
 _METHODS = ("minmax", "entropy", "percentile")
@@ -57,14 +60,22 @@ _FORMATS = ("qdq", "ort_fused")
 
 @dataclass(frozen=True)
 class QuantSettings:
+    """Recipe knobs. Numbers below: all-MiniLM-L6-v2, held-out mean/min cosine of the sentence
+    embedding to fp32 (363 texts), latency ratios vs fp32 on an AVX2 (no VNNI) EPYC, 1 thread,
+    seq 128, interleaved medians (lat-lab notes in the report of 2026-11-28)."""
+
     activation_type: str = "uint8"  # "uint8" | "int8"; uint8 asymmetric fits post-GELU (>= -0.17)
-    weight_type: str = (
-        "int8"  # "int8" | "uint8"; symmetric int8 per channel is what MLAS is fastest on
-    )
-    per_channel: bool = True  # per output column weight scales; per-tensor loses ~0.01 cosine
-    reduce_range: bool = (
-        False  # x86 AVX2 without VNNI wants True (7-bit weights avoid u8*s8 saturation)
-    )
+    # "int8" | "uint8". int8 symmetric per column runs MLAS's u8s8 kernel; uint8 weights run the
+    # u8u8 kernel (only with quant_format="ort_fused"): best fidelity (0.9987 / min 0.9930, no
+    # saturation) but that kernel is 12-17% slower per GEMM on AVX2 (gemm_peak.py), ratio 0.75-0.81.
+    weight_type: str = "int8"
+    # Per output column weight scales. Per-tensor: 0.9941 / min 0.9722 and no faster (the scale is
+    # applied in the GEMM's output pass either way: per-column and scalar kernels time the same).
+    per_channel: bool = True
+    # 7-bit int8 weights ([-64, 64]). AVX2 without VNNI computes u8*s8 pairs with vpmaddubsw, which
+    # saturates int16; measured 0.9971 / min 0.9885 (full range) -> 0.9979 / min 0.9899 (7-bit),
+    # same kernel and speed. On VNNI / ARM dot-product CPUs (no saturation) profiles set False.
+    reduce_range: bool = True
     calibrate_method: str = (
         "minmax"  # "minmax" | "entropy" | "percentile"; min-max measured best here
     )
@@ -73,14 +84,18 @@ class QuantSettings:
     # activation scales waste most of the 8 bits on them unless they are moved into the weights.
     smooth_alpha: float = 0.5
     # Which linear-MatMul input groups get smoothed (structural roles found in the graph). Measured on
-    # MiniLM (held-out mean cos, static baseline 0.9881): ffn_in 0.9931, +qkv 0.9940; smoothing ffn_out
-    # HURTS (0.9779: the post-GELU negative tail -0.17/s_j blows up the range) -> split it instead.
+    # MiniLM with the outlier split: none 0.9909 / min 0.9522, ffn_in 0.9967 / 0.9796, ffn_in + qkv
+    # 0.9979 / 0.9899 (reduce_range). Smoothing ffn_out HURTS (0.9779: the post-GELU negative tail
+    # -0.17/s_j blows up the range) -> split it instead. Each smoothed input costs one Mul over the
+    # activation (the LayerNorm outputs also feed residual Adds, so 1/s cannot be folded into them):
+    # 12 Muls ~2% of int8 time.
     smooth_sites: tuple[str, ...] = ("qkv", "ffn_in")
     # LLM.int8()-style outlier split: the k input channels with the largest calibrated |x| of each
-    # linear in `outlier_sites` are computed by a small fp32 MatMul on the gathered columns; their
-    # weight rows are zeroed in the int8 MatMul, so the per-tensor activation range excludes them
-    # (those channels may saturate harmlessly). Sites that are split are not smoothed.
-    # Measured: smooth(qkv, ffn_in) + split 4 ffn_out channels -> 0.9952 (16 channels: 0.9948).
+    # linear in `outlier_sites` are computed by a small fp32 MatMul on the gathered (fp32) columns;
+    # their weight rows are zeroed in the int8 MatMul, so the per-tensor activation range excludes
+    # them. Sites that are split are not smoothed. Measured: 4 ffn_out channels 0.9952 / min 0.977
+    # while the Gather read the clipped Q->DQ copy (bug before 2026-11-28), 0.9971 / 0.9885 reading
+    # fp32. Cost: Gather + [S,k]x[k,N] MatMul + Add per layer, ~1.5% of int8 time.
     outlier_channels: int = 4
     outlier_sites: tuple[str, ...] = ("ffn_out",)
     # Quantize activation x activation MatMuls (Q.K^T, attn.V) too. Off: they cost fidelity and the
@@ -93,10 +108,12 @@ class QuantSettings:
     symmetric_activations: bool = (
         False  # zero-point fixed at 0; only sensible with activation_type="int8"
     )
-    # "qdq": portable QuantizeLinear/DequantizeLinear graph (NNAPI/XNNPACK/QNN take it; the accuracy
-    # search edits it); onnxruntime's CPU EP fuses each DQ->MatMul into MatMulIntegerToFloat but
-    # leaves the bias Add separate. "ort_fused": emit QuantizeLinear -> com.microsoft
-    # MatMulIntegerToFloat with the bias fused directly (onnxruntime CPU EP only, any ISA).
+    # "qdq": portable QuantizeLinear/DequantizeLinear graph (NNAPI/XNNPACK/QNN take it, and the
+    # accuracy search edits it); onnxruntime's CPU EP fuses each DQ->MatMul into
+    # MatMulIntegerToFloat but leaves every bias Add separate. "ort_fused": emit QuantizeLinear ->
+    # com.microsoft MatMulIntegerToFloat with the bias in the kernel (36 Adds fewer on MiniLM; the
+    # GELU then fuses to Gelu instead of BiasGelu); onnxruntime CPU EP only (x86 and ARM).
+    # Same fidelity; see the report for the measured latency.
     quant_format: str = "qdq"
 
 
@@ -271,7 +288,8 @@ def quantize_static_int8(
     settings: QuantSettings,
     work_dir: Path,
 ) -> dict:
-    """Quantize `fp32_model` to a static int8 QDQ model at `out_model`; returns a manifest record."""
+    """Quantize `fp32_model` to a static int8 model (QDQ or ort_fused) at `out_model`; returns a
+    manifest record."""
     _validate(settings)
     import onnx
     from onnxruntime.quantization.shape_inference import quant_pre_process
