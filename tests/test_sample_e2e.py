@@ -49,6 +49,17 @@ def test_manifest_records_what_the_issue_asks(sample_bundle: tuple[Path, str]) -
     # The int8 bundle must stay close to fp32 on held-out text (the issue's aim is >= 0.995).
     assert fid["mean_cosine"] >= 0.99, fid
     assert manifest["model"]["bytes"] < manifest["model"]["fp32_bytes"]
+    evaluation = manifest["evaluation"]
+    assert evaluation["metric"] == "spearman" and evaluation["count"] >= 200
+    assert abs(evaluation["drop"]) < 0.01, evaluation  # int8 keeps the STS ranking
+    search = manifest["quantization"]["accuracy_search"]
+    assert search["met"] is True and len(search["sensitivity"]) >= 6 * 6
+
+
+def test_report_beside_the_bundle(sample_bundle: tuple[Path, str]) -> None:
+    out, _ = sample_bundle
+    page = (out / "report.html").read_text()
+    assert "<td>arm64</td>" in page and page.count("data:image/png;base64,") == 3
 
 
 def test_qdq_nodes_present(sample_bundle: tuple[Path, str]) -> None:
