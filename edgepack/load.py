@@ -192,7 +192,14 @@ def load_model(spec: str, task: str | None = None, trust_remote_code: bool = Fal
     digest = hashlib.sha256()
     for w in weights:
         digest.update(sha256_file(w).encode())
+    # A student or pruned folder made by edgepack keeps its provenance into the bundle manifest.
+    history = tuple(
+        {"stage": stage, "record": name, "record_sha256": sha256_file(folder / name)}
+        for stage, name in (("distill", "distillation.json"), ("prune", "pruning.json"))
+        if (folder / name).is_file()
+    )
     return HFModel(
+        history=history,
         path=folder,
         task=task,
         source=source,
