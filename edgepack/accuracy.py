@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from edgepack.evaluate import fidelity_rows, run_onnx
+from edgepack.quant_graph import drop_dead_nodes
 
 Feeds = dict[str, np.ndarray]
 CALIBRATION_ALTERNATIVES = ("percentile", "entropy")
@@ -50,18 +51,8 @@ def bypass_activation_qdq(model: Any, names: set[str]) -> Any:
         )
         if q is not None and q.op_type == "QuantizeLinear":
             node.input[0] = q.input[0]
-    _drop_dead_nodes(out.graph)
+    drop_dead_nodes(out.graph)
     return out
-
-
-def _drop_dead_nodes(graph: Any) -> None:
-    while True:
-        used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-        dead = [n for n in graph.node if not any(o in used for o in n.output)]
-        if not dead:
-            return
-        for node in dead:
-            graph.node.remove(node)
 
 
 def quantized_linears(record: dict[str, Any]) -> list[str]:

@@ -22,25 +22,15 @@ from typing import Any
 
 from edgepack.artifacts import HFModel
 from edgepack.errors import UserError
+from edgepack.export import TOKENIZER_FILES
 
 AUTO_CLASSES = {
     "feature-extraction": "AutoModel",
     "text-classification": "AutoModelForSequenceClassification",
     "token-classification": "AutoModelForTokenClassification",
 }
-# Everything besides weights and config that a model folder needs to be itself again:
-# tokenizer files, and sentence-transformers' module files (pooling, normalisation, max length).
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.txt",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "sentencepiece.bpe.model",
-    "spm.model",
-)
+# Everything besides weights and config that a model folder needs to be itself again: the
+# tokenizer files (one list, shared with the exporter) and sentence-transformers' module files.
 ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
 LAYER_KEY = re.compile(r"(^|\.)layer\.(\d+)\.")
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layers")

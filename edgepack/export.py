@@ -31,6 +31,7 @@ TOKENIZER_FILES = (
     "vocab.txt",
     "vocab.json",
     "merges.txt",
+    "added_tokens.json",
     "sentencepiece.bpe.model",
     "spm.model",
 )
