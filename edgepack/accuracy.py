@@ -135,6 +135,9 @@ def search(
     # fp32. Always measured (one dev pass each) for the report; used for fallback when needed.
     base_path, base_record = best["path"], best["record"]
     base = onnx.load(str(base_path))
+    bypass = bypass_activation_qdq
+    if base_record.get("quant_format") == "ort_fused":
+        from edgepack.quant_fused import bypass_fused_activation as bypass
     base_drop = drop(base_path, RANKING_BATCHES)
     gains: list[tuple[float, str]] = []
     for name in quantized_linears(base_record) if not stopped else []:
@@ -142,7 +145,7 @@ def search(
             stopped = True
             break
         trial = work_dir / "trial.onnx"
-        onnx.save(bypass_activation_qdq(base, {name}), str(trial))
+        onnx.save(bypass(base, {name}), str(trial))
         gains.append((base_drop - drop(trial, RANKING_BATCHES), name))
     gains.sort(key=lambda g: (-g[0], g[1]))
     if best["drop"] > max_drop and not stopped:
@@ -153,7 +156,7 @@ def search(
                 break
             chosen.append(name)
             path = work_dir / f"fallback-{len(chosen)}.onnx"
-            onnx.save(bypass_activation_qdq(base, set(chosen)), str(path))
+            onnx.save(bypass(base, set(chosen)), str(path))
             kept.append(
                 {"name": name, "reason": f"activation kept fp32: dev drop -{gain:.4f} alone"}
             )

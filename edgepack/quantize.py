@@ -33,9 +33,9 @@ from typing import Any
 
 import numpy as np
 
+from edgepack.quant_fused import emit_fused_int8
 from edgepack.quant_graph import (
     apply_smoothing,
-    emit_fused_int8,
     find_linears,
     read_outliers_from_fp32,
     sort_topologically,

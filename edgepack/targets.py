@@ -46,6 +46,8 @@ SCHEMA: dict[str, dict[str, Spec] | Spec] = {
         "per_channel": (bool, True, None),
         "reduce_range": (bool, True, None),
         "calibrate_method": (str, True, ("minmax", "entropy", "percentile")),
+        # "ort_fused" folds the bias into MatMulIntegerToFloat (CPU EP only); default "qdq".
+        "quant_format": (str, False, ("qdq", "ort_fused")),
     },
     "format": {
         "model": (str, True, ("onnx", "ort")),

@@ -96,3 +96,42 @@ def test_bypass_removes_only_the_named_activation_qdq(
     assert after["QuantizeLinear"] <= before["QuantizeLinear"]
     assert after["MatMul"] == before["MatMul"]
     onnx.checker.check_model(changed)
+
+
+def test_search_works_on_the_fused_format(tiny_st: Path, texts_file: Path, tmp_path: Path) -> None:
+    from edgepack.targets import targets_dir
+
+    profile = tmp_path / "fused.toml"
+    text = (targets_dir() / "cpu-vnni.toml").read_text()
+    profile.write_text(
+        text.replace('name = "cpu-vnni"', 'name = "fused"').replace(
+            'calibrate_method = "minmax"', 'calibrate_method = "minmax"\nquant_format = "ort_fused"'
+        )
+    )
+    result = CliRunner().invoke(
+        cli,
+        [
+            "build",
+            "--model",
+            str(tiny_st),
+            "--calibration",
+            str(texts_file),
+            "--samples",
+            "30",
+            "--target",
+            str(profile),
+            "--out",
+            str(tmp_path / "o"),
+            "--min-cosine",
+            "0.5",
+            "--max-drop",
+            "0",
+        ],
+    )
+    assert result.exit_code == 3, result.output
+    manifest = json.loads((tmp_path / "o" / f"{tiny_st.name}-fused" / "manifest.json").read_text())
+    assert manifest["quantization"]["quant_format"] == "ort_fused"
+    search = manifest["quantization"]["accuracy_search"]
+    assert search["sensitivity"] and any(
+        e["candidate"].startswith("fallback") for e in search["log"]
+    )

@@ -283,7 +283,7 @@ def test_ort_fused_uint8_weights_and_attention_matmuls(tiny_bert: Path, tmp_path
     ],
 )
 def test_quantize_weight_grid(qtype: str, reduce_range: bool, per_channel: bool) -> None:
-    from edgepack.quant_graph import quantize_weight
+    from edgepack.quant_fused import quantize_weight
 
     w = np.random.default_rng(3).standard_normal((16, 8)).astype(np.float32)
     w[:, 2] = 0.0  # an all-zero column must not divide by zero
@@ -315,3 +315,24 @@ def test_ort_fused_rejects_int8_activations_with_uint8_weights(
             QuantSettings(quant_format="tflite"),
             tmp_path / "w",
         )
+
+
+def test_bypass_fused_activation_moves_toward_fp32(tiny_bert: Path, fused) -> None:
+    import onnx
+
+    from edgepack.quant_fused import bypass_fused_activation
+
+    d, rec = fused
+    m = onnx.load(str(d / "f.onnx"))
+    names = {q["name"] for q in rec["quantized_nodes"]}
+    b = bypass_fused_activation(m, names)
+    onnx.save(b, str(d / "bypassed.onnx"))
+    assert not [n for n in b.graph.node if n.op_type in ("MatMulIntegerToFloat", "QuantizeLinear")]
+    assert sum(n.op_type == "DequantizeLinear" for n in b.graph.node) == 12
+    feeds = list(_batches(8, 5)())
+    ref = _run(tiny_bert, feeds)
+    err_q = [np.abs(r - q).mean() for r, q in zip(ref, _run(d / "f.onnx", feeds), strict=True)]
+    err_b = [
+        np.abs(r - q).mean() for r, q in zip(ref, _run(d / "bypassed.onnx", feeds), strict=True)
+    ]
+    assert np.mean(err_b) < np.mean(err_q)
