@@ -76,7 +76,7 @@ def excluded_keys(samples_dir: Path) -> set[str]:
     for name in ("heldout.txt", "calibration.txt"):
         path = samples_dir / name
         if path.exists():
-            keys.update(normalize(l) for l in path.read_text("utf-8").splitlines())
+            keys.update(normalize(line) for line in path.read_text("utf-8").splitlines())
     sts = samples_dir / "sts-mini.csv"
     if sts.exists():
         with sts.open(encoding="utf-8", newline="") as fh:

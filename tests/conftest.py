@@ -12,11 +12,63 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-WORDS = (
-    "the a an cat dog bird runs walks flies over under quick lazy bright dark sun moon city river "
-    "music phone battery server network price market doctor patient school teacher book read write "
-    "good bad new old big small red blue green is was are were and or not with for to of in on"
-).split()
+WORDS = [
+    "the",
+    "a",
+    "an",
+    "cat",
+    "dog",
+    "bird",
+    "runs",
+    "walks",
+    "flies",
+    "over",
+    "under",
+    "quick",
+    "lazy",
+    "bright",
+    "dark",
+    "sun",
+    "moon",
+    "city",
+    "river",
+    "music",
+    "phone",
+    "battery",
+    "server",
+    "network",
+    "price",
+    "market",
+    "doctor",
+    "patient",
+    "school",
+    "teacher",
+    "book",
+    "read",
+    "write",
+    "good",
+    "bad",
+    "new",
+    "old",
+    "big",
+    "small",
+    "red",
+    "blue",
+    "green",
+    "is",
+    "was",
+    "are",
+    "were",
+    "and",
+    "or",
+    "not",
+    "with",
+    "for",
+    "to",
+    "of",
+    "in",
+    "on",
+]
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -80,7 +80,7 @@ def test_kill_during_a_stage_leaves_no_partial_bundle(
         assert "Traceback" not in seen
     assert _visible(out) == []  # neither the folder nor the tar.gz
     rerun = _start(tiny_st, texts_file, out, cache)
-    stdout, stderr = rerun.communicate(timeout=300)
+    _, stderr = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, stderr
     assert _visible(out) == [f"{tiny_st.name}-arm64", f"{tiny_st.name}-arm64.tar.gz"]
     assert not list(out.glob(".edgepack-tmp-*"))  # stale temp folders were swept
