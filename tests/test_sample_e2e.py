@@ -81,7 +81,16 @@ def test_harness_runs_from_the_unpacked_tarball(
     bundle = tmp_path / "all-MiniLM-L6-v2-arm64"
     assert subprocess.run(["sha256sum", "-c", "--quiet", "SHA256SUMS"], cwd=bundle).returncode == 0
     done = subprocess.run(
-        ["sh", "run.sh", "--warmup", "2", "--runs", "10", "--json", str(tmp_path / "r.json")],
+        [
+            "sh",
+            str(bundle / "run.sh"),
+            "--warmup",
+            "2",
+            "--runs",
+            "10",
+            "--json",
+            str(tmp_path / "r.json"),
+        ],
         cwd=tmp_path,
         env={"PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin"},
         capture_output=True,

@@ -1,0 +1,4 @@
+"""edgepack's benchmark suite: edgepack's bundles against the usual optimum + onnxruntime recipes.
+
+usage: python -m benchmarks.compare [--quick] [--out benchmarks/results.md]
+"""
