@@ -154,12 +154,17 @@ def build(config: BuildConfig, progress: Progress) -> list[BuildResult]:
     names = [i["name"] for i in fp32.inputs]
     results = []
     quantized: dict[str, OnnxModel] = {}
+    # A matrix shares models between targets: measure each (model, seq_len) once.
+    references: dict[int, tuple[list[dict[str, Any]], list[Any]]] = {}
+    measured: dict[tuple[str, int], tuple[dict[str, Any], dict[str, Any] | None]] = {}
     for profile in profiles:
         seq_len = _seq_len(profile, model)
-        heldout_feeds = list(batches(tokenizer, heldout, names, seq_len, batch_size=16)())
-        from edgepack.evaluate import run_onnx
+        if seq_len not in references:
+            from edgepack.evaluate import run_onnx
 
-        reference_out = run_onnx(fp32.path, heldout_feeds, threads=1)
+            feeds = list(batches(tokenizer, heldout, names, seq_len, batch_size=16)())
+            references[seq_len] = (feeds, run_onnx(fp32.path, feeds, threads=1))
+        heldout_feeds, reference_out = references[seq_len]
         precision = _precision(config, profile)
         candidate = fp32
         if precision == "int8":
@@ -169,8 +174,14 @@ def build(config: BuildConfig, progress: Progress) -> list[BuildResult]:
                     fp32, _quant_settings(profile), calib, dev, tokenizer, seq_len, config, progress
                 )
             candidate = quantized[key]
-        with progress.stage("fidelity", f"{len(heldout.texts)} held-out texts"):
-            fid = _fidelity(fp32, candidate, heldout_feeds, reference_out)
+        if (candidate.sha256, seq_len) not in measured:
+            with progress.stage("fidelity", f"{len(heldout.texts)} held-out texts"):
+                fid = _fidelity(fp32, candidate, heldout_feeds, reference_out)
+            evaluation = _task_metric(
+                model.path, config, fp32, candidate, tokenizer, seq_len, progress
+            )
+            measured[(candidate.sha256, seq_len)] = (fid, evaluation)
+        fid, evaluation = measured[(candidate.sha256, seq_len)]
         progress.note(
             f"{precision} vs fp32: mean cosine {fid['mean_cosine']:.4f}, min {fid['min_cosine']:.4f}"
             + (f", top-1 agreement {fid['top1_agreement']:.3f}" if "top1_agreement" in fid else "")
@@ -180,7 +191,6 @@ def build(config: BuildConfig, progress: Progress) -> list[BuildResult]:
                 f"{precision} model's mean cosine to fp32 is {fid['mean_cosine']:.4f}, below the "
                 f"gate {config.min_cosine}; lower --min-cosine or use --precision fp32."
             )
-        evaluation = _task_metric(model.path, config, fp32, candidate, tokenizer, seq_len, progress)
         with progress.stage("package", profile.name):
             result = package_target(
                 name=f"{name}-{profile.name}",
