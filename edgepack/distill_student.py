@@ -115,7 +115,10 @@ def load_student_folder(folder: Path, task: str) -> Any:
     except ImportError:
         prune = None
     if prune is not None and prune.is_pruned(folder):
-        return prune.load_pruned(folder)
+        model = prune.load_pruned(folder)
+        # A pruned sentence-transformers folder loads as a SentenceTransformer; training works on
+        # the transformer inside it (pooling and normalisation are applied by the objective).
+        return model[0].auto_model if hasattr(model, "_first_module") else model
     cls = getattr(transformers, AUTO_CLASSES[task])
     return cls.from_pretrained(str(folder), dtype="float32")
 

@@ -259,6 +259,20 @@ def test_student_folder_is_used_as_given(tmp_path: Path) -> None:
     assert record["student"]["hidden_map"] == [[0, 0], [1, 2], [2, 4]]
 
 
+def test_pruned_sentence_model_recovers_as_a_student(tmp_path: Path) -> None:
+    from edgepack.prune import PruneSettings, is_pruned, load_pruned, prune_model
+
+    teacher = load_model(str(make_teacher(tmp_path / "t", layers=2)))
+    data = TextSet(make_texts(120), "synthetic")
+    pruned = prune_model(teacher, data, PruneSettings(budget=0.3, multiple=32), tmp_path / "p")
+    student = distill(teacher, data, small(max_steps=3), tmp_path / "s", student_dir=pruned.path)
+    assert is_pruned(student.path)  # its uneven shapes still load through the pruning record
+    net = load_pruned(student.path)
+    before = load_pruned(pruned.path)
+    changed = [k for k, v in net.state_dict().items() if not torch.equal(v, before.state_dict()[k])]
+    assert changed, "training did not touch the pruned student"
+
+
 # -- resume -------------------------------------------------------------------------------------
 
 
