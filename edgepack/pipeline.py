@@ -8,7 +8,7 @@ Export and calibration happen once however many targets are built.
 from __future__ import annotations
 
 import platform
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -268,26 +268,16 @@ def _task_metric(
 def _model_stages(
     model: HFModel, config: BuildConfig, calib: TextSet, progress: Progress
 ) -> HFModel:
-    """Optional model-changing stages before export: distillation, then pruning."""
-    if config.distill_layers:
-        from edgepack.distill import DistillSettings, distill
+    """Optional model-changing stages before export.
 
-        if not config.distill_data:
-            raise UserError("--distill-layers needs --distill-data (a text file to train on).")
-        data = read_texts(config.distill_data, config.text_field)
-        settings = DistillSettings(
-            layers=config.distill_layers, seed=config.seed, time_budget=config.distill_seconds
-        )
-        key = {"settings": asdict(settings), "data": data.sha256, "v": __version__}
-        teacher = model
-        with progress.stage("distill", f"{config.distill_layers} layers, {len(data.texts)} texts"):
-            model, _ = cached(
-                "distill",
-                key,
-                teacher.digest,
-                HFModel,
-                lambda out: distill(teacher, data, settings, out),
-            )
+    ``--distill-layers`` distils a shallower student first; ``--prune`` then removes structures.
+    ``--prune`` with ``--distill-data`` but no ``--distill-layers`` distils the *pruned* model
+    from the unpruned one afterwards: training recovers what pruning alone loses.
+    """
+    if config.distill_layers and not config.distill_data:
+        raise UserError("--distill-layers needs --distill-data (a text file to train on).")
+    if config.distill_layers:
+        model = _distill(model, config, None, progress)
     if config.prune:
         from edgepack.prune import PruneSettings, prune_model
 
@@ -302,4 +292,38 @@ def _model_stages(
                 HFModel,
                 lambda out: prune_model(unpruned, calib, settings, out),
             )
+        if config.distill_data and not config.distill_layers:
+            model = _distill(unpruned, config, model, progress)
+    return model
+
+
+def _distill(
+    teacher: HFModel, config: BuildConfig, student: HFModel | None, progress: Progress
+) -> HFModel:
+    """A cached distillation run: a new shallower student, or training a given one."""
+    from edgepack.distill import DistillSettings, distill
+
+    data = read_texts(config.distill_data, config.text_field)
+    settings = DistillSettings(
+        layers=config.distill_layers or 1, seed=config.seed, time_budget=config.distill_seconds
+    )
+    key = {
+        "settings": asdict(settings),
+        "data": data.sha256,
+        "v": __version__,
+        "student": student.digest if student else None,
+    }
+    what = f"{config.distill_layers} layers" if student is None else "recovering the pruned model"
+    with progress.stage("distill", f"{what}, {len(data.texts)} texts"):
+        model, _ = cached(
+            "distill",
+            key,
+            teacher.digest,
+            HFModel,
+            lambda out: distill(
+                teacher, data, settings, out, student_dir=student.path if student else None
+            ),
+        )
+    if student is not None:  # the student's own past (the pruning) comes before this training
+        model = replace(model, history=(*student.history, *model.history[-1:]))
     return model

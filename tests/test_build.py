@@ -228,3 +228,15 @@ def test_build_report_has_every_target_and_its_plots(matrix: Path) -> None:
         assert f"| {profile.name} |" in md
     assert page.count("data:image/png;base64,") >= 3  # latency, size, sensitivity
     assert "accuracy search chose" in md
+
+
+def test_pruning_recovered_by_distillation(tiny_st: Path, texts_file: Path, tmp_path: Path) -> None:
+    code, output = run(
+        *build_args(tiny_st, texts_file, tmp_path, "--target", "arm64", "--prune", "0.3",
+                    "--distill-data", str(texts_file), "--distill-seconds", "15")
+    )  # fmt: skip
+    assert code == 0, output
+    manifest = json.loads((tmp_path / f"{tiny_st.name}-arm64" / "manifest.json").read_text())
+    stages = [h["stage"] for h in manifest["source"]["history"]]
+    assert stages[:1] == ["prune"] and "distill" in stages
+    assert manifest["export"]["max_abs_diff_vs_pytorch"] < 1e-3
