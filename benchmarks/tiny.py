@@ -52,25 +52,23 @@ def make_tiny_sentence_transformer(
         max_position_embeddings=128,
     )
     transformers.AutoModel.from_config(config).save_pretrained(folder, safe_serialization=True)
+    write_sentence_transformer_layout(folder, hidden, 128)
+    return folder
+
+
+def write_sentence_transformer_layout(folder: Path, hidden: int, max_seq_length: int) -> None:
+    """The files that make a Hugging Face folder a sentence-transformers model (mean pooling +
+    normalisation); shared with the tests' tiny models."""
     modules = [
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {
-            "idx": 1,
-            "name": "1",
-            "path": "1_Pooling",
-            "type": "sentence_transformers.models.Pooling",
-        },
-        {
-            "idx": 2,
-            "name": "2",
-            "path": "2_Normalize",
-            "type": "sentence_transformers.models.Normalize",
-        },
-    ]
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ]  # fmt: skip
     (folder / "modules.json").write_text(json.dumps(modules))
     (folder / "1_Pooling").mkdir(exist_ok=True)
     (folder / "1_Pooling" / "config.json").write_text(
         json.dumps({"word_embedding_dimension": hidden, "pooling_mode_mean_tokens": True})
     )
-    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 128}))
-    return folder
+    (folder / "sentence_bert_config.json").write_text(
+        json.dumps({"max_seq_length": max_seq_length})
+    )

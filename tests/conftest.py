@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -141,28 +140,10 @@ def make_tiny_model(folder: Path, kind: str = "bert", head: str = "", seed: int 
 
 def make_tiny_sentence_transformer(folder: Path) -> Path:
     """A tiny model laid out as sentence-transformers saves one (mean pooling + normalisation)."""
+    from benchmarks.tiny import write_sentence_transformer_layout
+
     make_tiny_model(folder)
-    modules = [
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {
-            "idx": 1,
-            "name": "1",
-            "path": "1_Pooling",
-            "type": "sentence_transformers.models.Pooling",
-        },
-        {
-            "idx": 2,
-            "name": "2",
-            "path": "2_Normalize",
-            "type": "sentence_transformers.models.Normalize",
-        },
-    ]
-    (folder / "modules.json").write_text(json.dumps(modules))
-    (folder / "1_Pooling").mkdir()
-    (folder / "1_Pooling" / "config.json").write_text(
-        json.dumps({"word_embedding_dimension": 32, "pooling_mode_mean_tokens": True})
-    )
-    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 64}))
+    write_sentence_transformer_layout(folder, hidden=32, max_seq_length=64)
     return folder
 
 
