@@ -47,7 +47,14 @@ def _parse_keep(value: str | None) -> tuple[int, ...] | None:
 @click.option("--label-field", default="label", show_default=True)
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path))
 @click.option(
-    "--layers", default=3, show_default=True, type=int, help="Student depth (evenly spaced)."
+    "--layers", default=3, show_default=True, type=int, help="Student depth (number of layers)."
+)
+@click.option(
+    "--layer-choice",
+    type=click.Choice(["measured", "even"]),
+    default="measured",
+    show_default=True,
+    help="measured: the teacher layers whose copy scores the lowest loss; even: every other one.",
 )
 @click.option("--keep", help="Teacher layers to keep, e.g. 0,2,5 (overrides --layers).")
 @click.option(
@@ -71,7 +78,7 @@ def _parse_keep(value: str | None) -> tuple[int, ...] | None:
 @click.option("--max-steps", type=int, help="Stop after this many steps (also sets the schedule).")
 @click.option("--time-budget", type=float, help="Seconds; stop cleanly at the budget and save.")
 @click.option("--batch-size", default=32, show_default=True, type=int, help="Global batch.")
-@click.option("--lr", default=1e-4, show_default=True, type=float)
+@click.option("--lr", default=5e-4, show_default=True, type=float)
 @click.option("--max-length", default=128, show_default=True, type=int)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--checkpoint-every", default=200, show_default=True, type=int, help="Steps.")

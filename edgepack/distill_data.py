@@ -1,10 +1,10 @@
 """Training texts for distillation: plain text (soft targets only) or labelled rows (adds the hard
 loss for classifiers), a seeded held-out split, and the fixed, shardable batch order.
 
-Batch order comes from ``DistributedSampler`` with ``drop_last``: process r of W takes every W-th
-index of one seeded permutation, so the W local batches of step s together hold exactly the
-examples a single process with the same global batch sees at step s. That is why a run under
-``torchrun`` and a single-process run agree.
+Batch order is a seeded permutation cut into global batches, rows grouped by length; process r
+of W takes every W-th row of each global batch, so the W local batches of step s together hold
+exactly the examples a single process with the same global batch sees at step s. That is why a
+run under ``torchrun`` and a single-process run agree.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from edgepack.distill_losses import IGNORE_LABEL
 from edgepack.errors import UserError
 
 Label = int | str | None
+LENGTH_WINDOW = 50  # batches per length-sorting window: long enough to group, short enough to mix
 
 
 @dataclass(frozen=True)
@@ -130,22 +131,52 @@ def split_heldout(n: int, fraction: float, seed: int) -> tuple[list[int], list[i
 
 
 def epoch_batches(
-    n: int, batch_size: int, world: int, rank: int, seed: int, epoch: int
+    n: int,
+    batch_size: int,
+    world: int,
+    rank: int,
+    seed: int,
+    epoch: int,
+    lengths: Sequence[int] | None = None,
 ) -> list[list[int]]:
-    """This process's batches (positions into the training rows) for one epoch."""
-    from torch.utils.data import DistributedSampler
+    """This process's batches (positions into the training rows) for one epoch.
 
-    sampler = DistributedSampler(
-        range(n), num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True
-    )
-    sampler.set_epoch(epoch)
-    order = list(sampler)
-    local = batch_size // world
-    return [order[i : i + local] for i in range(0, len(order) - local + 1, local)]
+    One seeded permutation per epoch is cut into global batches (the last partial one dropped);
+    process r takes every W-th row of each, so the W local batches of a step together are the
+    global batch a single process sees. With ``lengths`` (tokens per row), rows are first sorted
+    by length inside windows of ``LENGTH_WINDOW`` batches and the batches then shuffled: batches
+    are padded to their longest row, and on short texts random batches are mostly padding
+    (2.2x the real tokens on the sample corpus), so grouping roughly halves the step time.
+    """
+    import torch
+
+    g = torch.Generator()
+    g.manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n, generator=g).tolist()
+    order = order[: n // batch_size * batch_size]
+    if lengths is not None:
+        window = LENGTH_WINDOW * batch_size
+        order = [
+            i
+            for start in range(0, len(order), window)
+            for i in sorted(order[start : start + window], key=lambda i: (lengths[i], i))
+        ]
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if lengths is not None:
+        shuffled = torch.randperm(len(batches), generator=g).tolist()
+        batches = [batches[i] for i in shuffled]
+    return [b[rank::world] for b in batches]
 
 
-def steps_per_epoch(n: int, batch_size: int, world: int) -> int:
-    return (n // world) // (batch_size // world)
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """Global batches per epoch (the global batch is split across processes, not repeated)."""
+    return n // batch_size
+
+
+def token_lengths(tokenizer: Any, texts: list[str], max_length: int) -> list[int]:
+    """Tokens per text after truncation: what the length grouping of ``epoch_batches`` sorts on."""
+    ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    return [len(row) for row in ids]
 
 
 def tokenize(tokenizer: Any, texts: list[str], max_length: int) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgepack.distill_data import epoch_batches, tokenize
+from edgepack.distill_data import epoch_batches, token_lengths, tokenize
 from edgepack.errors import UserError
 
 CHECKPOINT = "checkpoint.pt"
@@ -134,6 +134,7 @@ class Loop:
         student.train()
         self.train_texts: list[str] = kw["train_texts"]
         self.train_labels: list[int] | None = kw["train_labels"]
+        self.lengths = token_lengths(self.tokenizer, self.train_texts, self.s.max_length)
         self.held_texts: list[str] = kw["heldout_texts"]
         self.held_labels: list[int] | None = kw["heldout_labels"]
         self.per_epoch: int = kw["steps_per_epoch"]
@@ -282,7 +283,7 @@ class Loop:
                 if epoch_order is None or epoch_order[0] != epoch:
                     batches = epoch_batches(
                         len(self.train_texts), self.s.batch_size, self.rt.world, self.rt.rank,
-                        self.s.seed, epoch,
+                        self.s.seed, epoch, self.lengths,
                     )  # fmt: skip
                     epoch_order = (epoch, batches)
                 t0 = time.monotonic()

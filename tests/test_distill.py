@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -21,10 +22,12 @@ from edgepack.calibration import TextSet  # noqa: E402
 from edgepack.distill import DistillSettings, distill  # noqa: E402
 from edgepack.distill_data import (  # noqa: E402
     LabelledSet,
+    epoch_batches,
     label_ids,
     read_data,
     tokenize,
 )
+from edgepack.distill_layers import choose_layers  # noqa: E402
 from edgepack.distill_losses import kd_loss  # noqa: E402
 from edgepack.distill_objective import make_objective  # noqa: E402
 from edgepack.distill_student import build_student, keep_layers, layer_map, load_teacher  # noqa: E402
@@ -163,6 +166,58 @@ def test_keep_layers_is_evenly_spaced_and_keeps_the_last(n, k, expected) -> None
     assert keep_layers(n, k) == expected
 
 
+def test_layer_choice_searches_all_subsets_when_few() -> None:
+    # A score with a known best subset, (0, 4, 5); the search must find it among all 20.
+    best, losses = choose_layers(
+        6, 3, lambda keep: sum(abs(a - b) for a, b in zip(keep, (0, 4, 5), strict=True))
+    )
+    assert best == (0, 4, 5) and len(losses) == 20 and losses["0,4,5"] == 0.0
+
+
+def test_layer_choice_is_greedy_when_subsets_are_many() -> None:
+    # 12 choose 4 = 495 subsets: greedy removal, n + (n-1) + ... + (k+1) = 68 scorings.
+    calls = []
+
+    def score(keep: tuple[int, ...]) -> float:
+        calls.append(keep)
+        return -sum(2.0**i for i in keep)  # the later the layers, the lower the loss
+
+    best, losses = choose_layers(12, 4, score)
+    assert best == (8, 9, 10, 11) and len(calls) == len(losses) == 12 + 11 + 10 + 9 + 8 + 7 + 6 + 5
+
+
+def test_layer_choice_ties_go_to_the_first_subset() -> None:
+    assert choose_layers(4, 2, lambda keep: 1.0)[0] == (0, 1)
+
+
+def test_even_layer_choice_keeps_the_evenly_spaced_layers(tmp_path: Path) -> None:
+    teacher = load_model(str(make_teacher(tmp_path / "t")))
+    settings = small(max_steps=2, layer_choice="even")
+    distill(teacher, TextSet(make_texts(60), "synthetic"), settings, tmp_path / "s")
+    record = json.loads((tmp_path / "s" / "distillation.json").read_text())["student"]
+    assert record["keep"] == [1, 3] and record["choice"] == "even" and "choice_losses" not in record
+
+
+def test_length_grouped_batches_cover_each_row_once_and_split_across_processes() -> None:
+    lengths = [random.Random(i).randint(3, 60) for i in range(1000)]
+    single = epoch_batches(1000, 32, 1, 0, seed=5, epoch=2, lengths=lengths)
+    rows = [i for b in single for i in b]
+    assert len(rows) == len(set(rows)) == 1000 // 32 * 32
+
+    # Grouping cuts padding (tokens in batch-max-padded batches) well below random batching.
+    def padded(batches: list[list[int]]) -> int:
+        return sum(max(lengths[i] for i in b) * len(b) for b in batches)
+
+    plain = epoch_batches(1000, 32, 1, 0, seed=5, epoch=2)
+    assert padded(single) < 0.7 * padded(plain)
+    # Two processes: step s's local batches are together the single process's batch s.
+    ranks = [epoch_batches(1000, 32, 2, r, seed=5, epoch=2, lengths=lengths) for r in (0, 1)]
+    for s, batch in enumerate(single):
+        assert sorted(ranks[0][s] + ranks[1][s]) == sorted(batch)
+    # Another epoch, another order.
+    assert epoch_batches(1000, 32, 1, 0, seed=5, epoch=3, lengths=lengths) != single
+
+
 def test_student_copies_the_chosen_teacher_layers(tmp_path: Path) -> None:
     teacher = transformers.BertModel.from_pretrained(make_teacher(tmp_path / "t", layers=4))
     student = build_student(teacher, (0, 3))
@@ -198,7 +253,9 @@ def test_distill_sentence_model_learns_and_writes_a_loadable_folder(tmp_path: Pa
     again = load_model(str(out))
     assert (again.library, again.task) == ("sentence_transformers", "feature-extraction")
     record = json.loads((out / "distillation.json").read_text())
-    assert record["student"]["keep"] == [1, 3]
+    losses = record["student"]["choice_losses"]  # every 2-of-4 subset, scored before training
+    assert len(losses) == 6 and record["student"]["choice"] == "measured"
+    assert ",".join(map(str, record["student"]["keep"])) == min(losses, key=losses.get)
     assert record["teacher"]["weights_sha256"] == teacher.weights_sha256
     assert record["data"] == {"source": "synthetic", "count": 400, "sha256": data.sha256}
     assert record["steps"] == 2 * ((400 - 40) // 8)
