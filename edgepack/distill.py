@@ -129,6 +129,10 @@ def _make_student(
         student = load_student_folder(Path(student_dir), teacher.task)
         k = count_layers(student.config)
         keep = keep_layers(n, k) if k != n else tuple(range(n))
+        made = Path(student_dir) / "distillation.json"  # an earlier student knows its layers
+        if k != n and made.is_file():
+            kept = json.loads(made.read_text(encoding="utf-8")).get("student", {}).get("keep")
+            keep = tuple(kept) if kept and len(kept) == k else keep
         record = {"init": "folder", "folder": str(student_dir), "layers": k, "mapped_to": keep}
     else:
         record = {"init": "teacher layers", "choice": "explicit" if s.keep else s.layer_choice}

@@ -5,9 +5,11 @@ DistilBERT's recipe: same width as the teacher, a subset of its layers, everythi
 lets a few minutes of CPU training reach high fidelity; a randomly initialised student would need
 hours.
 
-Layer rule (``keep_layers``): with ``n`` teacher layers and ``k`` student layers, student layer
-``i`` (0-based) is teacher layer ``ceil((i + 1) · n / k) − 1``: evenly spaced and always ending at
-the last layer, whose output is what the teacher's head (or pooling) was trained on.
+Even layer rule (``keep_layers``: ``--layer-choice even``, and the layer map of a folder
+student; the default choice is measured instead, see ``distill_layers``): with ``n`` teacher
+layers and ``k`` student layers, student layer ``i`` (0-based) is teacher layer
+``ceil((i + 1) · n / k) − 1``: evenly spaced and always ending at the last layer, whose output is
+what the teacher's head (or pooling) was trained on.
 6 -> 3 keeps 1, 3, 5; 6 -> 2 keeps 2, 5; 12 -> 4 keeps 2, 5, 8, 11; k = n keeps all.
 """
 

@@ -316,6 +316,16 @@ def test_student_folder_is_used_as_given(tmp_path: Path) -> None:
     assert record["student"]["hidden_map"] == [[0, 0], [1, 2], [2, 4]]
 
 
+def test_a_distilled_student_keeps_its_layer_map_when_trained_again(tmp_path: Path) -> None:
+    teacher = load_model(str(make_teacher(tmp_path / "t", layers=4)))
+    data = TextSet(make_texts(120), "synthetic")
+    distill(teacher, data, small(max_steps=2, keep=(0, 1)), tmp_path / "first")
+    distill(teacher, data, small(max_steps=2), tmp_path / "again", student_dir=tmp_path / "first")
+    record = json.loads((tmp_path / "again" / "distillation.json").read_text())["student"]
+    assert record["mapped_to"] == [0, 1]  # not the even rule's (1, 3)
+    assert record["hidden_map"] == [[0, 0], [1, 1], [2, 2]]
+
+
 def test_pruned_sentence_model_recovers_as_a_student(tmp_path: Path) -> None:
     from edgepack.prune import PruneSettings, is_pruned, load_pruned, prune_model
 
