@@ -18,6 +18,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from benchmarks.tiny import write_sentence_transformer_layout  # noqa: E402
 from edgepack.calibration import TextSet  # noqa: E402
 from edgepack.distill import DistillSettings, distill  # noqa: E402
 from edgepack.distill_data import (  # noqa: E402
@@ -90,16 +91,7 @@ def make_teacher(
         model = transformers.BertModel(config)
     model.save_pretrained(folder)
     if sentence and not labels:
-        modules = [
-            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-            {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
-        ]  # fmt: skip
-        (folder / "modules.json").write_text(json.dumps(modules))
-        (folder / "1_Pooling").mkdir(exist_ok=True)
-        pooling = {"word_embedding_dimension": 32, "pooling_mode_mean_tokens": True}
-        (folder / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
-        (folder / "sentence_bert_config.json").write_text('{"max_seq_length": 64}')
+        write_sentence_transformer_layout(folder, 32, 64)
     return folder
 
 
