@@ -18,6 +18,7 @@ from pathlib import Path
 
 import click
 
+from edgepack.distill_layers import LAYER_CHOICES
 from edgepack.errors import UserError
 
 
@@ -51,7 +52,7 @@ def _parse_keep(value: str | None) -> tuple[int, ...] | None:
 )
 @click.option(
     "--layer-choice",
-    type=click.Choice(["measured", "even"]),
+    type=click.Choice(LAYER_CHOICES),
     default="measured",
     show_default=True,
     help="measured: the teacher layers whose copy scores the lowest loss; even: every other one.",
