@@ -114,25 +114,27 @@ def test_early_stopping_matches_loadgen_loop(n):
     assert (got_value is None) == (n < 64)
 
 
-def test_compare_against_itself_passes_and_against_2x_faster_baseline_fails(
+def test_compare_against_itself_passes_and_against_20x_faster_baseline_fails(
     bundle, report, tmp_path
 ):
-    """End to end through the CLI. Wall-clock latency on a shared 2-core machine swings by 2x
-    between processes, so each outcome gets three tries; the exact arithmetic is tested below."""
+    """End to end through the CLI. The tiny model takes ~0.02 ms, and wall-clock latency that
+    small on a shared 2-core machine swings by 2x or more between processes, so the margins are
+    wide (a 5x slowdown allowed; a 20x faster baseline), each outcome gets three tries, and the
+    exact arithmetic is tested below."""
     same = tmp_path / "same.json"
     same.write_text(json.dumps(report))
     args = ("--runs", "150", "--quiet", "--skip-check", "--compare")
     for _ in range(3):
-        ok = run_bench(bundle, *args, str(same), "--threshold", "0.5")
+        ok = run_bench(bundle, *args, str(same), "--threshold", "4.0")
         if ok.returncode == 0:
             break
     assert ok.returncode == 0, ok.stderr
     assert "ratio" in ok.stdout and "p50" in ok.stdout
-    half = dict(report["latency_ms"], p50=report["latency_ms"]["p50"] / 2)
+    faster = dict(report["latency_ms"], p50=report["latency_ms"]["p50"] / 20)
     fast = tmp_path / "fast.json"
-    fast.write_text(json.dumps(dict(report, latency_ms=half)))
+    fast.write_text(json.dumps(dict(report, latency_ms=faster)))
     for _ in range(3):
-        bad = run_bench(bundle, *args, str(fast), "--threshold", "0.3")
+        bad = run_bench(bundle, *args, str(fast), "--threshold", "0.5")
         if bad.returncode == 1:
             break
     assert bad.returncode == 1, bad.stdout
