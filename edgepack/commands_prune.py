@@ -27,7 +27,18 @@ def _sample_calibration() -> Path:
 @click.option("--prune-heads", type=float, help="Fraction of attention heads to remove.")
 @click.option("--prune-ffn", type=float, help="Fraction of FFN neurons to remove.")
 @click.option("--prune-layers", type=int, default=0, help="Whole layers to drop.")
-@click.option("--importance", default="activation", show_default=True, help="activation or taylor.")
+@click.option(
+    "--importance",
+    default="reconstruction",
+    show_default=True,
+    help="reconstruction, activation or taylor.",
+)
+@click.option(
+    "--allocation",
+    default="measured",
+    show_default=True,
+    help="measured (per-layer loss curves + knapsack) or global (one ranking) for --prune.",
+)
 @click.option(
     "--recover/--no-recover",
     default=True,
@@ -48,6 +59,7 @@ def prune(
     prune_ffn: float | None,
     prune_layers: int,
     importance: str,
+    allocation: str,
     recover: bool,
     calibration: str | None,
     text_field: str,
@@ -69,6 +81,7 @@ def prune(
         ffn=prune_ffn,
         layers=prune_layers,
         importance=importance,
+        allocation=allocation,
         recover=recover,
         seed=seed,
         multiple=multiple,

@@ -147,7 +147,14 @@ def build(config: BuildConfig, progress: Progress) -> list[BuildResult]:
     if not config.truncate:
         check_lengths(calib, tokenizer, model.max_length)
         check_lengths(heldout, tokenizer, model.max_length)
-    model = _model_stages(model, config, calib, progress)
+    # Pruning fits least-squares refits, which want every text there is: the whole calibration
+    # file, held-out texts excluded (sample model, budget 0.3: 300 texts 0.94x, 464 0.95x).
+    held = set(heldout.texts)
+    fit = TextSet(
+        tuple(t for t in read_texts(config.calibration, config.text_field).texts if t not in held),
+        calib.source,
+    )
+    model = _model_stages(model, config, fit, progress)
 
     seq_len = max(_seq_len(p, model) for p in profiles)
     fp32 = _export(model, tokenizer, list(heldout.texts[:8]), seq_len, progress)
@@ -266,7 +273,7 @@ def _task_metric(
 
 
 def _model_stages(
-    model: HFModel, config: BuildConfig, calib: TextSet, progress: Progress
+    model: HFModel, config: BuildConfig, texts: TextSet, progress: Progress
 ) -> HFModel:
     """Optional model-changing stages before export.
 
@@ -282,7 +289,7 @@ def _model_stages(
         from edgepack.prune import PruneSettings, prune_model
 
         settings = PruneSettings(budget=config.prune, seed=config.seed)
-        key = {"settings": asdict(settings), "texts": calib.sha256, "v": __version__}
+        key = {"settings": asdict(settings), "texts": texts.sha256, "v": __version__}
         unpruned = model
         with progress.stage("prune", f"{config.prune:.0%} of encoder MACs"):
             model, _ = cached(
@@ -290,7 +297,7 @@ def _model_stages(
                 key,
                 unpruned.digest,
                 HFModel,
-                lambda out: prune_model(unpruned, calib, settings, out),
+                lambda out: prune_model(unpruned, texts, settings, out),
             )
         if config.distill_data and not config.distill_layers:
             model = _distill(unpruned, config, model, progress)

@@ -27,7 +27,8 @@ from edgepack.calibration import TextSet
 from edgepack.errors import UserError, choices_hint
 from edgepack.prune_surgery import Family, get_family, get_path, list_layers
 
-IMPORTANCE = ("taylor", "activation")
+IMPORTANCE = ("taylor", "activation", "reconstruction")
+ALLOCATION = ("measured", "global")
 AUTO_CLASS = {
     "feature-extraction": "AutoModel",
     "text-classification": "AutoModelForSequenceClassification",
@@ -45,13 +46,16 @@ class PruneSettings:
     heads: float | None = None  # or: fraction of all heads to remove ...
     ffn: float | None = None  # ... and fraction of all FFN neurons (not with budget)
     layers: int = 0  # whole layers to drop first (they count toward budget)
-    # "activation" (residual-stream contribution, forward only) | "taylor" (mask-gradient Fisher).
-    # Measured on the sample model at budget 0.3 with recovery, held-out mean cosine 0.935 vs 0.884.
-    importance: str = "activation"
+    # "reconstruction" (error the refit projection cannot undo; prune_obs) | "activation"
+    # (residual-stream contribution, forward only) | "taylor" (mask-gradient Fisher). Sample model,
+    # budget 0.3, measured allocation + refit, held-out mean cosine: 0.952 / 0.946 / -.
+    importance: str = "reconstruction"
     # Least-squares refit of the output projections (prune_recover). On by default: at budget 0.3
-    # with activation scores it lifts held-out mean cosine 0.858 -> 0.935 (min 0.53 -> 0.66); with
-    # taylor scores it barely helps (0.882 -> 0.884) and lowers the min (0.52 -> 0.28).
+    # with activation scores and global ranking it lifted held-out mean cosine 0.858 -> 0.935.
     recover: bool = True
+    # How a --prune budget is spread over layers: "measured" (each sub-layer's end-to-end loss
+    # curve, then a knapsack; prune_alloc) or "global" (one ranking of all scores).
+    allocation: str = "measured"
     seed: int = 0  # drives the noise targets of the taylor loss
     seq_len: int = 128  # truncation for scoring; reference length for attention-score MACs
     multiple: int = 32  # FFN widths stay multiples of this (SIMD-friendly matmuls)
@@ -62,6 +66,10 @@ def check_settings(settings: PruneSettings, n_layers: int | None = None) -> None
     if settings.importance not in IMPORTANCE:
         raise UserError(
             f"unknown importance {settings.importance!r}. {choices_hint(settings.importance, IMPORTANCE)}"
+        )
+    if settings.allocation not in ALLOCATION:
+        raise UserError(
+            f"unknown allocation {settings.allocation!r}. {choices_hint(settings.allocation, ALLOCATION)}"
         )
     if not 0.0 <= settings.budget < 1.0:
         raise UserError(f"prune budget must be in [0, 1), got {settings.budget}.")
@@ -148,6 +156,14 @@ def _summary(values: list[Any]) -> dict[str, Any]:
     }
 
 
+def _allocation_record(settings: PruneSettings, curves: Any) -> dict[str, Any]:
+    """How the budget was spread; measured curves list (units removed, output loss) per layer."""
+    if curves is None:
+        return {"method": "global" if settings.budget else "fractions"}
+    heads, ffn = ([[[c, float(f"{v:.4g}")] for c, v in k] for k in part] for part in curves)
+    return {"method": "measured", "head_curves": heads, "ffn_curves": ffn}
+
+
 def _copy_support_files(src: Path, dst: Path) -> None:
     """Tokenizer, sentence-transformers files (modules.json, pooling...) - everything but weights."""
     modules = src / "modules.json"
@@ -163,27 +179,44 @@ def _copy_support_files(src: Path, dst: Path) -> None:
             shutil.copytree(item, dst / item.name, dirs_exist_ok=True)
 
 
-def _plan(net: Any, batches: list[Any], settings: PruneSettings, target: float) -> Any:
-    from edgepack.prune_plan import Plan, plan_budget, plan_fractions
+def _plan(
+    net: Any, batches: list[Any], probe: list[Any], settings: PruneSettings, target: float
+) -> Any:
+    from edgepack.prune_obs import grams
+    from edgepack.prune_plan import Plan, order, plan_budget, plan_fractions, plan_measured
     from edgepack.prune_scores import score
     from edgepack.prune_surgery import head_size
 
-    heads, neurons = score(net, batches, settings.importance, settings.seed)
+    fractions = settings.heads is not None or settings.ffn is not None
+    measured = not fractions and target > 0 and settings.allocation == "measured"
+    gram_of = grams(net, batches) if measured or settings.importance == "reconstruction" else None
+    heads, neurons = score(net, batches, settings.importance, settings.seed, gram_of)
     head_scores = [h.tolist() for h in heads]
     neuron_scores = [n.tolist() for n in neurons]
     layer = list_layers(net.hf.base_model, net.family)[0]
     hidden = get_path(layer, net.family.attn_out).out_features
     costs = (4 * hidden * head_size(layer, net.family), 2 * hidden, settings.multiple)
-    if settings.heads is not None or settings.ffn is not None:
+    curves = None
+    if fractions:
         plan = plan_fractions(
             head_scores, neuron_scores, settings.heads or 0.0, settings.ffn or 0.0, *costs
         )
+    elif measured:
+        from edgepack.prune_alloc import measure_curves
+        from edgepack.prune_recover import RIDGE
+
+        head_orders = [order(s) for s in head_scores]
+        neuron_orders = [order(s) for s in neuron_scores]
+        curves = measure_curves(
+            net, gram_of, probe, head_orders, neuron_orders, settings.multiple, RIDGE
+        )
+        plan = plan_measured(*curves, head_orders, neuron_orders, target, *costs[:2])
     elif target > 0:
         plan = plan_budget(head_scores, neuron_scores, target, *costs)
     else:
         keep_h = [list(range(len(s))) for s in head_scores]
         plan = Plan(keep_h, [list(range(len(s))) for s in neuron_scores], 0)
-    return plan, head_scores, neuron_scores
+    return plan, head_scores, neuron_scores, curves
 
 
 def prune_model(model: HFModel, texts: TextSet, settings: PruneSettings, out_dir: Path) -> HFModel:
@@ -220,7 +253,10 @@ def prune_model(model: HFModel, texts: TextSet, settings: PruneSettings, out_dir
     target -= (
         before["linear_per_token"] - _macs(net.hf, family, settings.seq_len)["linear_per_token"]
     )
-    plan, head_scores, neuron_scores = _plan(net, batches, settings, target)
+    from edgepack.prune_alloc import PROBE_BATCH, PROBE_TEXTS
+
+    probe = make_batches(tokenizer, texts.texts[:PROBE_TEXTS], settings.seq_len, PROBE_BATCH)
+    plan, head_scores, neuron_scores, curves = _plan(net, batches, probe, settings, target)
 
     layers = list_layers(net.hf.base_model, family)
     available = []  # original head indices still present in each layer, in current order
@@ -288,6 +324,7 @@ def prune_model(model: HFModel, texts: TextSet, settings: PruneSettings, out_dir
             "heads": [[float(f"{v:.6g}") for v in s] for s in head_scores],
             "neurons": [_summary(s) for s in neuron_scores],
         },
+        "allocation": _allocation_record(settings, curves),
         "macs_before": before,
         "macs_after": after,
         "recovery": recovery,

@@ -30,7 +30,7 @@ class Plan:
     removed_macs: int  # linear MACs per token removed by this plan
 
 
-def _order(scores: list[float]) -> list[int]:
+def order(scores: list[float]) -> list[int]:
     """Indices from least to most important; ties broken by index so the plan is deterministic."""
     return sorted(range(len(scores)), key=lambda i: (scores[i], i))
 
@@ -41,11 +41,11 @@ def _ffn_steps(
     """Global greedy order of FFN steps: (layer, neurons removed, score removed, indices)."""
     queues: list[list[tuple[int, float, list[int]]]] = []
     for scores in neuron_scores:
-        width, order = len(scores), _order(scores)
+        width, ranked = len(scores), order(scores)
         widths = [width] + [w for w in range((width - 1) // multiple * multiple, 0, -multiple)]
         steps, start = [], 0
         for a, b in itertools.pairwise(widths):
-            chunk = order[start : start + a - b]
+            chunk = ranked[start : start + a - b]
             steps.append((a - b, sum(scores[i] for i in chunk), chunk))
             start += a - b
         queues.append(steps)
@@ -66,7 +66,7 @@ def _head_candidates(head_scores: list[list[float]]) -> list[tuple[float, int, i
     """Every head but each layer's most important one, least important first."""
     cands = []
     for layer, scores in enumerate(head_scores):
-        for h in _order(scores)[:-1]:
+        for h in order(scores)[:-1]:
             cands.append((scores[h], layer, h))
     return sorted(cands)
 
@@ -165,3 +165,57 @@ def plan_fractions(
             f">= {multiple}): at most {removed / total_neurons:.3f}."
         )
     return _assemble(head_scores, neuron_scores, heads[:r], taken, head_cost, neuron_cost)
+
+
+def ffn_levels(width: int, multiple: int) -> list[int]:
+    """Neuron counts a layer may lose: down to each smaller multiple of ``multiple`` (>= one)."""
+    return [0] + [width - w for w in range((width - 1) // multiple * multiple, 0, -multiple)]
+
+
+def head_levels(count: int) -> list[int]:
+    """Head counts a layer may lose: all but one."""
+    return list(range(count))
+
+
+def plan_measured(
+    head_curves: list[list[tuple[int, float]]],
+    ffn_curves: list[list[tuple[int, float]]],
+    head_orders: list[list[int]],
+    neuron_orders: list[list[int]],
+    target_macs: float,
+    head_cost: int,
+    neuron_cost: int,
+) -> Plan:
+    """Per layer how many heads and neurons to remove, minimising the summed measured losses.
+
+    ``*_curves[layer]`` lists (units removed, end-to-end loss when only that sub-layer loses
+    them); ``*_orders[layer]`` lists the units least important first. Losses of separate
+    sub-layers are taken as additive (as in ZipLM/SPDY), which turns the choice into a knapsack
+    over MACs, solved exactly by dynamic programming in units of the two costs' gcd.
+    """
+    unit = math.gcd(head_cost, neuron_cost)
+    need = max(0, math.ceil(target_macs / unit - 1e-9))
+    groups = [(c, head_cost // unit) for c in head_curves]
+    groups += [(c, neuron_cost // unit) for c in ffn_curves]
+    best: dict[int, tuple[float, tuple[int, ...]]] = {0: (0.0, ())}
+    for curve, per in groups:
+        nxt: dict[int, tuple[float, tuple[int, ...]]] = {}
+        for have, (loss, picks) in best.items():
+            for count, value in curve:
+                key = min(need, have + count * per)
+                cand = (loss + max(value, 0.0), (*picks, count))
+                if key not in nxt or cand < nxt[key]:
+                    nxt[key] = cand
+        best = nxt
+    if need not in best:
+        most = sum(max(c for c, _ in curve) * per for curve, per in groups) * unit
+        raise UserError(
+            f"prune budget asks to remove {target_macs:.0f} MACs/token but at most {most} can go "
+            "(>= 1 head and >= one FFN step per layer stay); use a smaller --prune."
+        )
+    picks = best[need][1]
+    n = len(head_curves)
+    keep_heads = [sorted(order[k:]) for order, k in zip(head_orders, picks[:n], strict=True)]
+    keep_neurons = [sorted(order[k:]) for order, k in zip(neuron_orders, picks[n:], strict=True)]
+    removed = sum(picks[:n]) * head_cost + sum(picks[n:]) * neuron_cost
+    return Plan(keep_heads, keep_neurons, removed)

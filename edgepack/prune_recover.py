@@ -19,9 +19,11 @@ from typing import Any
 from edgepack.prune_scores import Net
 from edgepack.prune_surgery import get_path, list_layers
 
-# Ridge on the normal equations, relative to their mean diagonal: keeps the solve well posed when
-# few tokens or correlated neurons make X^T X near singular, and limits fitting to calibration.
-RIDGE = 1e-2
+# Ridge on the normal equations, relative to their mean diagonal, pulling toward the pruned
+# weights rather than zero: calibration sets are small next to a 1536-wide FFN, and an unpulled
+# fit memorises them (sample model, budget 0.3: calibration cosine 0.994, held-out 0.943).
+# Measured on held-out mean cosine: 1e-2 0.946, 1e-1 0.953, 1 0.952.
+RIDGE = 1e-1
 _PATHS = {"attn": ("attn_out", "query", "attn_norm"), "ffn": ("ffn_out", "ffn_in", "ffn_norm")}
 
 
@@ -112,7 +114,10 @@ def _solve_one(
         for handle in handles:
             handle.remove()
     lam = ridge * float(torch.diagonal(gram).mean())
-    theta = torch.linalg.solve(gram + lam * torch.eye(width, dtype=torch.float64), cross)
+    prior = torch.cat([linear.weight.T, linear.bias[None, :]], 0).double().detach()
+    theta = torch.linalg.solve(
+        gram + lam * torch.eye(width, dtype=torch.float64), cross + lam * prior
+    )
     with torch.no_grad():
         linear.weight.copy_(theta[:-1].T.to(linear.weight.dtype))
         linear.bias.copy_(theta[-1].to(linear.bias.dtype))

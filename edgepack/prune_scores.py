@@ -195,12 +195,23 @@ def _activation(net: Net, batches: list[dict[str, Any]]) -> tuple[list[Any], lis
 
 
 def score(
-    net: Net, batches: list[dict[str, Any]], method: str, seed: int
+    net: Net,
+    batches: list[dict[str, Any]],
+    method: str,
+    seed: int,
+    gram_of: dict[tuple[int, str], Any] | None = None,
 ) -> tuple[list[Any], list[Any]]:
-    """Per layer: a float64 tensor of head scores and one of neuron scores (higher = keep)."""
+    """Per layer: a float64 tensor of head scores and one of neuron scores (higher = keep).
+
+    ``gram_of``: ``prune_obs.grams`` of this model on ``batches``, if already computed.
+    """
     net.hf.eval()  # no dropout: scores must be repeatable for one seed
     if method == "taylor":
         return _taylor(net, batches, seed)
+    if method == "reconstruction":
+        from edgepack.prune_obs import grams, reconstruction_scores
+
+        return reconstruction_scores(net, gram_of or grams(net, batches))
     return _activation(net, batches)
 
 

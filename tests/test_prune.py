@@ -118,7 +118,7 @@ def _net(folder: Path) -> tuple[Net, list]:
     return net, make_batches(tokenizer, _texts().texts, seq_len=32)
 
 
-@pytest.mark.parametrize("method", ["taylor", "activation"])
+@pytest.mark.parametrize("method", ["taylor", "activation", "reconstruction"])
 def test_scores_nonzero_and_repeatable(bert_dir: Path, method: str) -> None:
     net, batches = _net(bert_dir)
     heads_a, neurons_a = score(net, batches, method, seed=3)
@@ -139,12 +139,19 @@ def test_plan_removes_least_important_first() -> None:
     assert plan.removed_macs == 20
 
 
-@pytest.mark.parametrize("budget", [0.2, 0.45])
-def test_budget_respected_widths_and_heads(bert_dir: Path, tmp_path: Path, budget: float) -> None:
-    result = prune_model(
-        load_model(str(bert_dir)), _texts(), PruneSettings(budget=budget), tmp_path / "out"
-    )
+@pytest.mark.parametrize(
+    ("budget", "allocation"), [(0.2, "measured"), (0.45, "measured"), (0.3, "global")]
+)
+def test_budget_respected_widths_and_heads(
+    bert_dir: Path, tmp_path: Path, budget: float, allocation: str
+) -> None:
+    settings = PruneSettings(budget=budget, allocation=allocation)
+    result = prune_model(load_model(str(bert_dir)), _texts(), settings, tmp_path / "out")
     record = json.loads((tmp_path / "out" / "pruning.json").read_text())
+    assert record["allocation"]["method"] == allocation
+    if allocation == "measured":  # one curve per layer, starting at "nothing removed, no loss"
+        assert [len(c) for c in record["allocation"]["head_curves"]] == [4, 4, 4]
+        assert all(c[0] == [0, 0.0] for c in record["allocation"]["ffn_curves"])
     summary = result.history[-1]
     assert summary["stage"] == "prune"
     assert summary["encoder_param_reduction"] >= budget - 0.03
@@ -159,7 +166,7 @@ def test_onnx_matches_pytorch_with_uneven_heads(st_dir: Path, tmp_path: Path) ->
     import onnx
     import onnxruntime as ort
 
-    settings = PruneSettings(heads=0.5, ffn=0.5)
+    settings = PruneSettings(heads=0.5, ffn=0.5, importance="activation")  # uneven here
     result = prune_model(load_model(str(st_dir)), _texts(), settings, tmp_path / "pruned")
     record = json.loads((tmp_path / "pruned" / "pruning.json").read_text())
     assert len({layer["heads"] for layer in record["layers"]}) > 1, record["layers"]
@@ -184,8 +191,10 @@ def test_bad_settings_are_user_errors(bert_dir: Path, tmp_path: Path) -> None:
     source = load_model(str(bert_dir))
     with pytest.raises(UserError, match=r"budget must be in \[0, 1\)"):
         prune_model(source, _texts(), PruneSettings(budget=1.5), tmp_path / "a")
-    with pytest.raises(UserError, match="Valid choices are: activation, taylor"):
+    with pytest.raises(UserError, match="Valid choices are: activation, reconstruction, taylor"):
         prune_model(source, _texts(), PruneSettings(importance="magic"), tmp_path / "b")
+    with pytest.raises(UserError, match="Valid choices are: global, measured"):
+        prune_model(source, _texts(), PruneSettings(allocation="magic"), tmp_path / "b")
     with pytest.raises(UserError, match="at most"):
         prune_model(source, _texts(), PruneSettings(budget=0.97), tmp_path / "c")
     with pytest.raises(UserError, match=r"--prune-layers must be in 0\.\.2"):
