@@ -148,7 +148,8 @@ def build(config: BuildConfig, progress: Progress) -> list[BuildResult]:
         check_lengths(calib, tokenizer, model.max_length)
         check_lengths(heldout, tokenizer, model.max_length)
     # Pruning fits least-squares refits, which want every text there is: the whole calibration
-    # file, held-out texts excluded (sample model, budget 0.3: 300 texts 0.94x, 464 0.95x).
+    # file, held-out texts excluded (sample model, budget 0.3, held-out cosine: 300 texts 0.946,
+    # all 464 0.953).
     held = set(heldout.texts)
     fit = TextSet(
         tuple(t for t in read_texts(config.calibration, config.text_field).texts if t not in held),

@@ -86,8 +86,7 @@ def measure_curves(
             saved = linear.weight.detach().clone(), linear.bias.detach().clone()
             # Every level of a short (head) curve; every STRIDE-th FFN level, the rest
             # interpolated: the curves are smooth and each point costs a probe forward.
-            measured = levels if len(levels) <= 2 * STRIDE else [*levels[::STRIDE], levels[-1]]
-            measured = sorted(set(measured))
+            measured = levels if sub == "attn" else sorted({*levels[::STRIDE], levels[-1]})
             curve = []
             try:
                 for count in measured:

@@ -24,7 +24,8 @@ from edgepack.prune_surgery import get_path, list_layers
 # fit memorises them (sample model, budget 0.3: calibration cosine 0.994, held-out 0.943).
 # Measured on held-out mean cosine: 1e-2 0.946, 1e-1 0.953, 1 0.952.
 RIDGE = 1e-1
-_PATHS = {"attn": ("attn_out", "query", "attn_norm"), "ffn": ("ffn_out", "ffn_in", "ffn_norm")}
+# Per sub-layer: its output projection, a module whose input is the residual, the LayerNorm after.
+SUBLAYERS = {"attn": ("attn_out", "query", "attn_norm"), "ffn": ("ffn_out", "ffn_in", "ffn_norm")}
 
 
 class _Stop(Exception):
@@ -49,7 +50,7 @@ def _capture_teacher(
 
     handles = []
     for i, layer in enumerate(list_layers(teacher.hf.base_model, fam)):
-        for sub, (_, _, norm) in _PATHS.items():
+        for sub, (_, _, norm) in SUBLAYERS.items():
             module = get_path(layer, getattr(fam, norm))
             handles.append(module.register_forward_pre_hook(hook((i, sub))))
     try:
@@ -76,7 +77,7 @@ def _solve_one(
 
     fam = student.family
     layer = list_layers(student.hf.base_model, fam)[layer_index]
-    out_path, residual_path, norm_path = (getattr(fam, p) for p in _PATHS[sub])
+    out_path, residual_path, norm_path = (getattr(fam, p) for p in SUBLAYERS[sub])
     linear = get_path(layer, out_path)
     grabbed: dict[str, Any] = {}
     valid: list[Any] = []
