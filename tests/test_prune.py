@@ -247,4 +247,4 @@ def test_sample_model_prune_keeps_embeddings(tmp_path: Path) -> None:
     got = load_pruned(result.path).encode(held)
     cos = np.sum(want * got, 1) / np.linalg.norm(want, axis=1) / np.linalg.norm(got, axis=1)
     assert result.history[-1]["encoder_param_reduction"] >= 0.27
-    assert float(np.mean(cos)) >= 0.9
+    assert float(np.mean(cos)) >= 0.945  # 0.961 measured; the previous recipe gave about 0.935
