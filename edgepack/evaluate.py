@@ -143,8 +143,8 @@ class Evaluable:
 
 def open_evaluable(spec: Path, workdir: Path) -> Evaluable:
     """A bundle (folder or .tar.gz) as shipped, or a Hugging Face model folder exported to fp32."""
-    from edgepack.bench_host import ARCHIVE_SUFFIXES, extract_bundle
-    from edgepack.manifest import read_manifest
+    from edgepack.bundle.manifest import read_manifest
+    from edgepack.device.host import ARCHIVE_SUFFIXES, extract_bundle
 
     if spec.name.endswith(ARCHIVE_SUFFIXES):
         spec = extract_bundle(spec, workdir)
@@ -159,8 +159,8 @@ def open_evaluable(spec: Path, workdir: Path) -> Evaluable:
             manifest.get("labels"),
         )
     from edgepack.cache import cached
-    from edgepack.export import export_onnx, labels_of
-    from edgepack.load import load_model
+    from edgepack.export.convert import export_onnx, labels_of
+    from edgepack.load.model import load_model
 
     model = load_model(str(spec))
     settings = {"task": model.task, "library": model.library}

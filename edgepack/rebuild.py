@@ -11,11 +11,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from edgepack.bundle.manifest import VOLATILE_KEYS, read_manifest
 from edgepack.config import BuildConfig, overlay
 from edgepack.errors import UserError
-from edgepack.manifest import VOLATILE_KEYS, read_manifest
+from edgepack.profiles import builtin_targets
 from edgepack.progress import Progress
-from edgepack.targets import builtin_targets
 
 
 def _config_from(manifest: dict[str, Any]) -> BuildConfig:

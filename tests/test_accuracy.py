@@ -68,7 +68,7 @@ def test_bypass_removes_only_the_named_activation_qdq(
 ) -> None:
     import onnx
 
-    from edgepack.accuracy import bypass_activation_qdq
+    from edgepack.quantize.search import bypass_activation_qdq
 
     code, output = _build(tiny_st, texts_file, tmp_path, "--max-drop", "-1")
     assert code == 0, output
@@ -99,7 +99,7 @@ def test_bypass_removes_only_the_named_activation_qdq(
 
 
 def test_search_works_on_the_fused_format(tiny_st: Path, texts_file: Path, tmp_path: Path) -> None:
-    from edgepack.targets import targets_dir
+    from edgepack.profiles import targets_dir
 
     profile = tmp_path / "fused.toml"
     text = (targets_dir() / "cpu-vnni.toml").read_text()

@@ -13,7 +13,7 @@ import pytest
 from bundle_factory import make_bundle, make_tarball
 from conftest_ssh import ssh_server  # noqa: F401  (fixture)
 
-from edgepack import bench_host
+from edgepack.device import host as bench_host
 from edgepack.errors import UserError
 
 QUICK = ["--runs", "20", "--warmup", "1", "--quiet"]

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from edgepack.bundle.manifest import verify
 from edgepack.cli import cli
-from edgepack.manifest import verify
-from edgepack.targets import list_targets
+from edgepack.profiles import list_targets
 
 
 def run(*args: str) -> tuple[int, str]:
@@ -210,7 +210,7 @@ def test_build_with_pruning_and_distillation_stages(
 
 @pytest.mark.slow
 def test_arm64_bundle_check_passes_on_emulated_aarch64(matrix: Path) -> None:
-    from edgepack.emulate import emulator_available
+    from edgepack.device.emulate import emulator_available
 
     reason = emulator_available()
     if reason:

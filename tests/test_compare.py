@@ -9,8 +9,8 @@ import pytest
 from bundle_factory import load_harness_module, make_bundle
 from click.testing import CliRunner
 
-from edgepack.commands_bench import bench, compare_cmd
-from edgepack.compare import compare
+from edgepack.cli.bench import bench, compare_cmd
+from edgepack.device.compare import compare
 from edgepack.errors import UserError
 
 DATA = Path(__file__).parent / "data"

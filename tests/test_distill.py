@@ -20,20 +20,20 @@ transformers = pytest.importorskip("transformers")
 
 from benchmarks.tiny import write_sentence_transformer_layout  # noqa: E402
 from edgepack.calibration import TextSet  # noqa: E402
-from edgepack.distill import DistillSettings, distill  # noqa: E402
-from edgepack.distill_data import (  # noqa: E402
+from edgepack.distill.data import (  # noqa: E402
     LabelledSet,
     epoch_batches,
     label_ids,
     read_data,
     tokenize,
 )
-from edgepack.distill_layers import choose_layers  # noqa: E402
-from edgepack.distill_losses import kd_loss  # noqa: E402
-from edgepack.distill_objective import make_objective  # noqa: E402
-from edgepack.distill_student import build_student, keep_layers, layer_map, load_teacher  # noqa: E402
+from edgepack.distill.layers import choose_layers  # noqa: E402
+from edgepack.distill.losses import kd_loss  # noqa: E402
+from edgepack.distill.objective import make_objective  # noqa: E402
+from edgepack.distill.stage import DistillSettings, distill  # noqa: E402
+from edgepack.distill.student import build_student, keep_layers, layer_map, load_teacher  # noqa: E402
 from edgepack.errors import UserError  # noqa: E402
-from edgepack.load import load_model  # noqa: E402
+from edgepack.load.model import load_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = (
@@ -319,7 +319,7 @@ def test_a_distilled_student_keeps_its_layer_map_when_trained_again(tmp_path: Pa
 
 
 def test_pruned_sentence_model_recovers_as_a_student(tmp_path: Path) -> None:
-    from edgepack.prune import PruneSettings, is_pruned, load_pruned, prune_model
+    from edgepack.prune.stage import PruneSettings, is_pruned, load_pruned, prune_model
 
     teacher = load_model(str(make_teacher(tmp_path / "t", layers=2)))
     data = TextSet(make_texts(120), "synthetic")
@@ -336,7 +336,7 @@ def test_pruned_sentence_model_recovers_as_a_student(tmp_path: Path) -> None:
 
 
 def test_resume_after_interruption_gives_the_uninterrupted_weights(tmp_path, monkeypatch) -> None:
-    from edgepack import distill_loop
+    from edgepack.distill import loop as distill_loop
 
     teacher = load_model(str(make_teacher(tmp_path / "t")))
     data = TextSet(make_texts(200), "synthetic")
@@ -410,7 +410,7 @@ def run_cli(args: list[str]):
     from click.testing import CliRunner
 
     from edgepack.cli import cli
-    from edgepack.commands_distill import distill as command
+    from edgepack.cli.distill import distill as command
 
     if "distill" not in cli.commands:
         cli.add_command(command)
@@ -483,7 +483,7 @@ def run_module(args: list[str], out: Path, processes: int = 1) -> dict[str, torc
     if processes > 1:
         launch += ["-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
         launch += ["--master_port", str(free_port())]
-    command = [*launch, "-m", "edgepack.commands_distill", *args, "--out", str(out)]
+    command = [*launch, "-m", "edgepack.cli.distill", *args, "--out", str(out)]
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     return weights(out)
@@ -517,7 +517,7 @@ def test_torchrun_two_processes_match_one(tmp_path: Path) -> None:
 
 
 def embed(folder: Path, texts: list[str]) -> torch.Tensor:
-    from edgepack.distill_losses import pool
+    from edgepack.distill.losses import pool
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     batch = tokenizer(texts, padding=True, return_tensors="pt")

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from bundle_factory import make_bundle
 
-from edgepack import emulate
+from edgepack.device import emulate
 from edgepack.errors import UserError
 
 SYSROOT_CACHE = Path(

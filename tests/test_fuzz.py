@@ -9,12 +9,12 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from edgepack.bundle.manifest import read_manifest
 from edgepack.calibration import read_texts
-from edgepack.compare import load_report
 from edgepack.config import read_config
+from edgepack.device.compare import load_report
 from edgepack.errors import UserError
-from edgepack.manifest import read_manifest
-from edgepack.targets import SCHEMA, parse_profile, targets_dir
+from edgepack.profiles import SCHEMA, parse_profile, targets_dir
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 GOOD_PROFILE = (targets_dir() / "cpu.toml").read_text()

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from edgepack.errors import UserError
-from edgepack.load import load_model
+from edgepack.load.model import load_model
 
 
 def _copy(src: Path, dst: Path) -> Path:

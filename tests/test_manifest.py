@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from edgepack.bundle.manifest import read_manifest, verify, write_manifest, write_sums
 from edgepack.errors import BundleTampered, UserError
-from edgepack.manifest import read_manifest, verify, write_manifest, write_sums
 
 
 def _bundle(tmp_path: Path) -> Path:

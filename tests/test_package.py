@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edgepack.bundle.write import TMP_PREFIX, clean_stale, publish, save_npz, staging, write_tar
 from edgepack.errors import UserError
-from edgepack.package import TMP_PREFIX, clean_stale, publish, save_npz, staging, write_tar
 
 
 def _digest(path: Path) -> str:

@@ -16,13 +16,13 @@ from click.testing import CliRunner
 
 from edgepack.calibration import TextSet
 from edgepack.cli import Group
-from edgepack.commands_prune import prune as prune_command
+from edgepack.cli.prune import prune as prune_command
 from edgepack.errors import UserError
-from edgepack.load import load_model
-from edgepack.prune import PruneSettings, export_pruned, is_pruned, load_pruned, prune_model
-from edgepack.prune_plan import plan_budget
-from edgepack.prune_scores import Net, make_batches, score
-from edgepack.prune_surgery import FAMILIES, describe, prune_ffn, prune_heads
+from edgepack.load.model import load_model
+from edgepack.prune.plan import plan_budget
+from edgepack.prune.scores import Net, make_batches, score
+from edgepack.prune.stage import PruneSettings, export_pruned, is_pruned, load_pruned, prune_model
+from edgepack.prune.surgery import FAMILIES, describe, prune_ffn, prune_heads
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 WORDS = [f"w{i}" for i in range(300)]

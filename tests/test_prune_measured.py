@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from edgepack.errors import UserError
-from edgepack.prune_alloc import solve_kept
-from edgepack.prune_obs import DAMP, greedy_costs
-from edgepack.prune_plan import ffn_levels, head_levels, plan_measured
+from edgepack.prune.alloc import solve_kept
+from edgepack.prune.obs import DAMP, greedy_costs
+from edgepack.prune.plan import ffn_levels, head_levels, plan_measured
 
 
 def _problem(n_in: int, n_out: int = 6, tokens: int = 400) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Tests for edgepack.quantize on a tiny random BERT exported with optimum (no network)."""
+"""Tests for edgepack.quantize.recipe on a tiny random BERT exported with optimum (no network)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edgepack.quantize import QuantSettings, UserError, quantize_static_int8
+from edgepack.quantize.recipe import QuantSettings, UserError, quantize_static_int8
 
 VOCAB = 120
 SEQ = 16
@@ -283,7 +283,7 @@ def test_ort_fused_uint8_weights_and_attention_matmuls(tiny_bert: Path, tmp_path
     ],
 )
 def test_quantize_weight_grid(qtype: str, reduce_range: bool, per_channel: bool) -> None:
-    from edgepack.quant_fused import quantize_weight
+    from edgepack.quantize.fused import quantize_weight
 
     w = np.random.default_rng(3).standard_normal((16, 8)).astype(np.float32)
     w[:, 2] = 0.0  # an all-zero column must not divide by zero
@@ -320,7 +320,7 @@ def test_ort_fused_rejects_int8_activations_with_uint8_weights(
 def test_bypass_fused_activation_moves_toward_fp32(tiny_bert: Path, fused) -> None:
     import onnx
 
-    from edgepack.quant_fused import bypass_fused_activation
+    from edgepack.quantize.fused import bypass_fused_activation
 
     d, rec = fused
     m = onnx.load(str(d / "f.onnx"))

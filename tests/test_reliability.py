@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from edgepack.cli import cli
-from edgepack.targets import targets_dir
+from edgepack.profiles import targets_dir
 
 Case = tuple[str, Callable[[Path, Path, Path], list[str]], str]
 
@@ -321,7 +321,7 @@ def test_disk_full_while_writing_leaves_nothing(
 ) -> None:
     import errno
 
-    import edgepack.bundle as bundle
+    import edgepack.bundle.target as bundle
 
     def full(*args: object, **kwargs: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")

