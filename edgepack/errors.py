@@ -8,7 +8,8 @@ model could not be made accurate enough" (the best model is still saved).
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 
 class UserError(Exception):
@@ -33,3 +34,13 @@ def choices_hint(value: str, valid: Iterable[str]) -> str:
     close = difflib.get_close_matches(value, valid, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     return f"Valid choices are: {', '.join(valid)}.{hint}"
+
+
+@contextmanager
+def exporter_errors(what: str) -> Iterator[None]:
+    """optimum's exporter reports a model it cannot handle with these types; say so in one line."""
+    try:
+        yield
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{what}: {first}") from None

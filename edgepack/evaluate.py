@@ -8,13 +8,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from edgepack.artifacts import OnnxModel
 
 
 def session(path: Path, threads: int = 1) -> Any:
@@ -127,51 +124,3 @@ def host_latency(
         }
         for name, t in times.items()
     }
-
-
-@dataclass(frozen=True)
-class Evaluable:
-    """What ``edgepack eval`` needs of a bundle or a model folder, whatever it came from."""
-
-    name: str
-    model_file: Path
-    tokenizer_dir: Path
-    task: str
-    seq_len: int
-    labels: list[str] | None
-
-
-def open_evaluable(spec: Path, workdir: Path) -> Evaluable:
-    """A bundle (folder or .tar.gz) as shipped, or a Hugging Face model folder exported to fp32."""
-    from edgepack.bundle.manifest import read_manifest
-    from edgepack.device.host import ARCHIVE_SUFFIXES, extract_bundle
-
-    if spec.name.endswith(ARCHIVE_SUFFIXES):
-        spec = extract_bundle(spec, workdir)
-    if (spec / "manifest.json").is_file():
-        manifest = read_manifest(spec)
-        return Evaluable(
-            spec.name,
-            spec / manifest["model"]["file"],
-            spec / "tokenizer",
-            manifest["task"],
-            int(manifest["harness"]["seq_len"]),
-            manifest.get("labels"),
-        )
-    from edgepack.cache import cached
-    from edgepack.export.convert import export_onnx, labels_of
-    from edgepack.load.model import load_model
-
-    model = load_model(str(spec))
-    settings = {"task": model.task, "library": model.library}
-    onnx_model, _ = cached(
-        "export", settings, model.digest, OnnxModel, lambda out: export_onnx(model, out)
-    )
-    return Evaluable(
-        spec.name,
-        onnx_model.path,
-        onnx_model.tokenizer_dir,
-        model.task,
-        min(128, model.max_length),
-        labels_of(model.path),
-    )

@@ -51,3 +51,9 @@ def token_f1(pred: np.ndarray, gold: np.ndarray, outside: int) -> float:
     fp = np.sum((pred != gold) & (pred != outside))
     fn = np.sum((pred != gold) & (gold != outside))
     return float(2 * tp / (2 * tp + fp + fn)) if tp + fp + fn else 1.0
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine of each row of ``a`` with the same row of ``b`` (zero rows give 0, not NaN)."""
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return np.sum(a * b, axis=1) / np.maximum(norms, 1e-12)

@@ -16,14 +16,14 @@ import numpy as np
 
 from edgepack import __version__
 from edgepack.artifacts import HFModel, OnnxModel, canonical_json
-from edgepack.bundle.target import BuildResult, package_target
+from edgepack.bundle import BuildResult, package_target
 from edgepack.cache import cached
 from edgepack.calibration import TextSet, batches, check_lengths, encode, read_texts, split
 from edgepack.config import BuildConfig
 from edgepack.errors import ToleranceNotMet, UserError
 from edgepack.profiles import TargetProfile, resolve_targets
 from edgepack.progress import Progress
-from edgepack.quantize.stage import quantize_stage
+from edgepack.quantize import quantize_stage
 
 
 def _versions() -> dict[str, str]:
@@ -90,13 +90,10 @@ def _texts(config: BuildConfig) -> tuple[TextSet, TextSet, TextSet]:
 def _export(
     model: HFModel, tokenizer: Any, texts: list[str], seq_len: int, progress: Progress
 ) -> OnnxModel:
-    from edgepack.export.convert import export_onnx, validate
+    from edgepack.export import export_cached, validate
 
-    settings = {"edgepack": __version__, "task": model.task, "library": model.library}
     with progress.stage("export", model.source):
-        fp32, hit = cached(
-            "export", settings, model.digest, OnnxModel, lambda out: export_onnx(model, out)
-        )
+        fp32, hit = export_cached(model)
     if "validation" not in fp32.records:
         feeds = encode(tokenizer, texts, [i["name"] for i in fp32.inputs], seq_len)
         with progress.stage("validate", "ONNX vs PyTorch"):
@@ -132,8 +129,8 @@ def build(config: BuildConfig, progress: Progress) -> list[BuildResult]:
     """Build one bundle per target named by ``config.target``; returns them in order."""
     from transformers import AutoTokenizer
 
-    from edgepack.bundle.write import check_destination
-    from edgepack.load.model import display_name, load_model
+    from edgepack.bundle import check_destination
+    from edgepack.load import display_name, load_model
 
     profiles = resolve_targets(config.target)
     out_root = Path(config.out)
@@ -247,7 +244,7 @@ def _task_metric(
         return None
     from edgepack.evaldata import read_eval_data, score
     from edgepack.evaluate import onnx_runner
-    from edgepack.export.convert import labels_of
+    from edgepack.export import labels_of
 
     data = read_eval_data(config.eval_data, config.text_field)
     names = [i["name"] for i in fp32.inputs]
@@ -287,7 +284,7 @@ def _model_stages(
     if config.distill_layers:
         model = _distill(model, config, None, progress)
     if config.prune:
-        from edgepack.prune.stage import PruneSettings, prune_model
+        from edgepack.prune import PruneSettings, prune_model
 
         settings = PruneSettings(budget=config.prune, seed=config.seed)
         key = {"settings": asdict(settings), "texts": texts.sha256, "v": __version__}
@@ -309,7 +306,7 @@ def _distill(
     teacher: HFModel, config: BuildConfig, student: HFModel | None, progress: Progress
 ) -> HFModel:
     """A cached distillation run: a new shallower student, or training a given one."""
-    from edgepack.distill.stage import DistillSettings, distill
+    from edgepack.distill import DistillSettings, distill
 
     data = read_texts(config.distill_data, config.text_field)
     settings = DistillSettings(

@@ -11,7 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from edgepack.bundle.manifest import VOLATILE_KEYS, read_manifest
+from edgepack.bundle import VOLATILE_KEYS, read_manifest
 from edgepack.config import BuildConfig, overlay
 from edgepack.errors import UserError
 from edgepack.profiles import builtin_targets

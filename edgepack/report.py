@@ -11,7 +11,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from edgepack.bundle.target import BuildResult
+from edgepack.bundle import BuildResult
 
 
 def _node_counts(result: BuildResult) -> str:

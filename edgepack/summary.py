@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 from rich.table import Table
 
-from edgepack.bundle.target import BuildResult
+from edgepack.bundle import BuildResult
 from edgepack.progress import Progress
 
 

@@ -319,7 +319,7 @@ def test_a_distilled_student_keeps_its_layer_map_when_trained_again(tmp_path: Pa
 
 
 def test_pruned_sentence_model_recovers_as_a_student(tmp_path: Path) -> None:
-    from edgepack.prune.stage import PruneSettings, is_pruned, load_pruned, prune_model
+    from edgepack.prune import PruneSettings, is_pruned, load_pruned, prune_model
 
     teacher = load_model(str(make_teacher(tmp_path / "t", layers=2)))
     data = TextSet(make_texts(120), "synthetic")
@@ -483,7 +483,7 @@ def run_module(args: list[str], out: Path, processes: int = 1) -> dict[str, torc
     if processes > 1:
         launch += ["-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
         launch += ["--master_port", str(free_port())]
-    command = [*launch, "-m", "edgepack.cli.distill", *args, "--out", str(out)]
+    command = [*launch, "-m", "edgepack.cli", "distill", *args, "--out", str(out)]
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     return weights(out)

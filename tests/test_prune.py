@@ -19,9 +19,10 @@ from edgepack.cli import Group
 from edgepack.cli.prune import prune as prune_command
 from edgepack.errors import UserError
 from edgepack.load.model import load_model
+from edgepack.prune import PruneSettings, export_pruned, is_pruned, load_pruned, prune_model
+from edgepack.prune.net import Net, make_batches
 from edgepack.prune.plan import plan_budget
-from edgepack.prune.scores import Net, make_batches, score
-from edgepack.prune.stage import PruneSettings, export_pruned, is_pruned, load_pruned, prune_model
+from edgepack.prune.scores import score
 from edgepack.prune.surgery import FAMILIES, describe, prune_ffn, prune_heads
 
 os.environ["HF_HUB_OFFLINE"] = "1"

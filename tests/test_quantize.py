@@ -12,7 +12,9 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edgepack.quantize.recipe import QuantSettings, UserError, quantize_static_int8
+from edgepack.errors import UserError
+from edgepack.quantize import QuantSettings
+from edgepack.quantize.recipe import quantize_static_int8
 
 VOCAB = 120
 SEQ = 16

@@ -24,7 +24,7 @@ from edgepack.bundle.write import (
 from edgepack.calibration import TextSet, encode
 from edgepack.config import BuildConfig
 from edgepack.evaluate import fidelity, run_onnx
-from edgepack.export.convert import labels_of
+from edgepack.export import labels_of
 from edgepack.profiles import TargetProfile
 
 HARNESS_README = Path(__file__).resolve().parent.parent / "harness" / "README.md"
@@ -97,7 +97,7 @@ def package_target(
         model_file, extra = candidate.path, {}
         inputs_io, outputs_io = list(fp32.inputs), list(fp32.outputs)
         if fmt.get("fixed_shape"):
-            from edgepack.export.convert import io_signature
+            from edgepack.export import io_signature
 
             batch = int(profile.section("harness").get("batch", 1))
             model_file = fix_input_shapes(model_file, tmp, batch, seq_len)

@@ -1,7 +1,6 @@
 """`edgepack bench` and `edgepack compare`: thin click commands over bench_host and compare.
 
-Registered on the main group by the CLI module (``cli.add_command(bench)``,
-``cli.add_command(compare_cmd)``). A ``UserError`` propagates to the CLI's handler, which prints
+A ``UserError`` propagates to the CLI's handler, which prints
 one line and exits 2.
 
 Usage:
@@ -40,7 +39,7 @@ def bench(
     harness_args: tuple[str, ...],
 ) -> None:
     """Run BUNDLE's latency harness here or on --host; save the JSON report under --results."""
-    from edgepack.device.host import run_local, run_remote
+    from edgepack.device import run_local, run_remote
 
     if host is None:
         report_path = run_local(bundle, list(harness_args), results)
@@ -59,6 +58,6 @@ def bench(
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="Write a PNG here.")
 def compare_cmd(reports: tuple[Path, ...], plot: Path | None) -> None:
     """Compare bench.py JSON REPORTS side by side; ratios are against the first."""
-    from edgepack.device.compare import compare
+    from edgepack.device import compare
 
     click.echo(compare(list(reports), plot))

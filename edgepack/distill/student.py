@@ -15,7 +15,6 @@ what the teacher's head (or pooling) was trained on.
 
 from __future__ import annotations
 
-import importlib
 import math
 import re
 import shutil
@@ -24,13 +23,10 @@ from typing import Any
 
 from edgepack.artifacts import HFModel
 from edgepack.errors import UserError
-from edgepack.export.convert import TOKENIZER_FILES
+from edgepack.families import encoder
+from edgepack.folders import TOKENIZER_FILES, module_dirs
+from edgepack.prune import is_pruned, load_pruned
 
-AUTO_CLASSES = {
-    "feature-extraction": "AutoModel",
-    "text-classification": "AutoModelForSequenceClassification",
-    "token-classification": "AutoModelForTokenClassification",
-}
 # Everything besides weights and config that a model folder needs to be itself again: the
 # tokenizer files (one list, shared with the exporter) and sentence-transformers' module files.
 ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
@@ -71,7 +67,7 @@ def load_teacher(teacher: HFModel) -> Any:
     """The teacher in eval mode with gradients off: it is only ever a target."""
     import transformers
 
-    cls = getattr(transformers, AUTO_CLASSES[teacher.task])
+    cls = getattr(transformers, encoder.AUTO_CLASSES[teacher.task])
     model = cls.from_pretrained(str(teacher.path), dtype="float32")
     model.eval()
     for p in model.parameters():
@@ -106,22 +102,18 @@ def build_student(teacher_model: Any, keep: tuple[int, ...]) -> Any:
 
 
 def load_student_folder(folder: Path, task: str) -> Any:
-    """A ready-made student (e.g. a pruned model): ``edgepack.prune.stage.load_pruned`` if it says the
+    """A ready-made student (e.g. a pruned model): ``load_pruned`` if it says the
     folder is pruned, otherwise ``from_pretrained`` with the teacher task's auto class."""
     import transformers
 
     if not (folder / "config.json").is_file():
         raise UserError(f"--student {folder} is not a model folder: it has no config.json.")
-    try:
-        prune = importlib.import_module("edgepack.prune.stage")
-    except ImportError:
-        prune = None
-    if prune is not None and prune.is_pruned(folder):
-        model = prune.load_pruned(folder)
+    if is_pruned(folder):
+        model = load_pruned(folder)
         # A pruned sentence-transformers folder loads as a SentenceTransformer; training works on
         # the transformer inside it (pooling and normalisation are applied by the objective).
         return model[0].auto_model if hasattr(model, "_first_module") else model
-    cls = getattr(transformers, AUTO_CLASSES[task])
+    cls = getattr(transformers, encoder.AUTO_CLASSES[task])
     return cls.from_pretrained(str(folder), dtype="float32")
 
 
@@ -136,13 +128,6 @@ def hidden_width(model: Any) -> int | None:
     return int(value) if value else None
 
 
-def st_modules(folder: Path) -> list[dict[str, Any]]:
-    import json
-
-    path = folder / "modules.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
-
-
 def save_student(
     student: Any, teacher_dir: Path, out_dir: Path, student_dir: Path | None = None
 ) -> None:
@@ -154,9 +139,8 @@ def save_student(
     for name in (*TOKENIZER_FILES, *ST_FILES):
         if (teacher_dir / name).is_file():
             shutil.copy2(teacher_dir / name, out_dir / name)
-    for module in st_modules(teacher_dir):
-        sub = str(module.get("path", ""))
-        if sub and (teacher_dir / sub).is_dir():
+    for sub in sorted(module_dirs(teacher_dir)):
+        if (teacher_dir / sub).is_dir():
             shutil.copytree(teacher_dir / sub, out_dir / sub, dirs_exist_ok=True)
     if student_dir is not None:
         for path in sorted(student_dir.iterdir()):

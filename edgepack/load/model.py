@@ -15,19 +15,8 @@ from typing import Any
 
 from edgepack.artifacts import HFModel, sha256_file
 from edgepack.errors import UserError, choices_hint
-
-TASKS = ("feature-extraction", "text-classification", "token-classification")
-# Encoder families the export, quantization and pruning stages are written and tested for.
-SUPPORTED_MODEL_TYPES = (
-    "bert",
-    "distilbert",
-    "roberta",
-    "xlm-roberta",
-    "camembert",
-    "electra",
-    "mpnet",
-)
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+from edgepack.families import family_of
+from edgepack.folders import WEIGHT_FILES
 
 
 def resolve_path(spec: str) -> tuple[Path, str]:
@@ -132,15 +121,6 @@ def _check_pickle(path: Path) -> None:
         ) from None
 
 
-def detect_task(config: dict[str, Any], is_sentence_transformer: bool) -> str:
-    archs = " ".join(config.get("architectures") or [])
-    if "ForSequenceClassification" in archs:
-        return "text-classification"
-    if "ForTokenClassification" in archs:
-        return "token-classification"
-    return "feature-extraction"
-
-
 def _max_length(folder: Path, config: dict[str, Any]) -> int:
     limits = [int(config.get("max_position_embeddings", 512))]
     for name, key in (
@@ -166,21 +146,17 @@ def load_model(spec: str, task: str | None = None, trust_remote_code: bool = Fal
             "refusing to run it. Pass --trust-remote-code if you trust its author."
         )
     model_type = str(config.get("model_type", ""))
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise UserError(
-            f"unsupported architecture {model_type or '(none)'!r} in {folder}/config.json. "
-            f"Supported model types are: {', '.join(SUPPORTED_MODEL_TYPES)}."
-        )
+    family = family_of(model_type, f"{folder}/config.json")
     weights = _weights(folder)
     for w in weights:
         _check_safetensors(w)
         _check_pickle(w)
     is_st = (folder / "modules.json").is_file()
-    detected = detect_task(config, is_st)
+    detected = family.detect_task(config)
     if task is None:
         task = detected
-    elif task not in TASKS:
-        raise UserError(f"unknown task {task!r}. {choices_hint(task, TASKS)}")
+    elif task not in family.TASKS:
+        raise UserError(f"unknown task {task!r}. {choices_hint(task, family.TASKS)}")
     elif task != "feature-extraction" and detected == "feature-extraction":
         raise UserError(
             f"{folder} has no {task} head (architectures: {config.get('architectures')})."

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from edgepack.prune.net import Net, iterate_outputs
 from edgepack.prune.plan import ffn_levels, head_levels
-from edgepack.prune.scores import Net, iterate_outputs
 from edgepack.prune.surgery import count_heads, get_path, list_layers
 
 # The loss is measured on the first calibration texts, in batches this large (a forward of

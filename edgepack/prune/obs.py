@@ -22,8 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from edgepack.prune.recover import SUBLAYERS
-from edgepack.prune.scores import Net
+from edgepack.prune.net import SUBLAYERS, Net
 from edgepack.prune.surgery import count_heads, get_path, list_layers
 
 # Dampening of the Gram diagonal, relative to its mean: keeps H invertible when calibration

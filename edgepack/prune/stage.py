@@ -18,81 +18,17 @@ import copy
 import dataclasses
 import json
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from edgepack.artifacts import HFModel
 from edgepack.calibration import TextSet
-from edgepack.errors import UserError, choices_hint
+from edgepack.errors import UserError
+from edgepack.families import encoder
+from edgepack.folders import copy_support_files
+from edgepack.prune.saved import RECORD, is_pruned, load_pruned
+from edgepack.prune.settings import PruneSettings, check_settings
 from edgepack.prune.surgery import Family, get_family, get_path, list_layers
-
-IMPORTANCE = ("taylor", "activation", "reconstruction")
-ALLOCATION = ("measured", "global")
-AUTO_CLASS = {
-    "feature-extraction": "AutoModel",
-    "text-classification": "AutoModelForSequenceClassification",
-    "token-classification": "AutoModelForTokenClassification",
-}
-RECORD = "pruning.json"
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
-# Not copied: old weights, and the model card, which would describe the unpruned model.
-SKIP_FILES = (*WEIGHT_FILES, "README.md")
-
-
-@dataclass(frozen=True)
-class PruneSettings:
-    budget: float = 0.0  # fraction of encoder linear-layer MACs to remove (heads + FFN + layers)
-    heads: float | None = None  # or: fraction of all heads to remove ...
-    ffn: float | None = None  # ... and fraction of all FFN neurons (not with budget)
-    layers: int = 0  # whole layers to drop first (they count toward budget)
-    # "reconstruction" (error the refit projection cannot undo; prune_obs) | "activation"
-    # (residual-stream contribution, forward only) | "taylor" (mask-gradient Fisher). Sample model,
-    # budget 0.3, measured allocation + refit, held-out mean cosine: 0.953 / 0.946 (taylor, with
-    # the older global ranking and ridge: 0.884).
-    importance: str = "reconstruction"
-    # Least-squares refit of the output projections (prune_recover). On by default: at budget 0.3
-    # with activation scores and global ranking it lifted held-out mean cosine 0.858 -> 0.935.
-    recover: bool = True
-    # How a --prune budget is spread over layers: "measured" (each sub-layer's end-to-end loss
-    # curve, then a knapsack; prune_alloc) or "global" (one ranking of all scores).
-    allocation: str = "measured"
-    seed: int = 0  # drives the noise targets of the taylor loss
-    seq_len: int = 128  # truncation for scoring; reference length for attention-score MACs
-    multiple: int = 32  # FFN widths stay multiples of this (SIMD-friendly matmuls)
-
-
-def check_settings(settings: PruneSettings, n_layers: int | None = None) -> None:
-    """Refuse values that cannot work, before any weight is loaded."""
-    if settings.importance not in IMPORTANCE:
-        raise UserError(
-            f"unknown importance {settings.importance!r}. {choices_hint(settings.importance, IMPORTANCE)}"
-        )
-    if settings.allocation not in ALLOCATION:
-        raise UserError(
-            f"unknown allocation {settings.allocation!r}. {choices_hint(settings.allocation, ALLOCATION)}"
-        )
-    if not 0.0 <= settings.budget < 1.0:
-        raise UserError(f"prune budget must be in [0, 1), got {settings.budget}.")
-    for name in ("heads", "ffn"):
-        value = getattr(settings, name)
-        if value is not None and not 0.0 <= value < 1.0:
-            raise UserError(f"--prune-{name} must be in [0, 1), got {value}.")
-    if settings.budget > 0 and (settings.heads is not None or settings.ffn is not None):
-        raise UserError(
-            "give either --prune (a MAC budget) or --prune-heads/--prune-ffn, not both."
-        )
-    if settings.layers < 0 or (n_layers is not None and settings.layers >= n_layers):
-        limit = f"0..{n_layers - 1}" if n_layers else ">= 0"
-        raise UserError(f"--prune-layers must be in {limit}, got {settings.layers}.")
-    if settings.multiple < 1 or settings.seq_len < 1:
-        raise UserError(
-            f"multiple and seq_len must be positive, got {settings.multiple}, {settings.seq_len}."
-        )
-
-
-def is_pruned(folder: Path) -> bool:
-    return (Path(folder) / RECORD).is_file()
 
 
 def _kind(library: str, task: str) -> str:
@@ -105,7 +41,7 @@ def _load_net(folder: Path, library: str, task: str, family: Family) -> tuple[An
     """(Net, tokenizer) with eager attention (a per-layer head count must reach the Reshape)."""
     import transformers
 
-    from edgepack.prune.scores import Net
+    from edgepack.prune.net import Net
 
     if is_pruned(folder):
         runner = load_pruned(folder)
@@ -119,8 +55,7 @@ def _load_net(folder: Path, library: str, task: str, family: Family) -> tuple[An
             model_kwargs={"attn_implementation": "eager"},
         )
     else:
-        cls = getattr(transformers, AUTO_CLASS[task])
-        runner = cls.from_pretrained(
+        runner = encoder.auto_class(task).from_pretrained(
             str(folder), local_files_only=True, attn_implementation="eager"
         )
     if library == "sentence_transformers":
@@ -166,21 +101,6 @@ def _allocation_record(settings: PruneSettings, curves: Any) -> dict[str, Any]:
     return {"method": "measured", "head_curves": heads, "ffn_curves": ffn}
 
 
-def _copy_support_files(src: Path, dst: Path) -> None:
-    """Tokenizer, sentence-transformers files (modules.json, pooling...) - everything but weights."""
-    modules = src / "modules.json"
-    dirs = set()
-    if modules.is_file():
-        dirs = {m.get("path", "") for m in json.loads(modules.read_text()) if m.get("path")}
-    for item in sorted(src.iterdir()):
-        if item.name.startswith(".") or item.name in SKIP_FILES or item.suffix == ".onnx":
-            continue
-        if item.is_file():
-            shutil.copy2(item, dst / item.name)
-        elif item.is_dir() and item.name in dirs:
-            shutil.copytree(item, dst / item.name, dirs_exist_ok=True)
-
-
 def _plan(
     net: Any, batches: list[Any], probe: list[Any], settings: PruneSettings, target: float
 ) -> Any:
@@ -223,9 +143,10 @@ def _plan(
 
 def prune_model(model: HFModel, texts: TextSet, settings: PruneSettings, out_dir: Path) -> HFModel:
     """Prune ``model`` on ``texts`` under ``settings``; write a loadable folder into ``out_dir``."""
-    from edgepack.load.model import load_model
+    from edgepack.load import load_model
+    from edgepack.prune.net import make_batches
     from edgepack.prune.recover import refit
-    from edgepack.prune.scores import make_batches, rank_layers
+    from edgepack.prune.scores import rank_layers
     from edgepack.prune.surgery import describe, drop_layers, prune_ffn, prune_heads
 
     check_settings(settings)
@@ -303,7 +224,7 @@ def prune_model(model: HFModel, texts: TextSet, settings: PruneSettings, out_dir
     record = {
         "format": 1,
         "model_type": model.model_type,
-        "auto_class": AUTO_CLASS[model.task],
+        "auto_class": encoder.AUTO_CLASSES[model.task],
         "library": model.library,
         "task": model.task,
         "source": model.source,
@@ -335,63 +256,8 @@ def prune_model(model: HFModel, texts: TextSet, settings: PruneSettings, out_dir
     if out_dir.exists():
         shutil.rmtree(out_dir)  # checked above: empty, or an earlier pruned model
     out_dir.mkdir(parents=True)
-    _copy_support_files(model.path, out_dir)
+    copy_support_files(model.path, out_dir)
     net.hf.save_pretrained(str(out_dir), safe_serialization=True)
     (out_dir / RECORD).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
     loaded = load_model(str(out_dir), task=model.task)
     return dataclasses.replace(loaded, source=model.source, history=(*model.history, summary))
-
-
-def _read_record(folder: Path) -> dict[str, Any]:
-    path = Path(folder) / RECORD
-    if not path.is_file():
-        raise UserError(f"{folder} has no {RECORD}; it is not a model written by `edgepack prune`.")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path} is not valid JSON: {exc}") from None
-
-
-def load_pruned(folder: Path) -> Any:
-    """The pruned model with its exact shapes: a PreTrainedModel, or a SentenceTransformer."""
-    from unittest import mock
-
-    from edgepack.prune.surgery import rebuild
-
-    folder = Path(folder)
-    record = _read_record(folder)
-    hf = rebuild(str(folder), record)
-    if record["library"] != "sentence_transformers":
-        return hf
-    from sentence_transformers import SentenceTransformer
-    from sentence_transformers.base.modules.transformer import Transformer
-
-    # The Transformer module would call from_pretrained, which cannot express uneven FFN widths;
-    # hand it the rebuilt model instead. Everything else (pooling, normalisation) loads as usual.
-    with mock.patch.object(Transformer, "_load_model", lambda *args, **kwargs: hf):
-        st = SentenceTransformer(str(folder), device="cpu", local_files_only=True)
-    return st.eval()
-
-
-def export_pruned(folder: Path, out_dir: Path, task: str, library: str) -> Path:
-    """Export the pruned in-memory model with optimum (no graph optimisation, eager attention)."""
-    import warnings
-
-    from optimum.exporters.onnx import onnx_export_from_model
-
-    model = load_pruned(Path(folder))
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            onnx_export_from_model(
-                model, str(out_dir), task=task, library_name=library, do_validation=False
-            )
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"could not export pruned model {folder}: {first}") from None
-    path = out_dir / "model.onnx"
-    if not path.is_file():
-        raise UserError(f"optimum wrote no model.onnx into {out_dir}.")
-    return path

@@ -7,15 +7,12 @@ onnxruntime's CPU EP builds from a QDQ DQ->MatMul pair, plus the bias Add fused 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from edgepack.quantize.graph import drop_dead_nodes, find_bias_add
-
-if TYPE_CHECKING:
-    from edgepack.quantize.recipe import QuantSettings
-
+from edgepack.quantize.settings import QuantSettings
 
 _QRANGE = {("uint8", False): (0, 255), ("int8", False): (-128, 127)}
 

@@ -8,12 +8,11 @@ Split from quantize.py to keep both modules small; everything here works in plac
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from edgepack.quantize.recipe import QuantSettings
+from edgepack.quantize.settings import QuantSettings
 
 
 # ----------------------------------------------------------------------------- graph analysis

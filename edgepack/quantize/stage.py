@@ -14,6 +14,7 @@ from edgepack.calibration import TextSet, batches
 from edgepack.config import BuildConfig
 from edgepack.errors import UserError
 from edgepack.progress import Progress
+from edgepack.quantize.settings import QuantSettings
 
 
 def quantize_stage(
@@ -26,7 +27,7 @@ def quantize_stage(
     config: BuildConfig,
     progress: Progress,
 ) -> OnnxModel:
-    from edgepack.quantize.recipe import QuantSettings, quantize_static_int8
+    from edgepack.quantize.recipe import quantize_static_int8
 
     try:
         qs = QuantSettings(**settings)

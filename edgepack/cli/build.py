@@ -1,0 +1,146 @@
+"""`edgepack targets`, `build`, `verify` and `rebuild`: the commands around one bundle.
+
+Each is a plain function: parse, call the pipeline or the bundle checks, print. Errors propagate to
+the group's handler (one line, exit 2).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+
+@click.command()
+def targets() -> None:
+    """List the built-in target profiles."""
+    from edgepack.profiles import list_targets
+
+    for profile in list_targets():
+        aliases = profile.data.get("aliases", [])
+        alias = f" (alias: {', '.join(aliases)})" if aliases else ""
+        click.echo(f"{profile.name:<10} {profile.description}{alias}")
+
+
+def _build_options(values: dict[str, Any]) -> dict[str, Any]:
+    """CLI flags that were given, as build-config keys (None means 'not given')."""
+    return {k: v for k, v in values.items() if v is not None and v is not False}
+
+
+@click.command()
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    help="Build config TOML (default: the sample in samples/build.toml).",
+)
+@click.option("--model", help="package:NAME, a local Hugging Face model folder, or a hub id.")
+@click.option("--name", help="Bundle name prefix (default: from the model).")
+@click.option("--task", help="feature-extraction, text-classification or token-classification.")
+@click.option("--target", help="Profile name, 'all', or a path to a profile .toml (default arm64).")
+@click.option("--calibration", help="Calibration texts: .txt, .jsonl or .csv.")
+@click.option("--text-field", help="Field (.jsonl) or column (.csv) holding the text.")
+@click.option("--samples", type=int, help="Calibration texts drawn (seeded) from the file.")
+@click.option("--heldout", help="Texts for the fidelity check (default: unsampled calibration).")
+@click.option(
+    "--eval-data", help="Labelled data (text_a,text_b,score | text,label | tokens,tags) to score."
+)
+@click.option("--seed", type=int, help="Seed for every random choice.")
+@click.option("--precision", type=click.Choice(["int8", "fp32"]), help="Override the profile's.")
+@click.option("--out", help="Output folder (default dist).")
+@click.option("--min-cosine", type=float, help="Fail if int8 mean cosine to fp32 is below this.")
+@click.option(
+    "--max-drop",
+    type=float,
+    help="Allowed drop of mean cosine to fp32 (default 0.005); negative turns the search off.",
+)
+@click.option("--time-budget", type=float, help="Seconds for the accuracy search (default 900).")
+@click.option("--force", is_flag=True, help="Replace existing bundles.")
+@click.option("--truncate", is_flag=True, help="Cut calibration texts longer than the model takes.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow models that ship their own code.")
+@click.option(
+    "--prune", type=float, help="Fraction of encoder MACs to prune before export (0-0.9)."
+)
+@click.option("--distill-layers", type=int, help="First distil a student with this many layers.")
+@click.option("--distill-data", help="Texts to distil on (.txt/.jsonl/.csv).")
+@click.option("--distill-seconds", type=float, help="Time budget for distillation (default 600).")
+@click.option(
+    "--with-runtime",
+    is_flag=True,
+    help="Download the target's onnxruntime and numpy wheels into wheels/ (offline device install).",
+)
+@click.option("--quiet", is_flag=True, help="Only print the bundle paths.")
+def build(config_path: Path | None, quiet: bool, **flags: Any) -> None:
+    """Build one verified bundle per target; the last line printed is the .tar.gz path."""
+    from edgepack.config import overlay, read_config, sample_config_path
+    from edgepack.pipeline import build as run_build
+    from edgepack.progress import Progress
+
+    config = read_config(config_path or sample_config_path())
+    if flags.get("model") and config_path is None:
+        # The sample's name and task data describe the sample; its texts remain the default.
+        config = overlay(config, {"name": "", "eval_data": ""}, "--model")
+    if flags.get("calibration") and not flags.get("heldout"):
+        config = overlay(config, {"heldout": ""}, "--calibration")
+    config = overlay(config, _build_options(flags), "command line")
+    progress = Progress(quiet=quiet)
+    results = run_build(config, progress)
+    from edgepack.pipeline import raise_if_tolerance_missed
+    from edgepack.report import write_report
+    from edgepack.summary import measure_latency, print_summary
+
+    latency = measure_latency(results, progress)
+    print_summary(results, latency, progress)
+    md, page = write_report(results, latency, dict(progress.timings), Path(config.out))
+    progress.note(f"report: {md} and {page}")
+    for result in results:
+        click.echo(str(result.tarball))
+    raise_if_tolerance_missed(results)
+
+
+@click.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option(
+    "--emulate",
+    is_flag=True,
+    help="Also run the bundle's output check on emulated aarch64 (qemu-user).",
+)
+def verify(bundle: Path, emulate: bool) -> None:
+    """Check a bundle (folder or .tar.gz) against its SHA256SUMS and manifest."""
+    from edgepack.bundle import bundle_folder, read_manifest
+    from edgepack.bundle import verify as verify_sums
+
+    with bundle_folder(bundle) as folder:
+        read_manifest(folder)
+        count = verify_sums(folder)
+        click.echo(f"OK: {count} files match SHA256SUMS in {bundle}")
+        if not emulate:
+            return
+        from edgepack.device import verify_emulated
+
+        check = verify_emulated(folder)
+    click.echo(
+        f"aarch64 (emulated): check {'passed' if check.get('passed') else 'FAILED'}, "
+        f"min cosine {check.get('min_cosine')}, max abs diff {check.get('max_abs_diff')}"
+    )
+    if not check.get("passed"):
+        sys.exit(1)
+
+
+@click.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option(
+    "--target", "target_file", help="Profile file, for bundles built from a custom profile."
+)
+def rebuild(bundle: Path, target_file: str | None) -> None:
+    """Rebuild BUNDLE (or its manifest.json) from its recorded inputs and compare the hashes."""
+    from edgepack.progress import Progress
+    from edgepack.rebuild import rebuild as run_rebuild
+
+    diffs = run_rebuild(bundle, target_file, Progress())
+    if diffs:
+        click.echo("Rebuild differs:\n  " + "\n  ".join(diffs))
+        sys.exit(1)
+    click.echo(f"Rebuild of {bundle} reproduced every file hash.")

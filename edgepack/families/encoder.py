@@ -1,0 +1,62 @@
+"""Encoders: embedders, classifiers and taggers (BERT and its relatives).
+
+Everything the stages would otherwise assume about "a model" lives here: which architectures and
+tasks are served, which transformers class loads a task, which graph output is the one fidelity is
+measured on, and how the padding mask of a batch of feeds is found. A second family (generative
+decoders) gets a module of its own beside this one instead of ``if decoder:`` across the stages.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+NAME = "encoder"
+# Architectures the export, quantization and pruning stages are written and tested for.
+MODEL_TYPES = ("bert", "distilbert", "roberta", "xlm-roberta", "camembert", "electra", "mpnet")
+TASKS = ("feature-extraction", "text-classification", "token-classification")
+# Tasks whose output is one score per class: fidelity also reports top-1 agreement for them.
+CLASSIFIER_TASKS = ("text-classification", "token-classification")
+# transformers' auto class per task; prune and distil rebuild models through the same class.
+AUTO_CLASSES = {
+    "feature-extraction": "AutoModel",
+    "text-classification": "AutoModelForSequenceClassification",
+    "token-classification": "AutoModelForTokenClassification",
+}
+# The graph output a device uses, and the one fidelity is measured on.
+PRIMARY_OUTPUT = {
+    "feature-extraction": "last_hidden_state",
+    "text-classification": "logits",
+    "token-classification": "logits",
+}
+SENTENCE_EMBEDDING = "sentence_embedding"
+
+
+def detect_task(config: dict[str, Any]) -> str:
+    """The task a model folder's ``config.json`` was saved for (a bare encoder embeds)."""
+    archs = " ".join(config.get("architectures") or [])
+    if "ForSequenceClassification" in archs:
+        return "text-classification"
+    if "ForTokenClassification" in archs:
+        return "token-classification"
+    return "feature-extraction"
+
+
+def primary_output(task: str, library: str) -> str:
+    """sentence-transformers models export pooling and normalisation: the device gets the embedding."""
+    if library == "sentence_transformers":
+        return SENTENCE_EMBEDDING
+    return PRIMARY_OUTPUT[task]
+
+
+def auto_class(task: str) -> Any:
+    """The transformers class that loads a folder saved for ``task``."""
+    import transformers
+
+    return getattr(transformers, AUTO_CLASSES[task])
+
+
+def masks(feeds: list[dict[str, Any]]) -> list[Any] | None:
+    """Per-batch padding masks, so token outputs are compared on real tokens only."""
+    if not feeds or "attention_mask" not in feeds[0]:
+        return None
+    return [f["attention_mask"] for f in feeds]
