@@ -19,7 +19,7 @@ import numpy as np
 
 from edgepack.calibration import _decode, encode
 from edgepack.errors import UserError
-from edgepack.metrics import accuracy, macro_f1, spearman, token_f1
+from edgepack.metrics import accuracy, cosine_rows, macro_f1, spearman, token_f1
 
 KINDS = ("similarity", "classification", "token", "texts")
 
@@ -179,9 +179,7 @@ def score(
     if data.kind == "similarity":
         n = len(data.rows)
         a, b = out[:n], out[n:]
-        cos = np.sum(a * b, 1) / np.maximum(
-            np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12
-        )
+        cos = cosine_rows(a, b)
         gold_scores = np.array([r["score"] for r in data.rows])
         return {"metric": "spearman", "value": round(spearman(cos, gold_scores), 6), "count": n}
     pred = out.argmax(-1)

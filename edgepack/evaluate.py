@@ -13,6 +13,9 @@ from typing import Any
 
 import numpy as np
 
+from edgepack.families import encoder
+from edgepack.metrics import cosine_rows
+
 
 def session(path: Path, threads: int = 1) -> Any:
     import onnxruntime as ort
@@ -78,8 +81,7 @@ def fidelity(
 ) -> dict[str, Any]:
     """Mean/min cosine, max abs diff and, for classifiers, top-1 agreement."""
     ref, got = fidelity_rows(reference, masks), fidelity_rows(candidate, masks)
-    norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1)
-    cos = np.sum(ref * got, axis=1) / np.maximum(norms, 1e-12)
+    cos = cosine_rows(ref, got)
     result: dict[str, Any] = {
         "count": len(cos),
         "mean_cosine": round(float(np.mean(cos)), 6),
@@ -87,7 +89,7 @@ def fidelity(
         "p05_cosine": round(float(np.percentile(cos, 5)), 6),
         "max_abs_diff": round(float(np.max(np.abs(ref - got))), 6),
     }
-    if task in ("text-classification", "token-classification"):
+    if task in encoder.CLASSIFIER_TASKS:
         result["top1_agreement"] = round(float(np.mean(ref.argmax(1) == got.argmax(1))), 6)
     return result
 

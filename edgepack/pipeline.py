@@ -21,6 +21,7 @@ from edgepack.cache import cached
 from edgepack.calibration import TextSet, batches, check_lengths, encode, read_texts, split
 from edgepack.config import BuildConfig
 from edgepack.errors import ToleranceNotMet, UserError
+from edgepack.families import encoder
 from edgepack.profiles import TargetProfile, resolve_targets
 from edgepack.progress import Progress
 from edgepack.quantize import quantize_stage
@@ -117,12 +118,7 @@ def _fidelity(
     # One thread: reductions then run in a fixed order, so the figures (kept in the manifest)
     # are the same on every rebuild and every host.
     got = run_onnx(candidate.path, heldout_feeds, threads=1)
-    masks = (
-        [f["attention_mask"] for f in heldout_feeds]
-        if "attention_mask" in heldout_feeds[0]
-        else None
-    )
-    return fidelity(reference_out, got, masks, fp32.task)
+    return fidelity(reference_out, got, encoder.masks(heldout_feeds), fp32.task)
 
 
 def build(config: BuildConfig, progress: Progress) -> list[BuildResult]:

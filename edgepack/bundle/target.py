@@ -25,6 +25,7 @@ from edgepack.calibration import TextSet, encode
 from edgepack.config import BuildConfig
 from edgepack.evaluate import fidelity, run_onnx
 from edgepack.export import labels_of
+from edgepack.families import encoder
 from edgepack.profiles import TargetProfile
 
 HARNESS_README = Path(__file__).resolve().parent.parent / "harness" / "README.md"
@@ -179,8 +180,7 @@ def fidelity_on(
     model_file: Path, inputs: dict[str, np.ndarray], ref: np.ndarray, task: str
 ) -> dict[str, Any]:
     got = run_onnx(model_file, [inputs], threads=1)
-    mask = [inputs["attention_mask"]] if "attention_mask" in inputs else None
-    return fidelity([ref], got, mask, task)
+    return fidelity([ref], got, encoder.masks([inputs]), task)
 
 
 def _now() -> str:

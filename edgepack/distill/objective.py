@@ -26,6 +26,7 @@ from edgepack.distill.losses import (
     pool,
 )
 from edgepack.errors import UserError
+from edgepack.families import encoder
 
 POOLING_KEYS = {
     "pooling_mode_mean_tokens": "mean",
@@ -116,11 +117,7 @@ class Objective:
         accuracy against ground truth where labels exist."""
         from edgepack.evaluate import fidelity
 
-        task = (
-            "feature-extraction" if self.kind in ("sentence", "tokens") else "text-classification"
-        )
-        if self.kind == "token-logits":
-            task = "token-classification"
+        task = encoder.KIND_TASK[self.kind]
         got = [x.float().cpu().numpy() for x in student]
         ref = [x.float().cpu().numpy() for x in teacher]
         token_level = self.kind in ("tokens", "token-logits")
@@ -172,11 +169,8 @@ def make_objective(teacher: HFModel, settings: Any, hidden_map: Any) -> Objectiv
         "hidden_weight": settings.hidden_weight,
         "layer_map": hidden_map,
     }
-    if teacher.task == "text-classification":
-        return Objective(kind="logits", **common)
-    if teacher.task == "token-classification":
-        return Objective(kind="token-logits", **common)
-    if teacher.library == "sentence_transformers":
+    kind = encoder.output_kind(teacher.task, teacher.library)
+    if kind == "sentence":
         mode, normalize = _sentence_head(teacher.path)
-        return Objective(kind="sentence", pooling=mode, normalize=normalize, **common)
-    return Objective(kind="tokens", **common)
+        return Objective(kind=kind, pooling=mode, normalize=normalize, **common)
+    return Objective(kind=kind, **common)

@@ -42,6 +42,7 @@ from edgepack.distill.student import (
     save_student,
 )
 from edgepack.errors import UserError
+from edgepack.families import encoder
 
 LAYER_PROBE_TEXTS = 64  # training texts the layer choice is scored on
 
@@ -209,7 +210,7 @@ def distill(
     settings.check()
     out_dir = Path(out_dir)
     _prepare_out(out_dir, resume)
-    if teacher.task not in ("feature-extraction", "text-classification", "token-classification"):
+    if teacher.task not in encoder.TASKS:
         raise UserError(f"cannot distil task {teacher.task!r}.")
     if heldout is not None and set(heldout.texts) & set(data.texts):
         both = len(set(heldout.texts) & set(data.texts))
@@ -222,7 +223,9 @@ def distill(
         tokenizer = AutoTokenizer.from_pretrained(str(teacher.path))
         teacher_model = load_teacher(teacher)
         labels = (
-            label_ids(data, teacher_model.config) if teacher.task != "feature-extraction" else None
+            label_ids(data, teacher_model.config)
+            if teacher.task in encoder.CLASSIFIER_TASKS
+            else None
         )
         if heldout is None:
             train_idx, held_idx = split_heldout(

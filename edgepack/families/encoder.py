@@ -60,3 +60,22 @@ def masks(feeds: list[dict[str, Any]]) -> list[Any] | None:
     if not feeds or "attention_mask" not in feeds[0]:
         return None
     return [f["attention_mask"] for f in feeds]
+
+
+# The task whose fidelity figures fit each kind of primary output (see ``output_kind``).
+KIND_TASK = {
+    "sentence": "feature-extraction",
+    "tokens": "feature-extraction",
+    "logits": "text-classification",
+    "token-logits": "token-classification",
+}
+
+
+def output_kind(task: str, library: str) -> str:
+    """What the primary output holds: a pooled sentence embedding, token states, one row of class
+    logits per text, or class logits per token. Distillation and pruning choose losses by it."""
+    if task == "text-classification":
+        return "logits"
+    if task == "token-classification":
+        return "token-logits"
+    return "sentence" if library == "sentence_transformers" else "tokens"

@@ -32,9 +32,9 @@ from edgepack.prune.surgery import Family, get_family, get_path, list_layers
 
 
 def _kind(library: str, task: str) -> str:
-    if library == "sentence_transformers" or task == "feature-extraction":
-        return "embedding"
-    return "token" if task == "token-classification" else "sequence"
+    """Pruning scores compare pooled embeddings, or logits per text or per token."""
+    kind = encoder.output_kind(task, library)
+    return {"logits": "sequence", "token-logits": "token"}.get(kind, "embedding")
 
 
 def _load_net(folder: Path, library: str, task: str, family: Family) -> tuple[Any, Any]:

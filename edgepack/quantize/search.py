@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 
 from edgepack.evaluate import fidelity_rows, run_onnx
+from edgepack.families import encoder
+from edgepack.metrics import cosine_rows
 from edgepack.quantize.graph import drop_dead_nodes
 
 Feeds = dict[str, np.ndarray]
@@ -83,7 +85,7 @@ def search(
 
     start = time.monotonic()
     reference = run_onnx(fp32_path, dev_feeds)
-    masks = [f["attention_mask"] for f in dev_feeds] if "attention_mask" in dev_feeds[0] else None
+    masks = encoder.masks(dev_feeds)
 
     ref_rows = fidelity_rows(reference, masks)
 
@@ -92,10 +94,9 @@ def search(
         feeds = dev_feeds[:batches] if batches else dev_feeds
         got = fidelity_rows(run_onnx(path, feeds), masks[: len(feeds)] if masks else None)
         ref = ref_rows[: len(got)]
-        cos = np.sum(ref * got, 1) / np.maximum(
-            np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1), 1e-12
-        )
-        return float(1.0 - cos.mean())  # unrounded: the search compares tiny differences
+        return float(
+            1.0 - cosine_rows(ref, got).mean()
+        )  # unrounded: the search compares tiny differences
 
     log: list[dict[str, Any]] = []
     best: dict[str, Any] = {}
