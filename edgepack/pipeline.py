@@ -8,7 +8,7 @@ Export and calibration happen once however many targets are built.
 from __future__ import annotations
 
 import platform
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +16,14 @@ import numpy as np
 
 from edgepack import __version__
 from edgepack.artifacts import HFModel, OnnxModel, canonical_json
-from edgepack.bundle import BuildResult, package_target
+from edgepack.bundle import BuildResult, Shared, Shipment, package_target
 from edgepack.cache import cached
 from edgepack.calibration import TextSet, batches, check_lengths, encode, read_texts, split
 from edgepack.config import BuildConfig
 from edgepack.errors import ToleranceNotMet, UserError
 from edgepack.families import encoder
 from edgepack.profiles import TargetProfile, resolve_targets
-from edgepack.progress import Progress
+from edgepack.progress import Progress, quiet_libraries
 from edgepack.quantize import quantize_stage
 
 
@@ -121,25 +121,55 @@ def _fidelity(
     return fidelity(reference_out, got, encoder.masks(heldout_feeds), fp32.task)
 
 
+@dataclass
+class _Measured:
+    """What a matrix build shares between targets, so each model is quantized and measured once."""
+
+    references: dict[int, tuple[list[dict[str, Any]], list[Any]]] = field(default_factory=dict)
+    quantized: dict[str, OnnxModel] = field(default_factory=dict)
+    figures: dict[tuple[str, int], tuple[dict[str, Any], dict[str, Any] | None]] = field(
+        default_factory=dict
+    )
+
+
 def build(config: BuildConfig, progress: Progress) -> list[BuildResult]:
-    """Build one bundle per target named by ``config.target``; returns them in order."""
+    """Build one bundle per target named by ``config.target``, then the summary and the report."""
+    with quiet_libraries():
+        shared, texts, original = _prepare(config, progress)
+        profiles = resolve_targets(config.target)
+        measured = _Measured()
+        results = []
+        for profile in profiles:
+            ship = _ship(shared, texts, profile, measured, progress)
+            with progress.stage("package", profile.name):
+                results.append(package_target(shared, ship))
+        original_fp32 = _original_export(original, shared.model, progress)
+    finish(results, progress, Path(config.out), original_fp32)
+    return results
+
+
+def _prepare(config: BuildConfig, progress: Progress) -> tuple[Shared, TextSet, HFModel]:
+    """Load and check everything before the long stages, then run the model stages and export.
+
+    Returns what every target shares, the dev texts the accuracy search chooses on, and the model
+    as the user gave it (before distillation or pruning), for the summary's comparison.
+    """
     from transformers import AutoTokenizer
 
     from edgepack.bundle import check_destination
     from edgepack.load import display_name, load_model
 
     profiles = resolve_targets(config.target)
-    out_root = Path(config.out)
     with progress.stage("load", config.model):
-        model = load_model(config.model, config.task or None, config.trust_remote_code)
-        name = config.name or display_name(model)
+        original = load_model(config.model, config.task or None, config.trust_remote_code)
+        name = config.name or display_name(original)
         for profile in profiles:
-            check_destination(out_root, f"{name}-{profile.name}", config.force)
+            check_destination(Path(config.out), f"{name}-{profile.name}", config.force)
         calib, heldout, dev = _texts(config)
-        tokenizer = AutoTokenizer.from_pretrained(str(model.path), local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(original.path), local_files_only=True)
     if not config.truncate:
-        check_lengths(calib, tokenizer, model.max_length)
-        check_lengths(heldout, tokenizer, model.max_length)
+        check_lengths(calib, tokenizer, original.max_length)
+        check_lengths(heldout, tokenizer, original.max_length)
     # Pruning fits least-squares refits, which want every text there is: the whole calibration
     # file, held-out texts excluded (sample model, budget 0.3, held-out cosine: 300 texts 0.946,
     # all 464 0.953).
@@ -148,71 +178,83 @@ def build(config: BuildConfig, progress: Progress) -> list[BuildResult]:
         tuple(t for t in read_texts(config.calibration, config.text_field).texts if t not in held),
         calib.source,
     )
-    model = _model_stages(model, config, fit, progress)
-
+    model = _model_stages(original, config, fit, progress)
     seq_len = max(_seq_len(p, model) for p in profiles)
     fp32 = _export(model, tokenizer, list(heldout.texts[:8]), seq_len, progress)
-    names = [i["name"] for i in fp32.inputs]
-    results = []
-    quantized: dict[str, OnnxModel] = {}
-    # A matrix shares models between targets: measure each (model, seq_len) once.
-    references: dict[int, tuple[list[dict[str, Any]], list[Any]]] = {}
-    measured: dict[tuple[str, int], tuple[dict[str, Any], dict[str, Any] | None]] = {}
-    for profile in profiles:
-        seq_len = _seq_len(profile, model)
-        if seq_len not in references:
-            from edgepack.evaluate import run_onnx
+    shared = Shared(name, model, fp32, calib, heldout, tokenizer, config, _versions())
+    return shared, dev, original
 
-            feeds = list(batches(tokenizer, heldout, names, seq_len, batch_size=16)())
-            references[seq_len] = (feeds, run_onnx(fp32.path, feeds, threads=1))
-        heldout_feeds, reference_out = references[seq_len]
-        precision = _precision(config, profile)
-        candidate = fp32
-        if precision == "int8":
-            key = canonical_json([_quant_settings(profile), seq_len])
-            if key not in quantized:
-                quantized[key] = quantize_stage(
-                    fp32, _quant_settings(profile), calib, dev, tokenizer, seq_len, config, progress
-                )
-            candidate = quantized[key]
-        if (candidate.sha256, seq_len) not in measured:
-            with progress.stage("fidelity", f"{len(heldout.texts)} held-out texts"):
-                fid = _fidelity(fp32, candidate, heldout_feeds, reference_out)
-            evaluation = _task_metric(
-                model.path, config, fp32, candidate, tokenizer, seq_len, progress
+
+def _ship(
+    shared: Shared,
+    dev: TextSet,
+    profile: TargetProfile,
+    measured: _Measured,
+    progress: Progress,
+) -> Shipment:
+    """The target's model (quantized when its precision says so), measured against fp32."""
+    from edgepack.evaluate import run_onnx
+
+    fp32, config, tokenizer = shared.fp32, shared.config, shared.tokenizer
+    seq_len = _seq_len(profile, shared.model)
+    if seq_len not in measured.references:
+        names = [i["name"] for i in fp32.inputs]
+        feeds = list(batches(tokenizer, shared.heldout, names, seq_len, batch_size=16)())
+        measured.references[seq_len] = (feeds, run_onnx(fp32.path, feeds, threads=1))
+    heldout_feeds, reference_out = measured.references[seq_len]
+    precision = _precision(config, profile)
+    candidate = fp32
+    if precision == "int8":
+        settings = _quant_settings(profile)
+        key = canonical_json([settings, seq_len])
+        if key not in measured.quantized:
+            measured.quantized[key] = quantize_stage(
+                fp32, settings, shared.calib, dev, tokenizer, seq_len, config, progress
             )
-            measured[(candidate.sha256, seq_len)] = (fid, evaluation)
-        fid, evaluation = measured[(candidate.sha256, seq_len)]
-        progress.note(
-            f"{precision} vs fp32: mean cosine {fid['mean_cosine']:.4f}, min {fid['min_cosine']:.4f}"
-            + (f", top-1 agreement {fid['top1_agreement']:.3f}" if "top1_agreement" in fid else "")
+        candidate = measured.quantized[key]
+    if (candidate.sha256, seq_len) not in measured.figures:
+        with progress.stage("fidelity", f"{len(shared.heldout.texts)} held-out texts"):
+            fid = _fidelity(fp32, candidate, heldout_feeds, reference_out)
+        evaluation = _task_metric(
+            shared.model.path, config, fp32, candidate, tokenizer, seq_len, progress
         )
-        if fid["mean_cosine"] < config.min_cosine:
-            raise UserError(
-                f"{precision} model's mean cosine to fp32 is {fid['mean_cosine']:.4f}, below the "
-                f"gate {config.min_cosine}; lower --min-cosine or use --precision fp32."
-            )
-        with progress.stage("package", profile.name):
-            result = package_target(
-                name=f"{name}-{profile.name}",
-                out_root=out_root,
-                force=config.force,
-                profile=profile,
-                model=model,
-                fp32=fp32,
-                candidate=candidate,
-                precision=precision,
-                fidelity=fid,
-                evaluation=evaluation,
-                calib=calib,
-                heldout=heldout,
-                tokenizer=tokenizer,
-                seq_len=seq_len,
-                config=config,
-                versions=_versions(),
-            )
-        results.append(result)
-    return results
+        measured.figures[(candidate.sha256, seq_len)] = (fid, evaluation)
+    fid, evaluation = measured.figures[(candidate.sha256, seq_len)]
+    progress.note(
+        f"{precision} vs fp32: mean cosine {fid['mean_cosine']:.4f}, min {fid['min_cosine']:.4f}"
+        + (f", top-1 agreement {fid['top1_agreement']:.3f}" if "top1_agreement" in fid else "")
+    )
+    if fid["mean_cosine"] < config.min_cosine:
+        raise UserError(
+            f"{precision} model's mean cosine to fp32 is {fid['mean_cosine']:.4f}, below the "
+            f"gate {config.min_cosine}; lower --min-cosine or use --precision fp32."
+        )
+    return Shipment(profile, candidate, precision, fid, evaluation, seq_len)
+
+
+def _original_export(original: HFModel, model: HFModel, progress: Progress) -> Path | None:
+    """The fp32 export of the model the user started from, when distillation or pruning changed
+    it: the summary then shows what those stages gained, not only what int8 did on top."""
+    if original.digest == model.digest:
+        return None
+    from edgepack.export import export_cached
+
+    with progress.stage("export", f"{original.source} (original, for comparison)"):
+        onnx_model, _ = export_cached(original)
+    return onnx_model.path
+
+
+def finish(
+    results: list[BuildResult], progress: Progress, out: Path, original: Path | None = None
+) -> None:
+    """Host latency beside fp32 (and the original model), the summary table and the report."""
+    from edgepack.report import write_report
+    from edgepack.summary import measure_latency, print_summary
+
+    latency = measure_latency(results, progress, original)
+    print_summary(results, latency, progress)
+    md, page = write_report(results, latency, dict(progress.timings), out)
+    progress.note(f"report: {md} and {page}")
 
 
 def raise_if_tolerance_missed(results: list[BuildResult]) -> None:

@@ -27,3 +27,28 @@ class Progress:
 
     def note(self, text: str) -> None:
         self.console.print(f"  {text}")
+
+
+@contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """Silence third-party advice a build's user cannot act on.
+
+    transformers and optimum log deprecations and optional-dependency hints (``torch_dtype`` is
+    deprecated, weight deduplication needs accelerate) from inside the export; edgepack's own lines
+    say what happened. Errors still show: only warnings and below are dropped.
+    """
+    import logging
+    import warnings
+
+    names = ("transformers", "optimum", "sentence_transformers", "torch.onnx")
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,8 +13,11 @@ from edgepack.bundle import BuildResult
 from edgepack.progress import Progress
 
 
-def measure_latency(results: list[BuildResult], progress: Progress) -> dict[str, dict[str, Any]]:
-    """Each bundle's model and its fp32 source, interleaved on this host (one row, seq as shipped).
+def measure_latency(
+    results: list[BuildResult], progress: Progress, original: Path | None = None
+) -> dict[str, dict[str, Any]]:
+    """Each bundle's model beside its fp32 source (and the original model, when distillation or
+    pruning changed it), interleaved on this host, one row at the shipped sequence length.
 
     Host numbers say how the variants compare here; the device's own numbers come from bench.py.
     """
@@ -28,41 +32,47 @@ def measure_latency(results: list[BuildResult], progress: Progress) -> dict[str,
         models = {"model": r.folder / m["model"]["file"]}
         if m["model"]["precision"] != "fp32":
             models["fp32"] = r.fp32_model
+        if original is not None:
+            models["original"] = original
         with progress.stage("latency", f"{r.target}, {threads} threads, host"):
             lat = host_latency(models, feeds, threads=threads, rounds=10)
         lat.setdefault("fp32", lat["model"])
         latency[r.target] = {**lat, "threads": threads}
+        if original is not None:
+            latency[r.target]["original_bytes"] = original.stat().st_size
     return latency
+
+
+COLUMNS = ("target", "prec", "MB", "x fp32", "cos", "min cos", "p50 ms", "x fp32")
 
 
 def print_summary(
     results: list[BuildResult], latency: dict[str, dict[str, Any]], progress: Progress
 ) -> None:
-    table = Table(title="edgepack build")
-    columns = (
-        "target",
-        "precision",
-        "size MB",
-        "fp32 MB",
-        "mean cos",
-        "min cos",
-        "p50 ms",
-        "fp32 p50 ms",
-        "ratio",
-    )
-    for col in columns:
-        table.add_column(col, justify="left" if col == "target" else "right")
+    """One row per bundle, narrow enough for an 80-column terminal; ratios are against the fp32
+    export of the shipped model, and a line per target compares with the original model."""
+    table = Table(title="edgepack build", padding=(0, 1), collapse_padding=True)
+    for col in COLUMNS:
+        table.add_column(col, justify="left" if col == "target" else "right", no_wrap=True)
     for r in results:
         m, lat = r.manifest, latency[r.target]
         table.add_row(
             r.target,
             m["model"]["precision"],
             f"{m['model']['bytes'] / 1e6:.1f}",
-            f"{m['model']['fp32_bytes'] / 1e6:.1f}",
+            f"{m['model']['bytes'] / m['model']['fp32_bytes']:.2f}",
             f"{m['fidelity']['mean_cosine']:.4f}",
             f"{m['fidelity']['min_cosine']:.4f}",
             f"{lat['model']['p50_ms']:.2f}",
-            f"{lat['fp32']['p50_ms']:.2f}",
             f"{lat['model']['p50_ms'] / lat['fp32']['p50_ms']:.2f}",
         )
     progress.console.print(table)
+    for r in results:
+        lat = latency[r.target]
+        if "original" in lat:
+            size = r.manifest["model"]["bytes"] / lat["original_bytes"]
+            speed = lat["model"]["p50_ms"] / lat["original"]["p50_ms"]
+            progress.note(
+                f"{r.target} vs the original model's fp32 export: size {size:.2f}x, "
+                f"p50 {speed:.2f}x ({lat['original']['p50_ms']:.2f} ms)"
+            )

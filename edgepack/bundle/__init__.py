@@ -12,13 +12,15 @@ from edgepack.bundle.archive import (
     is_archive,
 )
 from edgepack.bundle.manifest import VOLATILE_KEYS, read_manifest, verify
-from edgepack.bundle.target import BuildResult, package_target
+from edgepack.bundle.target import BuildResult, Shared, Shipment, package_target
 from edgepack.bundle.write import check_destination
 
 __all__ = [
     "ARCHIVE_SUFFIXES",
     "VOLATILE_KEYS",
     "BuildResult",
+    "Shared",
+    "Shipment",
     "bundle_folder",
     "bundle_name",
     "check_destination",

@@ -71,97 +71,48 @@ def _readme(name: str, manifest: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def package_target(
-    *,
-    name: str,
-    out_root: Path,
-    force: bool,
-    profile: TargetProfile,
-    model: HFModel,
-    fp32: OnnxModel,
-    candidate: OnnxModel,
-    precision: str,
-    fidelity: dict[str, Any],
-    evaluation: dict[str, Any] | None,
-    calib: TextSet,
-    heldout: TextSet,
-    tokenizer: Any,
-    seq_len: int,
-    config: BuildConfig,
-    versions: dict[str, str],
-) -> BuildResult:
+@dataclass(frozen=True)
+class Shared:
+    """What every target of one build shares: the model, its fp32 export and the texts."""
+
+    name: str  # bundle name prefix; each bundle is "<name>-<target>"
+    model: HFModel
+    fp32: OnnxModel
+    calib: TextSet
+    heldout: TextSet
+    tokenizer: Any
+    config: BuildConfig
+    versions: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Shipment:
+    """One target's model and the figures measured on it."""
+
+    profile: TargetProfile
+    candidate: OnnxModel
+    precision: str
+    fidelity: dict[str, Any]
+    evaluation: dict[str, Any] | None
+    seq_len: int
+
+
+def package_target(shared: Shared, ship: Shipment) -> BuildResult:
+    """Write ``<out>/<name>-<target>/`` and its .tar.gz, replacing them only when complete."""
+    name, fp32, out_root = (
+        f"{shared.name}-{ship.profile.name}",
+        shared.fp32,
+        Path(shared.config.out),
+    )
     names = [i["name"] for i in fp32.inputs]
-    inputs = encode(tokenizer, list(heldout.texts[:REFERENCE_TEXTS]), names, seq_len)
+    inputs = encode(
+        shared.tokenizer, list(shared.heldout.texts[:REFERENCE_TEXTS]), names, ship.seq_len
+    )
     ref_out = run_onnx(fp32.path, [inputs], threads=1)[0]
-    fmt = profile.section("format")
     with staging(out_root, name) as tmp:
-        model_file, extra = candidate.path, {}
-        inputs_io, outputs_io = list(fp32.inputs), list(fp32.outputs)
-        if fmt.get("fixed_shape"):
-            from edgepack.export import io_signature
-
-            batch = int(profile.section("harness").get("batch", 1))
-            model_file = fix_input_shapes(model_file, tmp, batch, seq_len)
-            inputs_io, outputs_io = (list(x) for x in io_signature(model_file))
-        if fmt["model"] == "ort":
-            model_file, op_config = to_ort_format(model_file, tmp, fmt)
-            if op_config is not None:
-                extra["required_operators_and_types.config"] = op_config
-        if config.with_runtime:
-            from edgepack.bundle.wheels import download_runtime
-
-            download_runtime(profile.section("device"), tmp / "wheels", versions["onnxruntime"])
-            extra["wheels"] = tmp / "wheels"
-        file_name = "model.ort" if fmt["model"] == "ort" else "model.onnx"
+        model_file, io, extra = _device_model(shared, ship, tmp)
         check = fidelity_on(model_file, inputs, ref_out, fp32.task)
-        manifest = {
-            "built_at": _now(),
-            "task": fp32.task,
-            "model": {
-                "file": file_name,
-                "sha256": sha256_file(model_file),
-                "bytes": model_file.stat().st_size,
-                "precision": precision,
-                "fp32_bytes": fp32.path.stat().st_size,
-            },
-            "io": {
-                "inputs": inputs_io,
-                "outputs": outputs_io,
-                "primary_output": fp32.primary_output,
-            },
-            "source": {
-                "model": model.source,
-                "model_type": model.model_type,
-                "weights_sha256": model.weights_sha256,
-                "library": model.library,
-                "history": list(model.history),
-            },
-            "target": {**profile.data, "profile_source": Path(profile.source).name},
-            "harness": {"batch": 1, **profile.section("harness"), "seq_len": seq_len},
-            "export": fp32.records.get("validation", {}),
-            "quantization": candidate.records.get("quantization") if precision == "int8" else None,
-            "calibration": calib.record() if precision == "int8" else None,
-            "heldout": heldout.record(),
-            "fidelity": fidelity,
-            "evaluation": evaluation,
-            "labels": labels_of(model.path),
-            "reference": {
-                "inputs": "reference/inputs.npz",
-                "outputs": "reference/outputs_fp32.npz",
-                "count": len(ref_out),
-                "host_min_cosine": check["min_cosine"],
-                "min_cosine": round(min(check["min_cosine"] - DEVICE_COSINE_MARGIN, 0.999), 4),
-            },
-            "build": {
-                # This bundle's own target, so `edgepack rebuild` of one bundle of a matrix works.
-                "config": {
-                    **{k: v for k, v in config.__dict__.items() if k not in ("out", "force")},
-                    "target": profile.name,
-                },
-                "command": "edgepack rebuild manifest.json",
-            },
-            "versions": versions,
-        }
+        manifest = _manifest(shared, ship, model_file, io, check, len(ref_out))
         write_bundle(
             tmp / name,
             model_file,
@@ -172,8 +123,88 @@ def package_target(
             _readme(name, manifest),
         )
         write_tar(tmp / name, tmp / f"{name}.tar.gz")
-        folder, tarball = publish(tmp, out_root, name, force)
-    return BuildResult(profile.name, folder, tarball, manifest, fp32.path)
+        folder, tarball = publish(tmp, out_root, name, shared.config.force)
+    return BuildResult(ship.profile.name, folder, tarball, manifest, fp32.path)
+
+
+def _device_model(
+    shared: Shared, ship: Shipment, tmp: Path
+) -> tuple[Path, dict[str, Any], dict[str, Path]]:
+    """The model in the profile's format, its I/O signature, and extra files the format needs."""
+    fmt, profile = ship.profile.section("format"), ship.profile
+    model_file, extra = ship.candidate.path, {}
+    io = {"inputs": list(shared.fp32.inputs), "outputs": list(shared.fp32.outputs)}
+    if fmt.get("fixed_shape"):
+        from edgepack.export import io_signature
+
+        batch = int(profile.section("harness").get("batch", 1))
+        model_file = fix_input_shapes(model_file, tmp, batch, ship.seq_len)
+        io["inputs"], io["outputs"] = (list(x) for x in io_signature(model_file))
+    if fmt["model"] == "ort":
+        model_file, op_config = to_ort_format(model_file, tmp, fmt)
+        if op_config is not None:
+            extra["required_operators_and_types.config"] = op_config
+    if shared.config.with_runtime:
+        from edgepack.bundle.wheels import download_runtime
+
+        download_runtime(profile.section("device"), tmp / "wheels", shared.versions["onnxruntime"])
+        extra["wheels"] = tmp / "wheels"
+    return model_file, io, extra
+
+
+def _manifest(
+    shared: Shared,
+    ship: Shipment,
+    model_file: Path,
+    io: dict[str, Any],
+    check: dict[str, Any],
+    count: int,
+) -> dict[str, Any]:
+    fp32, model, profile, int8 = shared.fp32, shared.model, ship.profile, ship.precision == "int8"
+    return {
+        "built_at": _now(),
+        "task": fp32.task,
+        "model": {
+            "file": "model.ort" if profile.section("format")["model"] == "ort" else "model.onnx",
+            "sha256": sha256_file(model_file),
+            "bytes": model_file.stat().st_size,
+            "precision": ship.precision,
+            "fp32_bytes": fp32.path.stat().st_size,
+        },
+        "io": {**io, "primary_output": fp32.primary_output},
+        "source": {
+            "model": model.source,
+            "model_type": model.model_type,
+            "weights_sha256": model.weights_sha256,
+            "library": model.library,
+            "history": list(model.history),
+        },
+        "target": {**profile.data, "profile_source": Path(profile.source).name},
+        "harness": {"batch": 1, **profile.section("harness"), "seq_len": ship.seq_len},
+        "export": fp32.records.get("validation", {}),
+        "quantization": ship.candidate.records.get("quantization") if int8 else None,
+        "calibration": shared.calib.record() if int8 else None,
+        "heldout": shared.heldout.record(),
+        "fidelity": ship.fidelity,
+        "evaluation": ship.evaluation,
+        "labels": labels_of(model.path),
+        "reference": {
+            "inputs": "reference/inputs.npz",
+            "outputs": "reference/outputs_fp32.npz",
+            "count": count,
+            "host_min_cosine": check["min_cosine"],
+            "min_cosine": round(min(check["min_cosine"] - DEVICE_COSINE_MARGIN, 0.999), 4),
+        },
+        "build": {
+            # This bundle's own target, so `edgepack rebuild` of one bundle of a matrix works.
+            "config": {
+                **{k: v for k, v in shared.config.__dict__.items() if k not in ("out", "force")},
+                "target": profile.name,
+            },
+            "command": "edgepack rebuild manifest.json",
+        },
+        "versions": shared.versions,
+    }
 
 
 def fidelity_on(
@@ -189,4 +220,4 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
 
 
-__all__ = ["package_target"]
+__all__ = ["BuildResult", "Shared", "Shipment", "package_target"]

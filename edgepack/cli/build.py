@@ -76,6 +76,7 @@ def build(config_path: Path | None, quiet: bool, **flags: Any) -> None:
     """Build one verified bundle per target; the last line printed is the .tar.gz path."""
     from edgepack.config import overlay, read_config, sample_config_path
     from edgepack.pipeline import build as run_build
+    from edgepack.pipeline import raise_if_tolerance_missed
     from edgepack.progress import Progress
 
     config = read_config(config_path or sample_config_path())
@@ -85,16 +86,7 @@ def build(config_path: Path | None, quiet: bool, **flags: Any) -> None:
     if flags.get("calibration") and not flags.get("heldout"):
         config = overlay(config, {"heldout": ""}, "--calibration")
     config = overlay(config, _build_options(flags), "command line")
-    progress = Progress(quiet=quiet)
-    results = run_build(config, progress)
-    from edgepack.pipeline import raise_if_tolerance_missed
-    from edgepack.report import write_report
-    from edgepack.summary import measure_latency, print_summary
-
-    latency = measure_latency(results, progress)
-    print_summary(results, latency, progress)
-    md, page = write_report(results, latency, dict(progress.timings), Path(config.out))
-    progress.note(f"report: {md} and {page}")
+    results = run_build(config, Progress(quiet=quiet))
     for result in results:
         click.echo(str(result.tarball))
     raise_if_tolerance_missed(results)
