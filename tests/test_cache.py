@@ -1,0 +1,192 @@
+"""The stage cache under concurrent, failing and killed builds, with real processes.
+
+Builds of the same model in two terminals or a CI matrix share one cache folder; these tests run
+``cached()`` in separate Python processes (threads would share the pid and hide lock bugs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from edgepack.artifacts import HFModel, load_record
+from edgepack.cache import cached, stage_key
+
+STAGE, SETTINGS, DIGEST = "export", {"v": 1}, "d" * 64
+PARTS = 5
+ARGS = json.dumps([STAGE, SETTINGS, DIGEST, PARTS])
+
+# One build: make() logs its pid, then writes PARTS files slowly into <out>/model. With a
+# "barrier" the process waits for <work>/go, so two builds call cached() at the same moment.
+CHILD = r"""
+import json, os, sys, time
+from pathlib import Path
+from edgepack.artifacts import HFModel
+from edgepack.cache import cached
+
+work, name, delay, barrier = Path(sys.argv[1]), sys.argv[2], float(sys.argv[3]), sys.argv[4]
+stage, settings, digest, parts = json.loads(sys.argv[5])
+
+def make(out):
+    with open(work / "runs.log", "a") as log:
+        log.write(f"{os.getpid()}\n")
+    (out / "model").mkdir()
+    (work / f"started-{name}").touch()
+    for i in range(parts):
+        (out / "model" / f"part{i}.txt").write_text(f"part {i}\n" * 1000)
+        time.sleep(delay)
+    return HFModel(out / "model", "feature-extraction", str(out / "model"), "transformers",
+                   "0" * 64, "bert", 128)
+
+if barrier == "1":
+    (work / f"ready-{name}").touch()
+    deadline = time.monotonic() + 30
+    while not (work / "go").exists() and time.monotonic() < deadline:
+        time.sleep(0.005)
+record, hit = cached(stage, settings, digest, HFModel, make)
+print(json.dumps({"path": str(record.path), "source": record.source, "hit": hit}))
+"""
+
+
+@pytest.fixture
+def work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("EDGEPACK_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "work").mkdir()
+    return tmp_path / "work"
+
+
+def final_dir() -> Path:
+    return Path(os.environ["EDGEPACK_CACHE"]) / STAGE / stage_key(STAGE, SETTINGS, DIGEST)
+
+
+def temp_dirs() -> list[Path]:
+    return sorted(final_dir().parent.glob(".tmp-*"))
+
+
+def runs(work: Path) -> int:
+    log = work / "runs.log"
+    return len(log.read_text().splitlines()) if log.exists() else 0
+
+
+def child(work: Path, name: str, delay: float, barrier: bool = False) -> subprocess.Popen[str]:
+    # os.environ carries EDGEPACK_CACHE (monkeypatched) and PYTHONPATH to the child.
+    return subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(work), name, str(delay), "1" if barrier else "0", ARGS],
+        env=dict(os.environ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for(path: Path, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.01)
+
+
+def assert_complete_entry() -> None:
+    record = load_record(HFModel, final_dir())
+    assert record.path == final_dir() / "model"
+    assert record.source == str(final_dir() / "model")
+    for i in range(PARTS):
+        assert (record.path / f"part{i}.txt").read_text() == f"part {i}\n" * 1000
+    assert temp_dirs() == []
+
+
+def test_two_concurrent_builds_make_the_entry_once_and_share_it(work: Path) -> None:
+    procs = [child(work, name, 0.1, barrier=True) for name in "ab"]
+    for name in "ab":
+        wait_for(work / f"ready-{name}")
+    (work / "go").touch()
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        results.append(json.loads(out.splitlines()[-1]))
+    assert runs(work) == 1
+    assert sorted(r["hit"] for r in results) == [False, True]
+    for r in results:  # the builder's own record points into the final folder, not its temp one
+        assert r["path"] == str(final_dir() / "model")
+        assert r["source"] == str(final_dir() / "model")
+    assert_complete_entry()
+
+
+def test_a_failed_make_leaves_no_entry_and_never_touches_a_published_one(work: Path) -> None:
+    seen: list[bool] = []
+
+    def fail(out: Path) -> HFModel:
+        (out / "half.txt").write_text("half")
+        seen.append(final_dir().exists())  # a half-written entry is never at the final name
+        raise RuntimeError("make failed")
+
+    with pytest.raises(RuntimeError, match="make failed"):
+        cached(STAGE, SETTINGS, DIGEST, HFModel, fail)
+    assert seen == [False]
+    assert not final_dir().exists()
+    assert temp_dirs() == []
+
+    # The lock was released: another process builds the entry at once.
+    proc = child(work, "next", 0)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert json.loads(out)["hit"] is False
+    assert runs(work) == 1
+    assert_complete_entry()
+
+    def interrupted(out: Path) -> HFModel:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        cached(STAGE, SETTINGS, DIGEST, HFModel, interrupted, enabled=False)
+    assert_complete_entry()  # the published entry survives a failed rebuild
+
+
+def test_a_killed_build_leaves_no_readable_entry_and_the_next_build_cleans_up(work: Path) -> None:
+    proc = child(work, "killed", 0.5)
+    wait_for(work / "started-killed")
+    time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not final_dir().exists()
+    assert len(temp_dirs()) == 1
+    assert str(proc.pid) in temp_dirs()[0].name
+
+    proc = child(work, "next", 0)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert json.loads(out)["hit"] is False
+    assert runs(work) == 2
+    assert_complete_entry()
+
+
+def test_leftovers_of_dead_builds_and_older_versions_are_removed(work: Path) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait(timeout=30)
+    stage_dir = final_dir().parent
+    other = "f" * 32
+    stale = stage_dir / f".tmp-{other}-{dead.pid}-0000"
+    live = stage_dir / f".tmp-{other}-{os.getpid()}-0000"  # a build still running
+    for folder in (stale, live):
+        folder.mkdir(parents=True)
+        (folder / "half.txt").write_text("half")
+    final_dir().mkdir()  # an older edgepack's interrupted entry: files but no artifact.json
+    (final_dir() / "junk.txt").write_text("junk")
+
+    proc = child(work, "next", 0)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert json.loads(out)["hit"] is False
+    assert not stale.exists()
+    assert (live / "half.txt").exists()
+    live.rename(stage_dir.parent / "moved-live")  # out of the way of assert_complete_entry
+    assert not (final_dir() / "junk.txt").exists()
+    assert_complete_entry()
