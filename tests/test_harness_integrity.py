@@ -6,6 +6,8 @@ runs the bundle's own bench.py (or run.sh) in a subprocess with a real onnxrunti
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -39,10 +41,10 @@ def run_bench(bundle: Path, *args: str, env: dict | None = None, cwd: Path | Non
     )
 
 
-def run_sh(bundle: Path, *args: str):
+def run_sh(bundle: Path, *args: str, cwd: Path | None = None):
     env = dict(os.environ, PYTHON=sys.executable)
     return subprocess.run(["sh", str(bundle / "run.sh"), *args], capture_output=True, text=True,
-                          env=env, timeout=300, check=False)  # fmt: skip
+                          env=env, cwd=cwd, timeout=300, check=False)  # fmt: skip
 
 
 def refused(proc, *words: str) -> None:
@@ -197,3 +199,128 @@ def test_sums_written_by_sha256sum_binary_mode_are_accepted(tmp_path):
     with open(bundle / "model.onnx", "ab") as handle:
         handle.write(b"\0")
     refused(run_bench(bundle, *QUICK), "model.onnx", "SHA256SUMS")
+
+
+# --- signatures ------------------------------------------------------------------------------
+
+
+def test_require_signature_needs_a_public_key(tmp_path):
+    bundle = full_bundle(tmp_path)
+    refused(run_bench(bundle, *QUICK, "--require-signature"), "--public-key")
+
+
+def test_no_verify_cannot_be_combined_with_a_public_key(tmp_path):
+    bundle = full_bundle(tmp_path)
+    key = tmp_path / "pub.pem"
+    key.write_text("not read\n")
+    refused(run_bench(bundle, *QUICK, "--no-verify", "--public-key", str(key)), "--no-verify")
+
+
+def test_public_key_without_model_signing_warns_or_refuses(tmp_path):
+    """model_signing fails to import without pyopenssl; an OpenSSL package that fails to import
+    first on the path makes that happen even where both are installed."""
+    bundle = full_bundle(tmp_path)
+    shadow = tmp_path / "shadow" / "OpenSSL"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'OpenSSL'\")\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(shadow.parent))
+    key = tmp_path / "pub.pem"
+    key.write_text("never read: model_signing is not importable\n")
+    proc = run_bench(bundle, *QUICK, "--public-key", str(key), env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("warning: ")
+    assert "NOT checked" in proc.stderr and "pip install model-signing pyopenssl" in proc.stderr
+    strict = run_bench(bundle, *QUICK, "--public-key", str(key), "--require-signature", env=env)
+    refused(strict, "--require-signature", "pip install model-signing pyopenssl")
+
+
+def _model_signing_missing() -> str | None:
+    try:
+        if importlib.util.find_spec("model_signing") is None:
+            return "model_signing is not installed (pip install model-signing pyopenssl)"
+        import model_signing.signing  # noqa: F401
+    except ImportError as exc:
+        return f"model_signing is not importable ({exc}); pip install model-signing pyopenssl"
+    return None
+
+
+needs_model_signing = pytest.mark.skipif(
+    _model_signing_missing() is not None, reason=str(_model_signing_missing())
+)
+
+
+def ec_key_pair(folder: Path) -> tuple[Path, Path]:
+    """An EC P-256 private key and its public key, PEM files."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    private, public = folder / "key.pem", folder / "pub.pem"
+    folder.mkdir(parents=True, exist_ok=True)
+    private.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                          serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))  # fmt: skip
+    public.write_bytes(key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))  # fmt: skip
+    return private, public
+
+
+def sign_bundle(bundle: Path, private_key: Path) -> None:
+    """The bundle.sig convention: every file of the folder except bundle.sig itself."""
+    from model_signing import hashing, signing
+
+    ignore = hashing.Config().set_ignored_paths(paths=["bundle.sig"], ignore_git_paths=False)
+    signing.Config().use_elliptic_key_signer(private_key=private_key).set_hashing_config(
+        ignore
+    ).sign(bundle, bundle / "bundle.sig")
+
+
+@pytest.fixture
+def signed(tmp_path):
+    bundle = full_bundle(tmp_path / "b")
+    private, public = ec_key_pair(tmp_path / "keys")
+    sign_bundle(bundle, private)
+    return bundle, public
+
+
+@needs_model_signing
+def test_signed_bundle_verifies_and_bundle_sig_needs_no_sums_entry(signed):
+    bundle, public = signed
+    assert "bundle.sig" not in (bundle / "SHA256SUMS").read_text()
+    ok = run_bench(bundle, *QUICK, "--public-key", str(public), "--require-signature")
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stderr == ""
+    assert run_bench(bundle, *QUICK).returncode == 0  # bundle.sig without a key: unchecked
+    # run.sh passes the flags on; a relative key path is the caller's, though run.sh cds away.
+    via_sh = run_sh(bundle, *QUICK, "--public-key", public.name, cwd=public.parent)
+    assert via_sh.returncode == 0, via_sh.stderr
+    # Signing again over a folder that already holds bundle.sig gives a signature that verifies.
+    sign_bundle(bundle, public.parent / "key.pem")
+    assert run_bench(bundle, *QUICK, "--public-key", str(public)).returncode == 0
+
+
+@needs_model_signing
+def test_signed_bundle_with_a_changed_model_is_refused_by_the_signature(signed):
+    bundle, public = signed
+    model = bundle / "model.onnx"
+    flip_weight_byte(model)
+    edit_manifest(bundle, sha256=hashlib.sha256(model.read_bytes()).hexdigest())
+    write_sums(bundle)  # sums and manifest agree with the changed model; only bundle.sig does not
+    assert run_bench(bundle, *QUICK).returncode == 0
+    refused(run_bench(bundle, *QUICK, "--public-key", str(public)), "bundle.sig", "model.onnx")
+
+
+@needs_model_signing
+def test_missing_signature_is_refused_when_a_key_is_given(signed):
+    bundle, public = signed
+    (bundle / "bundle.sig").unlink()
+    refused(run_bench(bundle, *QUICK, "--public-key", str(public)), "bundle.sig")
+
+
+@needs_model_signing
+def test_signature_checked_with_another_key_is_refused(signed, tmp_path):
+    bundle, _ = signed
+    _, other = ec_key_pair(tmp_path / "other")
+    refused(run_bench(bundle, *QUICK, "--public-key", str(other)), "bundle.sig")

@@ -12,6 +12,7 @@ Usage (on the device, from anywhere):
     python3 bench.py --runs 500 --threads 2 --cpus 4-7 --json result.json
     python3 bench.py --cold-runs 5            # also time import/session/first run in new processes
     python3 bench.py --compare baseline.json --threshold 0.05
+    python3 bench.py --public-key signer.pub --require-signature   # check bundle.sig too
 
 Before anything runs, verify_bundle() refuses (exit 2, one line naming the file) a bundle that is
 not exactly as it was built:
@@ -19,15 +20,23 @@ not exactly as it was built:
 - no symbolic link anywhere in the folder, and nothing but regular files and folders;
 - SHA256SUMS (`sha256sum -c` format: `<sha256>  name`, or `<sha256> *name` as `sha256sum -b`
   writes) names no absolute path and no `..`; every file it lists is present with that sha256;
-- every regular file in the folder is listed in SHA256SUMS, except SHA256SUMS itself (so a report
-  written into the bundle is refused too: write reports elsewhere);
+- every regular file in the folder is listed in SHA256SUMS, except SHA256SUMS itself and the
+  optional signature bundle.sig (so a report written into the bundle is refused too: write
+  reports elsewhere);
 - manifest.json's model.file, reference.inputs and reference.outputs are relative paths without
   `..`, and are listed in SHA256SUMS (so present and checked);
 - manifest.json and bench.py are present, and tokenizer/ holds at least one file;
 - model.file ends in .onnx or .ort as target.format.model says (when the manifest says);
 - the model file's sha256 and size equal manifest.json's model.sha256 and model.bytes.
 
---no-verify skips all of these, but a manifest path outside the bundle is refused even then.
+- with --public-key PUB: bundle.sig, an OpenSSF model-signing signature made with the matching
+  elliptic-curve private key over every file of the folder except bundle.sig itself, verifies.
+  model-signing is imported only then; when it is not installed (pip install model-signing
+  pyopenssl) one warning line says the signature was NOT checked and the run goes on, unless
+  --require-signature is given, which makes that exit 2 too.
+
+--no-verify skips all of these (so it cannot go with --public-key), but a manifest path outside
+the bundle is refused even then.
 
 Exit codes: 0 ok; 1 the accuracy check failed or the p50 regressed against --compare; 2 a problem
 the user can fix (tampered bundle, unknown provider, bad flag), printed as one line.
@@ -68,6 +77,7 @@ import json
 import math
 import os
 import platform
+import re
 import stat
 import subprocess
 import sys
@@ -95,10 +105,11 @@ class HarnessError(Exception):
 # --- bundle integrity and manifest ------------------------------------------------------------
 
 
-SUMS, MANIFEST = "SHA256SUMS", "manifest.json"
+SUMS, MANIFEST, SIGNATURE = "SHA256SUMS", "manifest.json", "bundle.sig"
 HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
 MODEL_SUFFIXES = {"onnx": ".onnx", "ort": ".ort"}  # manifest target.format.model -> model.file
 MANIFEST_FILES = ("model.file", "reference.inputs", "reference.outputs")
+INSTALL_SIGNING = "pip install model-signing pyopenssl"
 
 
 def sha256_file(path: Path) -> str:
@@ -226,7 +237,9 @@ def model_format_suffix(manifest: Dict[str, Any]) -> Optional[str]:
     return MODEL_SUFFIXES[kind]
 
 
-def verify_bundle(bundle: Path) -> Dict[str, Any]:
+def verify_bundle(
+    bundle: Path, public_key: Optional[Path] = None, require_signature: bool = False
+) -> Dict[str, Any]:
     """Refuse a bundle that is not exactly as it was built; return its manifest.
 
     The one check behind bench.py (run.sh adds `sha256sum -c` before it); see the module
@@ -248,7 +261,7 @@ def verify_bundle(bundle: Path) -> Dict[str, Any]:
                 "or pass --no-verify".format(name)
             )
     for name in present:
-        if name not in listed and name != SUMS:
+        if name not in listed and name not in (SUMS, SIGNATURE):
             raise HarnessError(
                 "{} is not listed in SHA256SUMS (added after the build); remove it, write "
                 "reports outside the bundle, or re-copy the bundle".format(name)
@@ -286,7 +299,71 @@ def verify_bundle(bundle: Path) -> Dict[str, Any]:
             "{} has {} bytes but manifest.json model.bytes says {}; re-copy the bundle or "
             "pass --no-verify".format(model, size, claimed)
         )
+    if public_key is not None:
+        verify_signature(bundle, public_key, require_signature)
     return manifest
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def signature_problem(exc: BaseException) -> str:
+    """model_signing's mismatch message (a list of reprs with raw digests) as file names."""
+    text = str(exc)
+    found = [
+        ("changed", re.findall(r"Hash mismatch for \\?'(.+?)\\?':", text)),
+        ("added", re.findall(r"Extra files found in model '[^']*': ([^\"']+)", text)),
+        ("missing", re.findall(r"Missing files in model '[^']*': ([^\"']+)", text)),
+    ]
+    parts = ["{} {}".format(kind, ", ".join(names)) for kind, names in found if names]
+    return "files differ from the signed ones: " + "; ".join(parts) if parts else one_line(exc)
+
+
+def verify_signature(bundle: Path, public_key: Path, required: bool) -> bool:
+    """Check bundle.sig (OpenSSF model-signing, elliptic-curve key) against `public_key`.
+
+    The signature covers every file of the bundle folder except bundle.sig itself. Returns False,
+    after one warning line on stderr, when model_signing cannot be imported and the signature is
+    not required; True when it verified.
+    """
+    if not public_key.is_file():
+        raise HarnessError("--public-key {}: no such file".format(public_key))
+    try:
+        from model_signing import hashing as ms_hashing
+        from model_signing import verifying as ms_verifying
+    except ImportError as exc:
+        reason = "model_signing is not importable ({}); install it with: {}".format(
+            one_line(exc), INSTALL_SIGNING
+        )
+        if required:
+            raise HarnessError(
+                "--require-signature: cannot check {}: {}".format(SIGNATURE, reason)
+            ) from None
+        print("warning: {} was NOT checked: {}".format(SIGNATURE, reason), file=sys.stderr)
+        return False
+    signature = bundle / SIGNATURE
+    if not signature.is_file():
+        raise HarnessError(
+            "the bundle has no {} to check with --public-key; ask for a signed bundle".format(
+                SIGNATURE
+            )
+        )
+    hashing_config = ms_hashing.Config().set_ignored_paths(
+        paths=[SIGNATURE], ignore_git_paths=False
+    )
+    try:
+        ms_verifying.Config().use_elliptic_key_verifier(public_key=public_key).set_hashing_config(
+            hashing_config
+        ).verify(bundle, signature)
+    except Exception as exc:  # model_signing raises ValueError and cryptography's own errors
+        raise HarnessError(
+            "{} does not verify with --public-key {}: {}".format(
+                SIGNATURE, public_key, signature_problem(exc)
+            )
+        ) from None
+    return True
 
 
 def manifest_value(manifest: Dict[str, Any], dotted: str) -> Any:
@@ -807,6 +884,15 @@ def build_parser() -> argparse.ArgumentParser:
     add("--compare", type=Path, default=None, help="baseline JSON report to compare p50 with")
     add("--threshold", type=float, default=0.05, help="allowed p50 slowdown fraction (0.05)")
     add("--no-verify", action="store_true", help="skip the bundle checks (SHA256SUMS, manifest)")
+    add(
+        "--public-key",
+        type=Path,
+        default=None,
+        metavar="PUB",
+        help="also check bundle.sig with this public key (needs model-signing)",
+    )
+    add("--require-signature", action="store_true",
+        help="with --public-key: fail, not warn, when model-signing is not installed")  # fmt: skip
     add("--skip-check", action="store_true", help="skip the accuracy check")
     add("--quiet", action="store_true", help="print no table")
     add("--cold-child", action="store_true", help=argparse.SUPPRESS)
@@ -869,8 +955,16 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     if sys.version_info < (3, 8):
         raise HarnessError("bench.py needs Python 3.8 or newer")
     args = build_parser().parse_args(argv)
+    if args.require_signature and args.public_key is None:
+        raise HarnessError("--require-signature needs --public-key PUB, the signer's public key")
+    if args.no_verify and args.public_key is not None:
+        raise HarnessError("--no-verify skips every check; it cannot go with --public-key")
     bundle = args.bundle.resolve()
-    manifest = load_manifest(bundle) if args.no_verify else verify_bundle(bundle)
+    if args.no_verify:
+        manifest = load_manifest(bundle)
+    else:
+        public_key = resolve_user_path(args.public_key)
+        manifest = verify_bundle(bundle, public_key, args.require_signature)
     settle_args(args, manifest)
     if args.cpus:
         pin_cpus(args.cpu_list)  # before onnxruntime starts its thread pools
