@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from bundle_factory import HARNESS, load_harness_module, make_bundle, write_sums
+from bundle_factory import HARNESS, load_harness_module, write_sums
+from test_harness_integrity import full_bundle
 
 BENCH = HARNESS / "bench.py"
 
@@ -29,7 +30,7 @@ def run_bench(bundle: Path, *args: str, isolated: bool = False, cwd: Path | None
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> Path:
-    return make_bundle(tmp_path_factory.mktemp("bundles"))
+    return full_bundle(tmp_path_factory.mktemp("bundles"))
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +154,7 @@ def test_compare_to_baseline_judges_exactly_the_threshold(tmp_path):
 
 
 def test_tampered_file_is_refused_by_name_unless_no_verify(tmp_path):
-    bundle = make_bundle(tmp_path)
+    bundle = full_bundle(tmp_path)
     with open(bundle / "reference" / "inputs.npz", "ab") as handle:
         handle.write(b"\0")
     proc = run_bench(bundle, "--runs", "5", "--skip-check", "--quiet")
@@ -164,18 +165,20 @@ def test_tampered_file_is_refused_by_name_unless_no_verify(tmp_path):
 
 
 def test_missing_listed_file_is_refused(tmp_path):
-    bundle = make_bundle(tmp_path)
+    bundle = full_bundle(tmp_path)
     (bundle / "requirements.txt").unlink()
     proc = run_bench(bundle, "--runs", "5", "--quiet")
     assert proc.returncode == 2 and "requirements.txt" in proc.stderr and "missing" in proc.stderr
 
 
 def test_sums_naming_a_path_outside_the_bundle_are_refused(tmp_path):
-    bundle = make_bundle(tmp_path)
+    bundle = full_bundle(tmp_path)
     with open(bundle / "SHA256SUMS", "a") as handle:
         handle.write("0" * 64 + "  ../outside.txt\n")
     with pytest.raises(bench.HarnessError, match="outside the bundle"):
-        bench.verify_checksums(bundle)
+        bench.read_sums(bundle)
+    with pytest.raises(bench.HarnessError, match="outside the bundle"):
+        bench.verify_bundle(bundle)
 
 
 def test_unavailable_provider_exits_2_naming_it(bundle):
@@ -186,7 +189,7 @@ def test_unavailable_provider_exits_2_naming_it(bundle):
 
 
 def test_failed_accuracy_check_exits_1_and_skip_check_overrides(tmp_path):
-    bundle = make_bundle(tmp_path, reference_noise=5.0)
+    bundle = full_bundle(tmp_path, reference_noise=5.0)
     out = tmp_path / "r.json"
     proc = run_bench(bundle, "--runs", "5", "--json", str(out))
     assert proc.returncode == 1 and "check FAILED" in proc.stderr
@@ -200,7 +203,7 @@ def test_failed_accuracy_check_exits_1_and_skip_check_overrides(tmp_path):
 
 
 def test_token_outputs_are_checked_per_real_token(tmp_path):
-    bundle = make_bundle(tmp_path, token_output=True)
+    bundle = full_bundle(tmp_path, token_output=True)
     out = tmp_path / "r.json"
     assert run_bench(bundle, "--runs", "5", "--json", str(out)).returncode == 0
     assert json.loads(out.read_text())["check"]["passed"] is True
@@ -252,7 +255,7 @@ def test_run_sh_works_from_any_folder_and_resolves_json_against_the_caller(bundl
 
 
 def test_run_sh_refuses_a_tampered_bundle(tmp_path):
-    bundle = make_bundle(tmp_path)
+    bundle = full_bundle(tmp_path)
     (bundle / "manifest.json").write_text((bundle / "manifest.json").read_text() + " ")
     env = dict(os.environ, PYTHON=sys.executable)
     proc = subprocess.run(["sh", str(bundle / "run.sh"), "--runs", "3"], env=env,
@@ -281,19 +284,28 @@ STDLIB = set(getattr(sys, "stdlib_module_names", ())) | {"__future__"}
 
 
 def test_harness_imports_only_stdlib_numpy_onnxruntime():
+    """model_signing is the one optional import: bench.py imports it inside a function, only
+    when --public-key is given."""
     assert STDLIB, "needs Python 3.10+ for sys.stdlib_module_names"
     for script in ("bench.py", "perf_test_to_json.py"):
         tree = ast.parse((HARNESS / script).read_text())
-        roots = set()
+        roots, top_level = set(), set()
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
-                roots |= {alias.name.split(".")[0] for alias in node.names}
+                names = {alias.name.split(".")[0] for alias in node.names}
             elif isinstance(node, ast.ImportFrom):
                 assert node.level == 0, f"{script}: relative import"
-                roots.add(node.module.split(".")[0])
-        allowed = STDLIB | ({"numpy", "onnxruntime"} if script == "bench.py" else set())
+                names = {node.module.split(".")[0]}
+            else:
+                continue
+            roots |= names
+            if node in tree.body:
+                top_level |= names
+        allowed = STDLIB | ({"numpy", "onnxruntime", "model_signing"} if script == "bench.py"
+                            else set())  # fmt: skip
         assert roots - allowed == set(), f"{script} imports {roots - allowed}"
         assert "edgepack" not in roots
+        assert "model_signing" not in top_level, f"{script} imports model_signing eagerly"
 
 
 def test_harness_parses_as_python_38():
@@ -308,7 +320,8 @@ def test_write_sums_matches_sha256sum_format(bundle):
     lines = (bundle / "SHA256SUMS").read_text().splitlines()
     names = [line.split("  ", 1)[1] for line in lines]
     assert names == sorted(names) and "SHA256SUMS" not in names
-    assert bench.verify_checksums(bundle) == len(lines)
+    assert list(bench.read_sums(bundle)) == names
+    assert bench.verify_bundle(bundle)["model"]["file"] == "model.onnx"
     write_sums(bundle)  # idempotent
     assert (bundle / "SHA256SUMS").read_text().splitlines() == lines
 

@@ -12,6 +12,31 @@ Usage (on the device, from anywhere):
     python3 bench.py --runs 500 --threads 2 --cpus 4-7 --json result.json
     python3 bench.py --cold-runs 5            # also time import/session/first run in new processes
     python3 bench.py --compare baseline.json --threshold 0.05
+    python3 bench.py --public-key signer.pub --require-signature   # check bundle.sig too
+
+Before anything runs, verify_bundle() refuses (exit 2, one line naming the file) a bundle that is
+not exactly as it was built:
+
+- no symbolic link anywhere in the folder, and nothing but regular files and folders;
+- SHA256SUMS (`sha256sum -c` format: `<sha256>  name`, or `<sha256> *name` as `sha256sum -b`
+  writes) names no absolute path and no `..`; every file it lists is present with that sha256;
+- every regular file in the folder is listed in SHA256SUMS, except SHA256SUMS itself and the
+  optional signature bundle.sig (so a report written into the bundle is refused too: write
+  reports elsewhere);
+- manifest.json's model.file, reference.inputs and reference.outputs are relative paths without
+  `..`, and are listed in SHA256SUMS (so present and checked);
+- manifest.json and bench.py are present, and tokenizer/ holds at least one file;
+- model.file ends in .onnx or .ort as target.format.model says (when the manifest says);
+- the model file's sha256 and size equal manifest.json's model.sha256 and model.bytes.
+
+- with --public-key PUB: bundle.sig, an OpenSSF model-signing signature made with the matching
+  elliptic-curve private key over every file of the folder except bundle.sig itself, verifies.
+  model-signing is imported only then; when it is not installed (pip install model-signing
+  pyopenssl) one warning line says the signature was NOT checked and the run goes on, unless
+  --require-signature is given, which makes that exit 2 too.
+
+--no-verify skips all of these (so it cannot go with --public-key), but a manifest path outside
+the bundle is refused even then.
 
 Exit codes: 0 ok; 1 the accuracy check failed or the p50 regressed against --compare; 2 a problem
 the user can fix (tampered bundle, unknown provider, bad flag), printed as one line.
@@ -52,10 +77,12 @@ import json
 import math
 import os
 import platform
+import re
+import stat
 import subprocess
 import sys
 import time
-from pathlib import Path, PurePosixPath
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -78,6 +105,13 @@ class HarnessError(Exception):
 # --- bundle integrity and manifest ------------------------------------------------------------
 
 
+SUMS, MANIFEST, SIGNATURE = "SHA256SUMS", "manifest.json", "bundle.sig"
+HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
+MODEL_SUFFIXES = {"onnx": ".onnx", "ort": ".ort"}  # manifest target.format.model -> model.file
+MANIFEST_FILES = ("model.file", "reference.inputs", "reference.outputs")
+INSTALL_SIGNING = "pip install model-signing pyopenssl"
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(str(path), "rb") as handle:
@@ -86,37 +120,250 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def verify_checksums(bundle: Path) -> int:
-    """Refuse a bundle whose files differ from SHA256SUMS; return how many files were checked.
+def bundle_relpath(name: Any, where: str) -> str:
+    """A path the bundle itself names, as a normalized relative POSIX path; refuse absolute
+    paths (POSIX or Windows) and any `..` component, which could reach outside the bundle."""
+    if not isinstance(name, str) or not name.strip():
+        raise HarnessError("{} names no file ({!r}); rebuild the bundle".format(where, name))
+    posix, windows = PurePosixPath(name), PureWindowsPath(name)
+    if (
+        posix.is_absolute()
+        or windows.is_absolute()
+        or windows.drive
+        or ".." in posix.parts
+        or ".." in windows.parts
+    ):
+        raise HarnessError("{} names {!r}, a path outside the bundle".format(where, name))
+    rel = posix.as_posix()
+    if rel == ".":
+        raise HarnessError("{} names {!r}, which is not a file".format(where, name))
+    return rel
 
-    Files not listed (result.json, __pycache__) are allowed: the harness writes into the folder.
+
+def bundle_file(bundle: Path, manifest: Dict[str, Any], dotted: str) -> Path:
+    """The bundle file a manifest field names; never a path outside the bundle folder."""
+    rel = bundle_relpath(manifest_value(manifest, dotted), "manifest.json " + dotted)
+    return bundle.joinpath(*rel.split("/"))
+
+
+def unescape_sums_name(name: str) -> str:
+    """Undo coreutils' escaping of a name holding a backslash or newline (line starts with \\)."""
+    out, i = [], 0
+    while i < len(name):
+        if name[i] == "\\" and i + 1 < len(name) and name[i + 1] in "\\nr":
+            out.append({"\\": "\\", "n": "\n", "r": "\r"}[name[i + 1]])
+            i += 2
+        else:
+            out.append(name[i])
+            i += 1
+    return "".join(out)
+
+
+def read_sums(bundle: Path) -> Dict[str, str]:
+    """SHA256SUMS as {relative POSIX path: sha256 hex}, read the way `sha256sum -c` reads it.
+
+    A line is `<64 hex digits>  <name>` (text mode) or `<64 hex digits> *<name>` (binary mode,
+    what `sha256sum -b` writes); a line that starts with a backslash escapes `\\` and newlines
+    in its name, as coreutils writes such names.
     """
-    sums = bundle / "SHA256SUMS"
-    if not sums.is_file():
+    path = bundle / SUMS
+    if not path.is_file():
         raise HarnessError("bundle has no SHA256SUMS; re-copy the bundle or pass --no-verify")
-    checked = 0
-    for number, line in enumerate(sums.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise HarnessError("SHA256SUMS is not readable: {}".format(exc)) from None
+    listed = {}  # type: Dict[str, str]
+    for number, line in enumerate(text.split("\n"), 1):
+        line = line.rstrip("\r")
         if not line.strip():
             continue
-        parts = line.split(None, 1)
-        if len(parts) != 2 or len(parts[0]) != 64:
+        escaped = line.startswith("\\")
+        body = line[1:] if escaped else line
+        digest, mode, name = body[:64], body[64:66], body[66:]
+        if len(digest) != 64 or not set(digest) <= HEX_DIGITS or mode not in ("  ", " *"):
             raise HarnessError("SHA256SUMS line {} is malformed: {!r}".format(number, line))
-        expected, name = parts[0].lower(), parts[1].strip().lstrip("*")
-        rel = PurePosixPath(name)
-        if rel.is_absolute() or ".." in rel.parts:
-            raise HarnessError("SHA256SUMS names a path outside the bundle: {}".format(name))
-        target = bundle.joinpath(*rel.parts)
-        if not target.is_file():
+        rel = bundle_relpath(
+            unescape_sums_name(name) if escaped else name, "SHA256SUMS line {}".format(number)
+        )
+        if rel in listed:
+            raise HarnessError("SHA256SUMS lists {} twice".format(rel))
+        listed[rel] = digest.lower()
+    return listed
+
+
+def bundle_tree(bundle: Path) -> List[str]:
+    """Every regular file under the bundle, as sorted relative POSIX paths.
+
+    Refuses symbolic links anywhere (a link can point outside the bundle, and SHA256SUMS would
+    only vouch for whatever it points at) and anything that is neither a file nor a folder.
+    """
+
+    def unreadable(exc: OSError) -> None:
+        raise HarnessError("cannot read the bundle folder: {}".format(exc))
+
+    files = []
+    for top, dirs, names in os.walk(str(bundle), onerror=unreadable):
+        dirs.sort()
+        for name in sorted(dirs + names):
+            full = os.path.join(top, name)
+            rel = os.path.relpath(full, str(bundle)).replace(os.sep, "/")
+            mode = os.lstat(full).st_mode
+            if stat.S_ISLNK(mode):
+                raise HarnessError(
+                    "{} is a symbolic link; a bundle holds only regular files and folders, so "
+                    "put the real file there or re-copy the bundle".format(rel)
+                )
+            if stat.S_ISREG(mode):
+                files.append(rel)
+            elif not stat.S_ISDIR(mode):
+                raise HarnessError("{} is not a regular file; re-copy the bundle".format(rel))
+    return sorted(files)
+
+
+def model_format_suffix(manifest: Dict[str, Any]) -> Optional[str]:
+    """The model file suffix the manifest's target.format.model asks for (None: not stated)."""
+    target = manifest.get("target")
+    fmt = target.get("format") if isinstance(target, dict) else None
+    kind = fmt.get("model") if isinstance(fmt, dict) else None
+    if kind is None:
+        return None
+    if kind not in MODEL_SUFFIXES:
+        raise HarnessError(
+            "manifest.json target.format.model {!r} is not one of {}; rebuild the bundle".format(
+                kind, ", ".join(sorted(MODEL_SUFFIXES))
+            )
+        )
+    return MODEL_SUFFIXES[kind]
+
+
+def verify_bundle(
+    bundle: Path, public_key: Optional[Path] = None, require_signature: bool = False
+) -> Dict[str, Any]:
+    """Refuse a bundle that is not exactly as it was built; return its manifest.
+
+    The one check behind bench.py (run.sh adds `sha256sum -c` before it); see the module
+    docstring for the list. Raises HarnessError naming the first problem.
+    """
+    if not bundle.is_dir():
+        raise HarnessError("{} is not a folder; is --bundle the bundle folder?".format(bundle))
+    present = bundle_tree(bundle)
+    listed = read_sums(bundle)
+    on_disk = set(present)
+    for name, digest in sorted(listed.items()):
+        if name not in on_disk:
             raise HarnessError(
                 "{} is listed in SHA256SUMS but missing; re-copy the bundle".format(name)
             )
-        if sha256_file(target) != expected:
+        if sha256_file(bundle.joinpath(*name.split("/"))) != digest:
             raise HarnessError(
                 "{} does not match SHA256SUMS (changed or corrupted); re-copy the bundle "
                 "or pass --no-verify".format(name)
             )
-        checked += 1
-    return checked
+    for name in present:
+        if name not in listed and name not in (SUMS, SIGNATURE):
+            raise HarnessError(
+                "{} is not listed in SHA256SUMS (added after the build); remove it, write "
+                "reports outside the bundle, or re-copy the bundle".format(name)
+            )
+    manifest = load_manifest(bundle)
+    names = {}  # type: Dict[str, str]
+    for dotted in MANIFEST_FILES:
+        names[dotted] = bundle_relpath(manifest_value(manifest, dotted), "manifest.json " + dotted)
+        if names[dotted] not in listed:
+            raise HarnessError(
+                "manifest.json {} names {}, which is missing or not listed in SHA256SUMS; "
+                "re-copy the bundle".format(dotted, names[dotted])
+            )
+    for required in (MANIFEST, "bench.py"):
+        if required not in listed:
+            raise HarnessError("{} is missing from the bundle; re-copy the bundle".format(required))
+    if not any(name.startswith("tokenizer/") for name in listed):
+        raise HarnessError("the bundle has no tokenizer/ files; re-copy the bundle")
+    model = names["model.file"]
+    suffix = model_format_suffix(manifest)
+    if suffix is not None and not model.endswith(suffix):
+        raise HarnessError(
+            "manifest.json model.file {} is not a {} model, as target.format.model "
+            "says; rebuild the bundle".format(model, suffix.lstrip("."))
+        )
+    if listed[model] != str(manifest_value(manifest, "model.sha256")).lower():
+        raise HarnessError(
+            "{} does not match manifest.json model.sha256 (changed after the build); re-copy "
+            "the bundle or pass --no-verify".format(model)
+        )
+    size = bundle.joinpath(*model.split("/")).stat().st_size
+    claimed = manifest_value(manifest, "model.bytes")
+    if isinstance(claimed, bool) or not isinstance(claimed, int) or claimed != size:
+        raise HarnessError(
+            "{} has {} bytes but manifest.json model.bytes says {}; re-copy the bundle or "
+            "pass --no-verify".format(model, size, claimed)
+        )
+    if public_key is not None:
+        verify_signature(bundle, public_key, require_signature)
+    return manifest
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def signature_problem(exc: BaseException) -> str:
+    """model_signing's mismatch message (a list of reprs with raw digests) as file names."""
+    text = str(exc)
+    found = [
+        ("changed", re.findall(r"Hash mismatch for \\?'(.+?)\\?':", text)),
+        ("added", re.findall(r"Extra files found in model '[^']*': ([^\"']+)", text)),
+        ("missing", re.findall(r"Missing files in model '[^']*': ([^\"']+)", text)),
+    ]
+    parts = ["{} {}".format(kind, ", ".join(names)) for kind, names in found if names]
+    return "files differ from the signed ones: " + "; ".join(parts) if parts else one_line(exc)
+
+
+def verify_signature(bundle: Path, public_key: Path, required: bool) -> bool:
+    """Check bundle.sig (OpenSSF model-signing, elliptic-curve key) against `public_key`.
+
+    The signature covers every file of the bundle folder except bundle.sig itself. Returns False,
+    after one warning line on stderr, when model_signing cannot be imported and the signature is
+    not required; True when it verified.
+    """
+    if not public_key.is_file():
+        raise HarnessError("--public-key {}: no such file".format(public_key))
+    try:
+        from model_signing import hashing as ms_hashing
+        from model_signing import verifying as ms_verifying
+    except ImportError as exc:
+        reason = "model_signing is not importable ({}); install it with: {}".format(
+            one_line(exc), INSTALL_SIGNING
+        )
+        if required:
+            raise HarnessError(
+                "--require-signature: cannot check {}: {}".format(SIGNATURE, reason)
+            ) from None
+        print("warning: {} was NOT checked: {}".format(SIGNATURE, reason), file=sys.stderr)
+        return False
+    signature = bundle / SIGNATURE
+    if not signature.is_file():
+        raise HarnessError(
+            "the bundle has no {} to check with --public-key; ask for a signed bundle".format(
+                SIGNATURE
+            )
+        )
+    hashing_config = ms_hashing.Config().set_ignored_paths(
+        paths=[SIGNATURE], ignore_git_paths=False
+    )
+    try:
+        ms_verifying.Config().use_elliptic_key_verifier(public_key=public_key).set_hashing_config(
+            hashing_config
+        ).verify(bundle, signature)
+    except Exception as exc:  # model_signing raises ValueError and cryptography's own errors
+        raise HarnessError(
+            "{} does not verify with --public-key {}: {}".format(
+                SIGNATURE, public_key, signature_problem(exc)
+            )
+        ) from None
+    return True
 
 
 def manifest_value(manifest: Dict[str, Any], dotted: str) -> Any:
@@ -490,8 +737,8 @@ def run_check(session: Any, bundle: Path, manifest: Dict[str, Any]) -> Dict[str,
     ref = manifest_value(manifest, "reference")
     primary = manifest_value(manifest, "io.primary_output")
     threshold = float(ref.get("min_cosine", 0.98))
-    inputs = load_npz(bundle / ref["inputs"])
-    expected = load_npz(bundle / ref["outputs"])
+    inputs = load_npz(bundle_file(bundle, manifest, "reference.inputs"))
+    expected = load_npz(bundle_file(bundle, manifest, "reference.outputs"))
     if primary not in expected:
         raise HarnessError("{} has no array named {}".format(ref["outputs"], primary))
     feeds = reference_feeds(session, inputs)
@@ -515,11 +762,12 @@ def run_check(session: Any, bundle: Path, manifest: Dict[str, Any]) -> Dict[str,
 def cold_child(args: argparse.Namespace, bundle: Path, manifest: Dict[str, Any]) -> int:
     """Measure one cold start in this fresh process and print it as one JSON line."""
     ort, import_ms = import_onnxruntime()
-    model = bundle / manifest_value(manifest, "model.file")
+    model = bundle_file(bundle, manifest, "model.file")
     session, create_ms = create_session(ort, model, args.ep, args.threads, args.inter_op)
     feeds = latency_feeds(
-        session, load_npz(bundle / "reference/inputs.npz"), args.batch, args.seq_len
-    )
+        session, load_npz(bundle_file(bundle, manifest, "reference.inputs")), args.batch,
+        args.seq_len,
+    )  # fmt: skip
     start = time.perf_counter()
     session.run(None, feeds)
     first_ms = (time.perf_counter() - start) * 1000.0
@@ -635,7 +883,16 @@ def build_parser() -> argparse.ArgumentParser:
     add("--json", type=Path, default=None, help="write the JSON report here")
     add("--compare", type=Path, default=None, help="baseline JSON report to compare p50 with")
     add("--threshold", type=float, default=0.05, help="allowed p50 slowdown fraction (0.05)")
-    add("--no-verify", action="store_true", help="skip the SHA256SUMS check")
+    add("--no-verify", action="store_true", help="skip the bundle checks (SHA256SUMS, manifest)")
+    add(
+        "--public-key",
+        type=Path,
+        default=None,
+        metavar="PUB",
+        help="also check bundle.sig with this public key (needs model-signing)",
+    )
+    add("--require-signature", action="store_true",
+        help="with --public-key: fail, not warn, when model-signing is not installed")  # fmt: skip
     add("--skip-check", action="store_true", help="skip the accuracy check")
     add("--quiet", action="store_true", help="print no table")
     add("--cold-child", action="store_true", help=argparse.SUPPRESS)
@@ -698,10 +955,16 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     if sys.version_info < (3, 8):
         raise HarnessError("bench.py needs Python 3.8 or newer")
     args = build_parser().parse_args(argv)
+    if args.require_signature and args.public_key is None:
+        raise HarnessError("--require-signature needs --public-key PUB, the signer's public key")
+    if args.no_verify and args.public_key is not None:
+        raise HarnessError("--no-verify skips every check; it cannot go with --public-key")
     bundle = args.bundle.resolve()
-    if not args.no_verify:
-        verify_checksums(bundle)
-    manifest = load_manifest(bundle)
+    if args.no_verify:
+        manifest = load_manifest(bundle)
+    else:
+        public_key = resolve_user_path(args.public_key)
+        manifest = verify_bundle(bundle, public_key, args.require_signature)
     settle_args(args, manifest)
     if args.cpus:
         pin_cpus(args.cpu_list)  # before onnxruntime starts its thread pools
@@ -711,11 +974,11 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
 
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     ort, import_ms = import_onnxruntime()
-    model_path = bundle / manifest_value(manifest, "model.file")
+    model_path = bundle_file(bundle, manifest, "model.file")
     if not model_path.is_file():
         raise HarnessError("model file {} is missing from the bundle".format(model_path.name))
     session, create_ms = create_session(ort, model_path, args.ep, args.threads, args.inter_op)
-    reference = load_npz(bundle / manifest_value(manifest, "reference.inputs"))
+    reference = load_npz(bundle_file(bundle, manifest, "reference.inputs"))
     feeds = latency_feeds(session, reference, args.batch, args.seq_len)
     t0 = time.perf_counter()
     session.run(None, feeds)

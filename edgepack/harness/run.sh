@@ -1,9 +1,12 @@
 #!/bin/sh
 # Run this bundle's latency harness: ./run.sh [bench.py flags], from any folder.
 #
-# Checks the bundle against SHA256SUMS with GNU sha256sum when it is there (busybox and macOS
-# lack `-c --quiet`; bench.py then checks itself), then hands over to bench.py. The caller's
-# folder is exported so relative paths such as `--json out.json` land where the user expects.
+# Checks the files SHA256SUMS lists with GNU sha256sum when it is there (busybox and macOS lack
+# `-c --quiet`), then hands over to bench.py, which checks everything again and more: files not
+# listed (sha256sum -c only reads the listed ones; bundle.sig is the one allowed extra), symbolic
+# links, the manifest's paths, sha256 and size, and with --public-key the signature bundle.sig.
+# All flags go to bench.py. The caller's folder is exported so relative paths such as
+# `--json out.json` or `--public-key signer.pub` land where the user expects.
 set -eu
 
 EDGEPACK_CALLER_CWD=$(pwd)
