@@ -122,6 +122,8 @@ def make_bundle(
 
     bundle = root / name
     (bundle / "reference").mkdir(parents=True)
+    (bundle / "tokenizer").mkdir()  # every real bundle ships one; the harness requires it
+    (bundle / "tokenizer" / "tokenizer.json").write_text('{"version": "1.0"}\n')
     model, emb, proj = _model(token_output, seed)
     onnx.save(model, str(bundle / "model.onnx"))
     inputs, expected = _reference(token_output, emb, proj, seed)

@@ -27,11 +27,7 @@ GNU_SHA256SUM = (
 
 def full_bundle(root: Path, name: str = "tiny-cpu", **kwargs) -> Path:
     """A bundle_factory bundle with the tokenizer/ folder every real bundle has."""
-    bundle = make_bundle(root, name, **kwargs)
-    (bundle / "tokenizer").mkdir()
-    (bundle / "tokenizer" / "tokenizer.json").write_text('{"version": "1.0"}\n')
-    write_sums(bundle)
-    return bundle
+    return make_bundle(root, name, **kwargs)
 
 
 def run_bench(bundle: Path, *args: str, env: dict | None = None, cwd: Path | None = None):
@@ -130,9 +126,11 @@ def test_model_format_must_match_the_manifest(tmp_path):
 
 @pytest.mark.parametrize("emptied", ["missing", "empty"])
 def test_bundle_without_tokenizer_files_is_refused(tmp_path, emptied):
-    bundle = make_bundle(tmp_path)  # the factory's bundle has no tokenizer/
+    bundle = make_bundle(tmp_path)
+    shutil.rmtree(bundle / "tokenizer")
     if emptied == "empty":
         (bundle / "tokenizer").mkdir()
+    write_sums(bundle)  # the sums agree: only the required-files rule can refuse it
     refused(run_bench(bundle, *QUICK), "tokenizer/")
 
 

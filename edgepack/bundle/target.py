@@ -62,7 +62,7 @@ def _readme(name: str, manifest: dict[str, Any]) -> str:
         "",
         "```sh",
         "pip install -r requirements.txt   # or: pip install --no-index --find-links wheels -r requirements.txt",
-        "./run.sh --json result.json        # verifies SHA256SUMS, checks outputs, measures latency",
+        "./run.sh --json ../result.json     # verifies the bundle, checks outputs, measures latency",
         "```",
         "",
     ]
