@@ -56,12 +56,14 @@ PATH_KEYS = ("calibration", "heldout", "distill_data", "eval_data")
 
 
 def sample_config_path() -> Path:
-    repo = Path(__file__).resolve().parent.parent / "samples" / "build.toml"
-    if repo.is_file():
-        return repo
-    from importlib.resources import files
-
-    return Path(str(files("edgepack.samples") / "build.toml"))
+    """samples/ ships inside the installed package (edgepack/samples) and sits beside it in a
+    checkout; a plain path works for both, where importlib.resources would hand back a
+    namespace-package object for a folder without ``__init__.py``."""
+    here = Path(__file__).resolve().parent
+    for folder in (here / "samples", here.parent / "samples"):
+        if (folder / "build.toml").is_file():
+            return folder / "build.toml"
+    raise FileNotFoundError(f"no samples/build.toml beside {here}; the installation is incomplete")
 
 
 def read_config(path: Path) -> BuildConfig:

@@ -137,7 +137,10 @@ def score(
     seq_len: int,
     labels: list[str] | None = None,
 ) -> dict[str, Any]:
-    """The task metric of one model; ``run(feeds) -> primary output`` hides which runtime it is."""
+    """The task metric of one model; ``run(feeds) -> primary output`` hides which runtime it is.
+
+    Long because each data kind's scoring is a few lines and reads best side by side.
+    """
     if data.kind == "texts":
         raise UserError(f"{data.source} has no labels; give a reference model to compare against.")
     if data.kind == "token":

@@ -87,13 +87,13 @@ class TargetProfile:
 
 
 def targets_dir() -> Path:
-    """The folder of built-in profiles, in a source checkout or an installed wheel alike."""
-    repo = Path(__file__).resolve().parent.parent / "targets"
-    if repo.is_dir():
-        return repo
-    from importlib.resources import files
-
-    return Path(str(files("edgepack.targets")))
+    """The folder of built-in profiles: edgepack/targets in an installed wheel, the repo's
+    targets/ in a checkout (a plain path: the data folder has no ``__init__.py``)."""
+    here = Path(__file__).resolve().parent
+    for folder in (here / "targets", here.parent / "targets"):
+        if any(folder.glob("*.toml")):
+            return folder
+    raise FileNotFoundError(f"no targets/*.toml beside {here}; the installation is incomplete")
 
 
 def _check(data: dict[str, Any], schema: dict[str, Any], where: str, source: str) -> None:

@@ -35,20 +35,23 @@ def quiet_libraries() -> Iterator[None]:
 
     transformers and optimum log deprecations and optional-dependency hints (``torch_dtype`` is
     deprecated, weight deduplication needs accelerate) from inside the export; edgepack's own lines
-    say what happened. Errors still show: only warnings and below are dropped.
+    say what happened. Errors still show: only warnings and below are dropped. Each library is set
+    through its own logging module, which configures its root logger on first use and would
+    otherwise reset a level set from outside.
     """
-    import logging
     import warnings
 
-    names = ("transformers", "optimum", "sentence_transformers", "torch.onnx")
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
+    from optimum.utils import logging as optimum_logging
+    from transformers.utils import logging as transformers_logging
+
+    libraries = (transformers_logging, optimum_logging)
+    levels = [lib.get_verbosity() for lib in libraries]
+    for lib in libraries:
+        lib.set_verbosity_error()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
+        for lib, level in zip(libraries, levels, strict=True):
+            lib.set_verbosity(level)

@@ -134,7 +134,10 @@ def write_report(
     timings: dict[str, float],
     out_root: Path,
 ) -> tuple[Path, Path]:
-    """Write report.md and report.html into ``out_root``; returns their paths."""
+    """Write report.md and report.html into ``out_root``; returns their paths.
+
+    Long because the report's sections are written in page order.
+    """
     rows = _rows(results, latency)
     plots = _plots(results, latency, out_root)
     first = results[0].manifest

@@ -257,6 +257,9 @@ class Loop:
         return float(loss.detach())
 
     def run(self) -> dict[str, Any]:
+        """Long because the epoch loop, checkpointing and the held-out check share the loop's
+        state; split, each piece would take most of it as arguments.
+        """
         from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
         from rich.progress import Progress as Bar
 

@@ -200,6 +200,7 @@ def distill(
     replaces the seeded split of ``data`` as the fidelity yardstick; ``student_dir`` starts from
     a ready-made (e.g. pruned) student instead of teacher layers. ``progress`` is an
     ``edgepack.progress.Progress`` (None: silent).
+    Long because it is the stage's one ordered script (check, student, layer choice, objective, loop, record); each step is a call into its own module.
     """
     import torch
     from transformers import AutoTokenizer

@@ -142,30 +142,27 @@ def _plan(
 
 
 def prune_model(model: HFModel, texts: TextSet, settings: PruneSettings, out_dir: Path) -> HFModel:
-    """Prune ``model`` on ``texts`` under ``settings``; write a loadable folder into ``out_dir``."""
+    """Prune ``model`` on ``texts`` under ``settings``; write a loadable folder into ``out_dir``.
+
+    Long because the pruning record is assembled in one place, in the order a reader checks it.
+    """
     from edgepack.load import load_model
+    from edgepack.prune.alloc import PROBE_BATCH, PROBE_TEXTS
     from edgepack.prune.net import make_batches
-    from edgepack.prune.recover import refit
     from edgepack.prune.scores import rank_layers
-    from edgepack.prune.surgery import describe, drop_layers, prune_ffn, prune_heads
+    from edgepack.prune.surgery import describe, drop_layers
 
     check_settings(settings)
     family = get_family(model.model_type)
     out_dir = Path(out_dir)
-    if out_dir.is_file() or (
-        out_dir.is_dir() and any(out_dir.iterdir()) and not is_pruned(out_dir)
-    ):
-        raise UserError(
-            f"output folder {out_dir} exists and is not a pruned model; give an empty or new folder."
-        )
+    _check_out_dir(out_dir)
     net, tokenizer = _load_net(model.path, model.library, model.task, family)
     n_layers = len(list_layers(net.hf.base_model, family))
     check_settings(settings, n_layers)
     teacher = copy.deepcopy(net) if settings.recover else None
     batches = make_batches(tokenizer, texts.texts, settings.seq_len)
     before = _macs(net.hf, family, settings.seq_len)
-    params_before = _encoder_params(net.hf, family)
-    shape_before = describe(net.hf, family)
+    start = {"params": _encoder_params(net.hf, family), "shape": describe(net.hf, family)}
 
     keep_layers = list(range(n_layers))
     if settings.layers:
@@ -176,11 +173,61 @@ def prune_model(model: HFModel, texts: TextSet, settings: PruneSettings, out_dir
     target -= (
         before["linear_per_token"] - _macs(net.hf, family, settings.seq_len)["linear_per_token"]
     )
-    from edgepack.prune.alloc import PROBE_BATCH, PROBE_TEXTS
-
     probe = make_batches(tokenizer, texts.texts[:PROBE_TEXTS], settings.seq_len, PROBE_BATCH)
     plan, head_scores, neuron_scores, curves = _plan(net, batches, probe, settings, target)
+    available, remove = _apply(net, plan)
+    recovery: list[dict[str, Any]] = []
+    if teacher is not None:
+        recovery = _recover(net, teacher, batches, keep_layers, remove, plan, neuron_scores)
 
+    record = {
+        "format": 1,
+        "model_type": model.model_type,
+        "auto_class": encoder.AUTO_CLASSES[model.task],
+        "library": model.library,
+        "task": model.task,
+        "source": model.source,
+        "settings": dataclasses.asdict(settings),
+        "calibration": texts.record(),
+        "original_layers": start["shape"],
+        "kept_layers": keep_layers,
+        "scores": {
+            "method": settings.importance,
+            "heads": [[float(f"{v:.6g}") for v in s] for s in head_scores],
+            "neurons": [_summary(s) for s in neuron_scores],
+        },
+        "allocation": _allocation_record(settings, curves),
+        "recovery": recovery,
+        **_outcome(net, settings, before, start["params"], keep_layers, available, plan),
+    }
+    if out_dir.exists():
+        shutil.rmtree(out_dir)  # checked above: empty, or an earlier pruned model
+    out_dir.mkdir(parents=True)
+    copy_support_files(model.path, out_dir)
+    net.hf.save_pretrained(str(out_dir), safe_serialization=True)
+    (out_dir / RECORD).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    loaded = load_model(str(out_dir), task=model.task)
+    return dataclasses.replace(
+        loaded, source=model.source, history=(*model.history, record["summary"])
+    )
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    """Refuse to replace a folder that holds something other than an earlier pruned model."""
+    if out_dir.is_file() or (
+        out_dir.is_dir() and any(out_dir.iterdir()) and not is_pruned(out_dir)
+    ):
+        raise UserError(
+            f"output folder {out_dir} exists and is not a pruned model; give an empty or new folder."
+        )
+
+
+def _apply(net: Any, plan: Any) -> tuple[list[list[int]], dict[int, list[int]]]:
+    """Remove the heads and neurons the plan drops; returns each layer's surviving original head
+    indices (before this cut) and the original indices removed."""
+    from edgepack.prune.surgery import prune_ffn, prune_heads
+
+    family = net.family
     layers = list_layers(net.hf.base_model, family)
     available = []  # original head indices still present in each layer, in current order
     for layer in layers:
@@ -193,19 +240,46 @@ def prune_model(model: HFModel, texts: TextSet, settings: PruneSettings, out_dir
     }
     prune_heads(net.hf, remove)
     prune_ffn(net.hf, family, dict(enumerate(plan.keep_neurons)))
+    return available, remove
 
-    recovery: list[dict[str, Any]] = []
-    if teacher is not None:
-        changed = [
-            i
-            for i in range(len(layers))
-            if remove[i] or len(plan.keep_neurons[i]) < len(neuron_scores[i])
-        ]
-        if changed or settings.layers:
-            first = min(changed, default=0) if not settings.layers else 0
-            targets = [(i, sub) for i in range(first, len(layers)) for sub in ("attn", "ffn")]
-            recovery = refit(net, teacher, batches, keep_layers, targets)
 
+def _recover(
+    net: Any,
+    teacher: Any,
+    batches: list[Any],
+    keep_layers: list[int],
+    remove: dict[int, list[int]],
+    plan: Any,
+    neuron_scores: list[Any],
+) -> list[dict[str, Any]]:
+    """Refit the output projections from the first layer that changed onwards."""
+    from edgepack.prune.recover import refit
+
+    n = len(list_layers(net.hf.base_model, net.family))
+    changed = [
+        i for i in range(n) if remove[i] or len(plan.keep_neurons[i]) < len(neuron_scores[i])
+    ]
+    dropped_layers = len(keep_layers) < len(list_layers(teacher.hf.base_model, net.family))
+    if not changed and not dropped_layers:
+        return []
+    first = 0 if dropped_layers else min(changed, default=0)
+    targets = [(i, sub) for i in range(first, n) for sub in ("attn", "ffn")]
+    return refit(net, teacher, batches, keep_layers, targets)
+
+
+def _outcome(
+    net: Any,
+    settings: PruneSettings,
+    before: dict[str, int],
+    params_before: int,
+    keep_layers: list[int],
+    available: list[list[int]],
+    plan: Any,
+) -> dict[str, Any]:
+    """The pruned shapes and what they cost, for pruning.json and the manifest's history."""
+    from edgepack.prune.surgery import describe
+
+    family = net.family
     shape_after = describe(net.hf, family)
     after = _macs(net.hf, family, settings.seq_len)
     params_after = _encoder_params(net.hf, family)
@@ -221,43 +295,14 @@ def prune_model(model: HFModel, texts: TextSet, settings: PruneSettings, out_dir
         ),
         "layers": [f"{s['heads']}h/{s['ffn']}" for s in shape_after],
     }
-    record = {
-        "format": 1,
-        "model_type": model.model_type,
-        "auto_class": encoder.AUTO_CLASSES[model.task],
-        "library": model.library,
-        "task": model.task,
-        "source": model.source,
-        "settings": dataclasses.asdict(settings),
-        "calibration": texts.record(),
-        "original_layers": shape_before,
-        "kept_layers": keep_layers,
-        "layers": [
-            {
-                "source_layer": keep_layers[i],
-                "heads": shape_after[i]["heads"],
-                "kept_heads": [available[i][j] for j in plan.keep_heads[i]],
-                "ffn": shape_after[i]["ffn"],
-                "kept_neurons": plan.keep_neurons[i],
-            }
-            for i in range(len(layers))
-        ],
-        "scores": {
-            "method": settings.importance,
-            "heads": [[float(f"{v:.6g}") for v in s] for s in head_scores],
-            "neurons": [_summary(s) for s in neuron_scores],
-        },
-        "allocation": _allocation_record(settings, curves),
-        "macs_before": before,
-        "macs_after": after,
-        "recovery": recovery,
-        "summary": summary,
-    }
-    if out_dir.exists():
-        shutil.rmtree(out_dir)  # checked above: empty, or an earlier pruned model
-    out_dir.mkdir(parents=True)
-    copy_support_files(model.path, out_dir)
-    net.hf.save_pretrained(str(out_dir), safe_serialization=True)
-    (out_dir / RECORD).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
-    loaded = load_model(str(out_dir), task=model.task)
-    return dataclasses.replace(loaded, source=model.source, history=(*model.history, summary))
+    layers = [
+        {
+            "source_layer": keep_layers[i],
+            "heads": shape_after[i]["heads"],
+            "kept_heads": [available[i][j] for j in plan.keep_heads[i]],
+            "ffn": shape_after[i]["ffn"],
+            "kept_neurons": plan.keep_neurons[i],
+        }
+        for i in range(len(shape_after))
+    ]
+    return {"layers": layers, "macs_before": before, "macs_after": after, "summary": summary}

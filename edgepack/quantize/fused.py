@@ -66,6 +66,7 @@ def emit_fused_int8(
     the following bias Add goes into the kernel's bias input (one pass over the output less per
     linear) and one QuantizeLinear per input tensor serves all its consumers (Q, K, V).
     Returns the number of bias Adds fused.
+    Long because it is one pass over the graph that rewrites each linear in place; the per-node steps share the pass's maps.
     """
     import onnx
     from onnx import numpy_helper as nh

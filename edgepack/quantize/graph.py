@@ -102,7 +102,10 @@ def apply_smoothing(
     maxs: dict[str, np.ndarray],
     s: QuantSettings,
 ) -> tuple[dict[str, str], dict[str, np.ndarray], list[dict[str, Any]]]:
-    """Apply SmoothQuant in place. Returns (old input -> new input tensor, per-tensor channel scales, log)."""
+    """Apply SmoothQuant in place. Returns (old input -> new input tensor, per-tensor channel scales, log).
+
+    Long because it is one graph rewrite: find each site's input, scale weights, insert or fold the Mul, all sharing the rewrite's maps.
+    """
     from onnx import numpy_helper as nh
 
     inits = {i.name: i for i in model.graph.initializer}
@@ -193,7 +196,10 @@ def split_outliers(
     (see `read_outliers_from_fp32`): each log entry names its Gather node and `x`.
     When the linear's output feeds a bias Add, the int8 MatMul output gets the bias first and the
     side result is added after it, so the bias Add stays next to the MatMul and can be fused.
-    Returns {input tensor: boolean mask of channels that stay in the int8 path} and a log."""
+    Returns {input tensor: boolean mask of channels that stay in the int8 path} and a log.
+
+    Long because it is one graph rewrite (gather, side MatMul, zeroed rows, Add) that shares the rewrite's maps.
+    """
     import onnx
     from onnx import numpy_helper as nh
 

@@ -12,14 +12,14 @@ Recipe ("smoothquant-linear-qdq"), measured on all-MiniLM-L6-v2 (see the lab not
 4. SmoothQuant (alpha 0.5) on the LayerNorm-fed inputs (QKV, FFN-in): per input channel j,
    s_j = max|X_j|^a / max|W_j,:|^(1-a); weight rows *= s_j, activation /= s_j via a small Mul (folded
    into a preceding Mul-by-constant when there is one).
-4b. Outlier split on the post-GELU FFN-out input: the 4 largest-|x| channels go through a tiny fp32
+5. Outlier split on the post-GELU FFN-out input: the 4 largest-|x| channels go through a tiny fp32
    MatMul on gathered columns; their int8 weight rows are zeroed so the per-tensor range ignores them.
    The side path reads the fp32 tensor, not the quantizer's clipped Q->DQ copy.
    (MiniLM held-out mean cos: plain static 0.9881 -> this recipe 0.9979, min 0.9899.)
-6. Output: QDQ (portable; onnxruntime fuses DQ->MatMul) or, with ``quant_format="ort_fused"``,
-   QuantizeLinear -> MatMulIntegerToFloat with the bias Add fused (onnxruntime CPU only).
-5. Per-tensor activation ranges of the smoothed tensors follow exactly from the per-channel stats,
+6. Per-tensor activation ranges of the smoothed tensors follow exactly from the per-channel stats,
    so no second calibration pass is needed for min-max.
+7. Output: QDQ (portable; onnxruntime fuses DQ->MatMul) or, with ``quant_format="ort_fused"``,
+   QuantizeLinear -> MatMulIntegerToFloat with the bias Add fused (onnxruntime CPU only).
 """
 
 from __future__ import annotations
@@ -181,7 +181,10 @@ def quantize_static_int8(
     work_dir: Path,
 ) -> dict:
     """Quantize `fp32_model` to a static int8 model (QDQ or ort_fused) at `out_model`; returns a
-    manifest record."""
+    manifest record.
+
+    Long because it is the recipe's steps in order (the module docstring numbers them); each is a call, kept in one place so the order is visible.
+    """
     check_quant_settings(settings)
     import onnx
     from onnxruntime.quantization.shape_inference import quant_pre_process

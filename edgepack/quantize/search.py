@@ -80,6 +80,7 @@ def search(
 
     ``quantize(settings, path) -> record`` runs the recipe; drop = 1 - mean cosine to fp32 on
     ``dev_feeds`` (texts never used for the final held-out figure).
+    Long because the search's phases (candidates, ranking, greedy fallback, time budget) share its closure state and log.
     """
     import onnx
 

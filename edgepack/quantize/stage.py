@@ -27,6 +27,9 @@ def quantize_stage(
     config: BuildConfig,
     progress: Progress,
 ) -> OnnxModel:
+    """Long because the cached ``make`` closure must see the stage's inputs; it is the stage's only
+    logic.
+    """
     from edgepack.quantize.recipe import quantize_static_int8
 
     try:
