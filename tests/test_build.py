@@ -81,6 +81,8 @@ def test_bundle_carries_its_profile(matrix: Path, profile: str) -> None:
     for key in wanted + (("calibration",) if target.precision == "int8" else ()):
         assert manifest[key], key
     assert manifest["export"]["max_abs_diff_vs_pytorch"] < 1e-3
+    # The summary compares with the model the user started from, not only the shipped model's fp32.
+    assert "arm64 vs the original model's fp32 export: size" in output
 
 
 def test_int8_model_has_qdq_on_the_linear_layers(matrix: Path) -> None:
