@@ -7,6 +7,7 @@ silently ignored.
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -91,6 +92,8 @@ def overlay(
             value = float(value)
         if not isinstance(value, want) or (want is int and isinstance(value, bool)):
             raise UserError(f"{source}: {key} must be a {want.__name__}, got {value!r}.")
+        if want is float and not math.isfinite(value):
+            raise UserError(f"{source}: {key} must be a finite number, got {value!r}.")
         if key in PATH_KEYS and value and base is not None and not Path(value).is_absolute():
             value = str((base / value).resolve())
         changes[key] = value

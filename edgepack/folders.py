@@ -5,8 +5,11 @@ derived model (pruned, distilled) takes everything but the weights from the fold
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
+
+from edgepack.errors import UserError
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 TOKENIZER_FILES = (
@@ -51,3 +54,18 @@ def copy_tokenizer_files(src: Path, dst: Path) -> None:
     for name in TOKENIZER_FILES:
         if (src / name).is_file() and not (dst / name).is_file():
             shutil.copy2(src / name, dst / name)
+
+
+# Bundle and target names become folder and archive names: one path component, no leading dot
+# (hidden, or '..'), characters every filesystem and shell takes without quoting.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def check_name(value: str, what: str) -> str:
+    """``value`` if it can be a folder name of its own; one clear line otherwise."""
+    if not NAME_PATTERN.fullmatch(value):
+        raise UserError(
+            f"{what} {value!r} cannot name a bundle folder: use letters, digits, '.', '_' and '-' "
+            "(up to 100 characters, not starting with '.' or '-')."
+        )
+    return value

@@ -16,12 +16,13 @@ import numpy as np
 
 from edgepack import __version__
 from edgepack.artifacts import HFModel, OnnxModel, canonical_json
-from edgepack.bundle import BuildResult, Shared, Shipment, package_target
+from edgepack.bundle import WRITE_ERRORS, BuildResult, Shared, Shipment, package_target
 from edgepack.cache import cached
 from edgepack.calibration import TextSet, batches, check_lengths, encode, read_texts, split
 from edgepack.config import BuildConfig
 from edgepack.errors import ToleranceNotMet, UserError
 from edgepack.families import encoder
+from edgepack.folders import check_name
 from edgepack.profiles import TargetProfile, resolve_targets
 from edgepack.progress import Progress, quiet_libraries
 from edgepack.quantize import quantize_stage
@@ -132,10 +133,20 @@ class _Measured:
     )
 
 
-def build(config: BuildConfig, progress: Progress) -> list[BuildResult]:
-    """Build one bundle per target named by ``config.target``, then the summary and the report."""
+def build(
+    config: BuildConfig, progress: Progress, sign_key: Path | None = None
+) -> list[BuildResult]:
+    """Build one bundle per target named by ``config.target``, then the summary and the report.
+
+    ``sign_key`` signs every bundle; it is not part of the config, so no manifest names the key.
+    """
+    if sign_key is not None:
+        from edgepack.bundle import check_sign_key
+
+        check_sign_key(sign_key)
     with quiet_libraries():
         shared, texts, original = _prepare(config, progress)
+        shared = replace(shared, sign_key=sign_key)
         profiles = resolve_targets(config.target)
         measured = _Measured()
         results = []
@@ -156,9 +167,12 @@ def _prepare(config: BuildConfig, progress: Progress) -> tuple[Shared, TextSet, 
     """
     from transformers import AutoTokenizer
 
-    from edgepack.bundle import check_destination
+    from edgepack.bundle import check_destination, check_out_root
     from edgepack.load import display_name, load_model
 
+    if config.name:
+        check_name(config.name, "--name")
+    check_out_root(Path(config.out))
     profiles = resolve_targets(config.target)
     with progress.stage("load", config.model):
         original = load_model(config.model, config.task or None, config.trust_remote_code)
@@ -253,7 +267,15 @@ def finish(
 
     latency = measure_latency(results, progress, original)
     print_summary(results, latency, progress)
-    md, page = write_report(results, latency, dict(progress.timings), out)
+    try:
+        md, page = write_report(results, latency, dict(progress.timings), out)
+    except OSError as exc:
+        if exc.errno not in WRITE_ERRORS:
+            raise
+        raise UserError(
+            f"could not write the build report into {out}: {exc.strerror or exc}; the bundles "
+            "themselves are complete."
+        ) from None
     progress.note(f"report: {md} and {page}")
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from edgepack.errors import UserError, choices_hint
+from edgepack.folders import check_name
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -133,6 +134,7 @@ def parse_profile(text: str, source: str) -> TargetProfile:
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"{source}: not valid TOML ({exc}).") from None
     _check(data, SCHEMA, "", source)
+    check_name(data["name"], f"{source}: target name")
     return TargetProfile(data["name"], data["description"], source, data)
 
 

@@ -11,7 +11,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from edgepack.bundle import BuildResult
+from edgepack.bundle import BuildResult, write_files
 
 
 def _node_counts(result: BuildResult) -> str:
@@ -71,15 +71,25 @@ HEADER = [
 ]
 
 
-def _plots(
-    results: list[BuildResult], latency: dict[str, dict[str, Any]], folder: Path
-) -> list[Path]:
+def _png(fig: Any) -> bytes:
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _plots(results: list[BuildResult], latency: dict[str, dict[str, Any]]) -> dict[str, bytes]:
+    """The report's figures as PNG bytes by file name; nothing is written here."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    paths = []
+    plots = {}
     fig, ax = plt.subplots(figsize=(7, 3.5))
     series = [latency[results[0].target]["fp32"]["times_ms"]] + [
         latency[r.target]["model"]["times_ms"] for r in results
@@ -89,9 +99,7 @@ def _plots(
     ax.set_ylabel("latency per query, ms (host)")
     ax.set_title("Latency distribution per variant")
     fig.tight_layout()
-    paths.append(folder / "report-latency.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    plots["report-latency.png"] = _png(fig)
 
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     for r in results:
@@ -102,9 +110,7 @@ def _plots(
     ax.set_title("Size vs fidelity loss")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    paths.append(folder / "report-size.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    plots["report-size.png"] = _png(fig)
 
     sens = next(
         (
@@ -122,10 +128,8 @@ def _plots(
         ax.set_title("Per-layer int8 sensitivity (dev texts)")
         ax.tick_params(axis="y", labelsize=6)
         fig.tight_layout()
-        paths.append(folder / "report-sensitivity.png")
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
-    return paths
+        plots["report-sensitivity.png"] = _png(fig)
+    return plots
 
 
 def write_report(
@@ -134,12 +138,13 @@ def write_report(
     timings: dict[str, float],
     out_root: Path,
 ) -> tuple[Path, Path]:
-    """Write report.md and report.html into ``out_root``; returns their paths.
+    """Write report.md, report.html and the figures into ``out_root``, all or none of them;
+    returns the paths of the two pages.
 
     Long because the report's sections are written in page order.
     """
     rows = _rows(results, latency)
-    plots = _plots(results, latency, out_root)
+    plots = _plots(results, latency)
     first = results[0].manifest
     title = f"edgepack build: {Path(first['source']['model']).name}"
     stages = ", ".join(f"{k} {v:.1f}s" for k, v in timings.items())
@@ -166,13 +171,11 @@ def write_report(
                 f"- {r.target}: accuracy search chose **{search['chosen']}** (dev drop "
                 f"{search['dev_drop']:.4f}, tolerance {search['max_drop']}, met: {search['met']})."
             )
-    md += [""] + [f"![{p.stem}]({p.name})" for p in plots]
-    md_path = out_root / "report.md"
-    md_path.write_text("\n".join(md) + "\n", encoding="utf-8")
+    md += [""] + [f"![{Path(name).stem}]({name})" for name in plots]
 
-    def img(p: Path) -> str:
-        data = base64.b64encode(p.read_bytes()).decode()
-        return f'<img alt="{p.stem}" src="data:image/png;base64,{data}">'
+    def img(name: str) -> str:
+        data = base64.b64encode(plots[name]).decode()
+        return f'<img alt="{Path(name).stem}" src="data:image/png;base64,{data}">'
 
     table = "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in HEADER) + "</tr>"
     table += "".join(
@@ -194,6 +197,6 @@ def write_report(
         + "".join(img(p) for p in plots)
         + "</body></html>"
     )
-    html_path = out_root / "report.html"
-    html_path.write_text(page, encoding="utf-8")
-    return md_path, html_path
+    files = {**plots, "report.md": ("\n".join(md) + "\n").encode(), "report.html": page.encode()}
+    write_files(out_root, files)
+    return out_root / "report.md", out_root / "report.html"

@@ -168,7 +168,7 @@ def make_bundle(
             "outputs": "reference/outputs_fp32.npz",
             "min_cosine": 0.98,
         },
-        "target": {"name": "cpu"},
+        "target": {"name": "cpu", "format": {"model": "onnx"}},
         "edgepack_version": "0.1.0",
         "ignored_extra_key": {"anything": True},
     }

@@ -11,13 +11,17 @@ from edgepack.bundle.archive import (
     extract_bundle,
     is_archive,
 )
-from edgepack.bundle.manifest import VOLATILE_KEYS, read_manifest, verify
+from edgepack.bundle.manifest import VOLATILE_KEYS, read_manifest
+from edgepack.bundle.sign import SIGNATURE, check_sign_key, sign_bundle
 from edgepack.bundle.target import BuildResult, Shared, Shipment, package_target
-from edgepack.bundle.write import check_destination
+from edgepack.bundle.verify import verify_bundle
+from edgepack.bundle.write import WRITE_ERRORS, check_destination, check_out_root, write_files
 
 __all__ = [
     "ARCHIVE_SUFFIXES",
+    "SIGNATURE",
     "VOLATILE_KEYS",
+    "WRITE_ERRORS",
     "BuildResult",
     "Shared",
     "Shipment",
@@ -25,9 +29,13 @@ __all__ = [
     "bundle_name",
     "check_destination",
     "check_members",
+    "check_out_root",
+    "check_sign_key",
     "extract_bundle",
     "is_archive",
     "package_target",
     "read_manifest",
-    "verify",
+    "sign_bundle",
+    "verify_bundle",
+    "write_files",
 ]

@@ -1,7 +1,7 @@
 """manifest.json and SHA256SUMS: what a bundle claims to be, and the proof it still is.
 
 SHA256SUMS uses ``sha256sum -c`` format so a device can verify a bundle with coreutils alone; the
-harness and ``edgepack verify`` read the same file.
+harness and ``edgepack verify`` (``bundle/verify.py``) read the same file.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from edgepack.artifacts import sha256_file
-from edgepack.errors import BundleTampered, UserError
+from edgepack.errors import UserError
 
 SCHEMA_VERSION = 1
 SUMS = "SHA256SUMS"
@@ -56,27 +56,3 @@ def read_manifest(folder: Path) -> dict[str, Any]:
             f"(this edgepack reads version {SCHEMA_VERSION})."
         )
     return data
-
-
-def verify(folder: Path) -> int:
-    """Raise ``BundleTampered`` naming the first file that differs; return the count checked."""
-    sums = folder / SUMS
-    if not sums.is_file():
-        raise BundleTampered(f"{folder} has no {SUMS}; cannot verify it.")
-    listed: dict[str, str] = {}
-    for n, line in enumerate(sums.read_text(encoding="utf-8").splitlines(), 1):
-        digest, sep, name = line.partition("  ")
-        if not sep or len(digest) != 64:
-            raise BundleTampered(f"{sums}:{n} is malformed.")
-        listed[name] = digest
-    present = set(bundle_files(folder))
-    for name in sorted(present - set(listed)):
-        raise BundleTampered(f"{folder}: file {name} is not listed in {SUMS} (added after build).")
-    for name, digest in sorted(listed.items()):
-        if name not in present:
-            raise BundleTampered(f"{folder}: file {name} is missing.")
-        if sha256_file(folder / name) != digest:
-            raise BundleTampered(
-                f"{folder}: file {name} was changed after build (checksum differs)."
-            )
-    return len(listed)

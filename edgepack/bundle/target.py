@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from edgepack.artifacts import HFModel, OnnxModel, sha256_file
+from edgepack.bundle.sign import sign_bundle
 from edgepack.bundle.write import (
     fix_input_shapes,
     publish,
@@ -83,6 +84,7 @@ class Shared:
     tokenizer: Any
     config: BuildConfig
     versions: dict[str, str]
+    sign_key: Path | None = None  # EC private key: each bundle gets a bundle.sig
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,8 @@ def package_target(shared: Shared, ship: Shipment) -> BuildResult:
             extra,
             _readme(name, manifest),
         )
+        if shared.sign_key is not None:
+            sign_bundle(tmp / name, shared.sign_key)
         write_tar(tmp / name, tmp / f"{name}.tar.gz")
         folder, tarball = publish(tmp, out_root, name, shared.config.force)
     return BuildResult(ship.profile.name, folder, tarball, manifest, fp32.path)

@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -92,6 +93,48 @@ def staging(out_root: Path, name: str) -> Iterator[Path]:
         ) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_files(folder: Path, files: dict[str, bytes]) -> None:
+    """Write every file beside its final name first, then rename them all into place.
+
+    A full disk (or any failure) while writing leaves none of them, and never half of one: the
+    renames that follow need no space.
+    """
+    tmp = {name: folder / f".{name}.{os.getpid()}.tmp" for name in files}
+    try:
+        for name, data in files.items():
+            tmp[name].write_bytes(data)
+        for name in files:
+            os.replace(tmp[name], folder / name)
+    finally:
+        for path in tmp.values():
+            path.unlink(missing_ok=True)
+
+
+def check_out_root(out_root: Path) -> None:
+    """Refuse, before any work, an output location that cannot take bundles.
+
+    Bundles are written beside each other with temporary folders next to them, so the output
+    must be a folder of its own: never the filesystem root or the home folder itself, never a
+    file, and writable (tried for real: permission bits say nothing for root or a read-only
+    mount). Nothing is left behind by the check.
+    """
+    resolved = out_root.expanduser().resolve()
+    if resolved in (Path(resolved.anchor), Path.home().resolve()):
+        raise UserError(
+            f"--out {out_root} is {resolved} itself; give a folder for the bundles (e.g. dist)."
+        )
+    if resolved.exists() and not resolved.is_dir():
+        raise UserError(f"--out {out_root} is a file; give a folder for the bundles.")
+    existing = next(p for p in (resolved, *resolved.parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"--out {out_root}: {existing} is a file, so no folder can be made there.")
+    try:
+        with tempfile.TemporaryDirectory(prefix=".edgepack-probe-", dir=existing):
+            pass
+    except OSError as exc:
+        raise UserError(f"--out {out_root} is not writable: {exc.strerror or exc}.") from None
 
 
 def check_destination(out_root: Path, name: str, force: bool) -> None:

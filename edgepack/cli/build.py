@@ -12,6 +12,8 @@ from typing import Any
 
 import click
 
+from edgepack.cli.types import FINITE
+
 
 @click.command()
 def targets() -> None:
@@ -50,29 +52,34 @@ def _build_options(values: dict[str, Any]) -> dict[str, Any]:
 @click.option("--seed", type=int, help="Seed for every random choice.")
 @click.option("--precision", type=click.Choice(["int8", "fp32"]), help="Override the profile's.")
 @click.option("--out", help="Output folder (default dist).")
-@click.option("--min-cosine", type=float, help="Fail if int8 mean cosine to fp32 is below this.")
+@click.option("--min-cosine", type=FINITE, help="Fail if int8 mean cosine to fp32 is below this.")
 @click.option(
     "--max-drop",
-    type=float,
+    type=FINITE,
     help="Allowed drop of mean cosine to fp32 (default 0.005); negative turns the search off.",
 )
-@click.option("--time-budget", type=float, help="Seconds for the accuracy search (default 900).")
+@click.option("--time-budget", type=FINITE, help="Seconds for the accuracy search (default 900).")
 @click.option("--force", is_flag=True, help="Replace existing bundles.")
 @click.option("--truncate", is_flag=True, help="Cut calibration texts longer than the model takes.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow models that ship their own code.")
 @click.option(
-    "--prune", type=float, help="Fraction of encoder MACs to prune before export (0-0.9)."
+    "--prune", type=FINITE, help="Fraction of encoder MACs to prune before export (0-0.9)."
 )
 @click.option("--distill-layers", type=int, help="First distil a student with this many layers.")
 @click.option("--distill-data", help="Texts to distil on (.txt/.jsonl/.csv).")
-@click.option("--distill-seconds", type=float, help="Time budget for distillation (default 600).")
+@click.option("--distill-seconds", type=FINITE, help="Time budget for distillation (default 600).")
 @click.option(
     "--with-runtime",
     is_flag=True,
     help="Download the target's onnxruntime and numpy wheels into wheels/ (offline device install).",
 )
+@click.option(
+    "--sign-key",
+    type=click.Path(path_type=Path),
+    help="Sign each bundle (bundle.sig, OpenSSF model-signing) with this EC private key (PEM).",
+)
 @click.option("--quiet", is_flag=True, help="Only print the bundle paths.")
-def build(config_path: Path | None, quiet: bool, **flags: Any) -> None:
+def build(config_path: Path | None, quiet: bool, sign_key: Path | None, **flags: Any) -> None:
     """Build one verified bundle per target; the last line printed is the .tar.gz path."""
     from edgepack.config import overlay, read_config, sample_config_path
     from edgepack.pipeline import build as run_build
@@ -86,7 +93,7 @@ def build(config_path: Path | None, quiet: bool, **flags: Any) -> None:
     if flags.get("calibration") and not flags.get("heldout"):
         config = overlay(config, {"heldout": ""}, "--calibration")
     config = overlay(config, _build_options(flags), "command line")
-    results = run_build(config, Progress(quiet=quiet))
+    results = run_build(config, Progress(quiet=quiet), sign_key)
     for result in results:
         click.echo(str(result.tarball))
     raise_if_tolerance_missed(results)
@@ -99,15 +106,23 @@ def build(config_path: Path | None, quiet: bool, **flags: Any) -> None:
     is_flag=True,
     help="Also run the bundle's output check on emulated aarch64 (qemu-user).",
 )
-def verify(bundle: Path, emulate: bool) -> None:
-    """Check a bundle (folder or .tar.gz) against its SHA256SUMS and manifest."""
-    from edgepack.bundle import bundle_folder, read_manifest
-    from edgepack.bundle import verify as verify_sums
+@click.option(
+    "--public-key",
+    type=click.Path(path_type=Path),
+    help="Also check the bundle's signature (bundle.sig) with this EC public key (PEM).",
+)
+@click.option(
+    "--require-signature", is_flag=True, help="Refuse a bundle whose signature was not checked."
+)
+def verify(bundle: Path, emulate: bool, public_key: Path | None, require_signature: bool) -> None:
+    """Check a bundle (folder or .tar.gz): SHA256SUMS, the manifest's files and model hash, no
+    links, and with --public-key its signature."""
+    from edgepack.bundle import bundle_folder, verify_bundle
 
     with bundle_folder(bundle) as folder:
-        read_manifest(folder)
-        count = verify_sums(folder)
-        click.echo(f"OK: {count} files match SHA256SUMS in {bundle}")
+        count = verify_bundle(folder, public_key, require_signature)
+        signed = ", signature verified" if public_key else ""
+        click.echo(f"OK: {count} files match SHA256SUMS and the manifest in {bundle}{signed}")
         if not emulate:
             return
         from edgepack.device import verify_emulated

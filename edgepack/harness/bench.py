@@ -864,6 +864,14 @@ def format_table(report: Dict[str, Any]) -> str:
     return "\n".join("{}  {}".format(name.ljust(width), value) for name, value in rows)
 
 
+def finite_float(text: str) -> float:
+    """argparse type: 'nan' or 'inf' would switch the limits they set off without a word."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError("{!r} is not a finite number".format(text))
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bench.py", description="Time an edgepack bundle's model on this device."
@@ -872,7 +880,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--bundle", type=Path, default=Path(__file__).resolve().parent, help="bundle folder")
     add("--warmup", type=int, default=10, help="untimed runs first (default 10)")
     add("--runs", type=int, default=1000, help="timed runs at most (default 1000)")
-    add("--duration", type=float, default=60.0, help="seconds at most (default 60)")
+    add("--duration", type=finite_float, default=60.0, help="seconds at most (default 60)")
     add("--threads", type=int, default=None, help="intra-op threads (default: manifest, clamped)")
     add("--inter-op", type=int, default=1, help="inter-op threads (default 1)")
     add("--ep", choices=sorted(PROVIDERS), default=None, help="default: manifest (cpu)")
@@ -882,7 +890,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--cold-runs", type=int, default=0, help="fresh processes to time cold start in")
     add("--json", type=Path, default=None, help="write the JSON report here")
     add("--compare", type=Path, default=None, help="baseline JSON report to compare p50 with")
-    add("--threshold", type=float, default=0.05, help="allowed p50 slowdown fraction (0.05)")
+    add("--threshold", type=finite_float, default=0.05, help="allowed p50 slowdown fraction (0.05)")
     add("--no-verify", action="store_true", help="skip the bundle checks (SHA256SUMS, manifest)")
     add(
         "--public-key",
