@@ -22,6 +22,12 @@ from edgepack.errors import UserError
 
 FORMATS = (".txt", ".jsonl", ".csv")
 MAX_FILE_BYTES = 512 << 20
+# Characters per text, checked before tokenizing: a fast tokenizer tokenizes the whole text even
+# when asked to truncate (one 50 MB line took 128 s and 7.6 GB before it was refused as too long).
+# The longest window of a supported model is 512 tokens (bert, roberta, ...), and natural text
+# runs 4-5 characters per token. A text over 64 per token of that window fits no supported model
+# unless it is mostly unbroken strings (base64, minified data), which calibrate nothing useful.
+MAX_TEXT_CHARS = 64 * 512
 
 
 @dataclass(frozen=True)
@@ -41,7 +47,13 @@ class TextSet:
 
 def _decode(path: Path) -> str:
     try:
-        raw = path.read_bytes()
+        # By size first: reading and then measuring would hold a 5 GB file in memory to refuse it.
+        if path.stat().st_size > MAX_FILE_BYTES:
+            raise UserError(
+                f"{path} is larger than {MAX_FILE_BYTES >> 20} MB; pass a smaller file."
+            )
+        with open(path, "rb") as handle:
+            raw = handle.read(MAX_FILE_BYTES + 1)  # a file that grows, or lies about its size
     except OSError as exc:
         raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
     if len(raw) > MAX_FILE_BYTES:
@@ -54,8 +66,59 @@ def _decode(path: Path) -> str:
         raise UserError(f"{path} is not UTF-8 (byte {exc.start}); re-save it as UTF-8.") from None
 
 
-def read_texts(path: Path | str, text_field: str = "text") -> TextSet:
-    """Read every non-empty text of a calibration/held-out file."""
+def _jsonl(path: Path, content: str, text_field: str) -> list[tuple[int, str]]:
+    rows = []
+    for n, line in enumerate(content.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise UserError(f"{path}:{n}: not valid JSON.") from None
+        if not isinstance(row, dict) or text_field not in row:
+            raise UserError(f"{path}:{n}: no field {text_field!r} (set --text-field).")
+        if not isinstance(row[text_field], str):
+            raise UserError(f"{path}:{n}: field {text_field!r} is not a string.")
+        rows.append((n, row[text_field].strip()))
+    return rows
+
+
+def _csv(path: Path, content: str, text_field: str) -> list[tuple[int, str]]:
+    # csv refuses fields over 128 KiB; the length cap below gives the clearer message instead.
+    old_limit = csv.field_size_limit(MAX_FILE_BYTES)
+    try:
+        reader = csv.DictReader(io.StringIO(content))
+        header = reader.fieldnames or []
+        if text_field not in header:
+            raise UserError(
+                f"{path}: no column {text_field!r}; columns are: {', '.join(header) or 'none'}"
+                " (set --text-field)."
+            )
+        return [(reader.line_num, (row.get(text_field) or "").strip()) for row in reader]
+    except csv.Error as exc:
+        raise UserError(f"{path}: not valid CSV ({exc}).") from None
+    finally:
+        csv.field_size_limit(old_limit)
+
+
+def _capped(path: Path, line: int, text: str, refuse_long: bool) -> str:
+    if len(text) <= MAX_TEXT_CHARS:
+        return text
+    if refuse_long:
+        raise UserError(
+            f"{path}:{line}: text is {len(text):,} characters, more than the {MAX_TEXT_CHARS:,} a "
+            "text may have; split it, or pass --truncate to cut long texts."
+        )
+    return text[:MAX_TEXT_CHARS]
+
+
+def read_texts(path: Path | str, text_field: str = "text", refuse_long: bool = False) -> TextSet:
+    """Read every non-empty text of a calibration/held-out file.
+
+    A text over ``MAX_TEXT_CHARS`` is cut to it, before any tokenizer sees it; with
+    ``refuse_long`` it is a UserError naming its line instead (the build without --truncate,
+    which refuses texts the model cannot see whole).
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"text file {path} does not exist.")
@@ -63,36 +126,15 @@ def read_texts(path: Path | str, text_field: str = "text") -> TextSet:
     if suffix not in FORMATS:
         raise UserError(f"{path}: unsupported format {suffix!r}; use one of {', '.join(FORMATS)}.")
     content = _decode(path)
-    texts: list[str] = []
     if suffix == ".txt":
-        texts = [line.strip() for line in content.splitlines()]
+        rows = [(n, line.strip()) for n, line in enumerate(content.splitlines(), 1)]
     elif suffix == ".jsonl":
-        for n, line in enumerate(content.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                raise UserError(f"{path}:{n}: not valid JSON.") from None
-            if not isinstance(row, dict) or text_field not in row:
-                raise UserError(f"{path}:{n}: no field {text_field!r} (set --text-field).")
-            if not isinstance(row[text_field], str):
-                raise UserError(f"{path}:{n}: field {text_field!r} is not a string.")
-            texts.append(row[text_field].strip())
+        rows = _jsonl(path, content, text_field)
     else:
-        try:
-            reader = csv.DictReader(io.StringIO(content))
-            header = reader.fieldnames or []
-            if text_field not in header:
-                raise UserError(
-                    f"{path}: no column {text_field!r}; columns are: {', '.join(header) or 'none'}"
-                    " (set --text-field)."
-                )
-            texts = [(row.get(text_field) or "").strip() for row in reader]
-        except csv.Error as exc:
-            raise UserError(f"{path}: not valid CSV ({exc}).") from None
+        rows = _csv(path, content, text_field)
+    texts = [_capped(path, n, text, refuse_long) for n, text in rows if text]
     # Duplicates add nothing to calibration and would leak into the held-out split.
-    texts = list(dict.fromkeys(t for t in texts if t))
+    texts = list(dict.fromkeys(texts))
     if not texts:
         raise UserError(f"{path} holds no texts.")
     return TextSet(tuple(texts), str(path))

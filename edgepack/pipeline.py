@@ -68,9 +68,12 @@ DEV_TEXTS = 64  # texts the accuracy search may choose on; never the held-out on
 
 def _texts(config: BuildConfig) -> tuple[TextSet, TextSet, TextSet]:
     """Calibration sample, held-out texts (for the reported figures) and dev texts (for choices)."""
-    pool = read_texts(config.calibration, config.text_field)
+    # Without --truncate, a text too long to tokenize sensibly is refused like one over the
+    # model's maximum (check_lengths); with it, it is cut before the tokenizer sees it.
+    refuse = not config.truncate
+    pool = read_texts(config.calibration, config.text_field, refuse)
     calib, rest = split(pool, config.samples, config.seed)
-    heldout = read_texts(config.heldout, config.text_field) if config.heldout else rest
+    heldout = read_texts(config.heldout, config.text_field, refuse) if config.heldout else rest
     if len(heldout.texts) < MIN_HELDOUT:
         raise UserError(
             f"only {len(heldout.texts)} texts left for the fidelity check (need {MIN_HELDOUT}); "

@@ -18,14 +18,42 @@ from edgepack.profiles import builtin_targets
 from edgepack.progress import Progress
 
 
-def _config_from(manifest: dict[str, Any]) -> BuildConfig:
-    recorded = dict(manifest.get("build", {}).get("config", {}))
-    if not recorded:
+def _recorded(manifest: dict[str, Any]) -> dict[str, Any]:
+    build = manifest.get("build")
+    recorded = build.get("config") if isinstance(build, dict) else None
+    if not recorded or not isinstance(recorded, dict):
         raise UserError("the manifest has no build.config; it cannot be rebuilt.")
-    target = manifest["target"]["name"]
+    return dict(recorded)
+
+
+def _config_from(manifest: dict[str, Any]) -> BuildConfig:
+    recorded = _recorded(manifest)
+    section = manifest.get("target")
+    target = section.get("name") if isinstance(section, dict) else None
     if target not in builtin_targets():
         raise UserError(f"target {target!r} is not a built-in profile; rebuild with --target FILE.")
     return replace(overlay(BuildConfig(), recorded, "manifest"), target=target, force=True)
+
+
+def _read_sums(folder: Path) -> dict[str, str]:
+    """SHA256SUMS as {file: digest}; checked before the build, so a bad one fails in a second."""
+    path = folder / "SHA256SUMS"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(
+            f"{folder} has no SHA256SUMS beside manifest.json, so a rebuild has nothing to "
+            "compare with; copy the bundle's SHA256SUMS there too."
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read {path}: {exc}") from None
+    sums = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        digest, sep, name = line.partition("  ")
+        if not sep or not name or len(digest) != 64:
+            raise UserError(f"{path}, line {n}: expected '<sha256>  <file>', got {line[:60]!r}")
+        sums[name] = digest
+    return sums
 
 
 def rebuild(bundle: Path, target_file: str | None, progress: Progress) -> list[str]:
@@ -38,19 +66,15 @@ def rebuild(bundle: Path, target_file: str | None, progress: Progress) -> list[s
         _config_from(old)
         if target_file is None
         else replace(
-            overlay(BuildConfig(), old["build"]["config"], "manifest"),
-            target=target_file,
-            force=True,
+            overlay(BuildConfig(), _recorded(old), "manifest"), target=target_file, force=True
         )
     )
-    old_sums = (folder / "SHA256SUMS").read_text(encoding="utf-8").splitlines()
+    old_files = _read_sums(folder)
     with tempfile.TemporaryDirectory(prefix="edgepack-rebuild-") as tmp:
         (result,) = build(replace(config, out=tmp), progress)
         new = read_manifest(result.folder)
-        new_sums = (result.folder / "SHA256SUMS").read_text(encoding="utf-8").splitlines()
+        new_files = _read_sums(result.folder)
     diffs = []
-    old_files = dict(line.split("  ", 1)[::-1] for line in old_sums)
-    new_files = dict(line.split("  ", 1)[::-1] for line in new_sums)
     for name in sorted(set(old_files) | set(new_files)):
         if name == "manifest.json":
             continue

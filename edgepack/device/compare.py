@@ -10,6 +10,7 @@ Usage:
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ REQUIRED = (
     "check.passed",
     "latencies_ms",
 )
+NUMBERS = REQUIRED[:8]  # the figures printed; check.passed and latencies_ms have their own types
 COLUMNS = ("report", "p50 ms", "p90 ms", "p99 ms", "RSS MB", "cold ms", "per s", "check", "p50 x")
 
 
@@ -37,8 +39,45 @@ def _get(report: dict[str, Any], dotted: str) -> Any:
     return node
 
 
+def _finite(value: Any) -> bool:
+    """A real number that can be printed and divided by: bools and NaN/infinity are not."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_values(path: Path, report: dict[str, Any]) -> None:
+    """Every figure the table prints is null or a finite number >= 0; p50 is also the divisor.
+
+    Python's json module reads and writes NaN and Infinity, so a broken run or a hand edit gets
+    through json.loads; without this the table prints "nan" and exits 0, or the plot crashes.
+    """
+    for dotted in NUMBERS:
+        value = _get(report, dotted)
+        if value is not None and not (_finite(value) and value >= 0):
+            raise UserError(
+                f"{path}: {dotted} must be a finite number >= 0 or null, got {_short(value)}"
+            )
+    p50 = report["latency_ms"]["p50"]
+    if p50 is None or p50 <= 0:
+        raise UserError(f"{path}: latency_ms.p50 must be a positive number, got {p50!r}")
+    passed = report["check"]["passed"]
+    if passed is not None and not isinstance(passed, bool):
+        raise UserError(f"{path}: check.passed must be true, false or null, got {_short(passed)}")
+    raw = report["latencies_ms"]
+    if raw is not None and not (isinstance(raw, list) and all(_finite(v) and v >= 0 for v in raw)):
+        bad = raw if not isinstance(raw, list) else next(v for v in raw if not _finite(v) or v < 0)
+        raise UserError(
+            f"{path}: latencies_ms must be a list of finite numbers >= 0 (ms) or null, "
+            f"found {_short(bad)}"
+        )
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def load_report(path: Path) -> dict[str, Any]:
-    """Read one report and check it has every key the table needs (values may be null)."""
+    """Read one report and check it has every key the table needs, each of the right type."""
     try:
         report = json.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
@@ -50,8 +89,7 @@ def load_report(path: Path) -> dict[str, Any]:
             _get(report, dotted)
         except (KeyError, TypeError):
             raise UserError(f"{path} is not a bench.py report: it has no key '{dotted}'") from None
-    if not isinstance(report["latency_ms"]["p50"], int | float) or report["latency_ms"]["p50"] <= 0:
-        raise UserError(f"{path}: latency_ms.p50 must be a positive number")
+    _check_values(path, report)
     return report
 
 
@@ -133,9 +171,8 @@ def _plot(labels: list[str], reports: list[dict[str, Any]], out: Path) -> str:
         ax.boxplot(data, vert=False, showfliers=True, whis=(1, 99))
     ax.set_yticks(range(1, len(drawn) + 1), [lab for lab, _ in drawn])
     ax.set_xlabel("latency (ms); whiskers at p1 and p99")
-    ax.set_xscale(
-        "log" if max(max(d) for _, d in drawn) > 20 * min(min(d) for _, d in drawn) else "linear"
-    )
+    low, high = min(min(d) for _, d in drawn), max(max(d) for _, d in drawn)
+    ax.set_xscale("log" if low > 0 and high > 20 * low else "linear")  # log cannot show a 0
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -79,8 +79,7 @@ def run_local(bundle: Path, args: list[str], results_dir: Path) -> Path:
 def _ensure_tarball(bundle: Path, workdir: Path) -> tuple[Path, str]:
     """The bundle as a vetted .tar.gz and its top folder name; folders are packed on the fly."""
     if is_archive(bundle):
-        with tarfile.open(bundle, "r:*") as tar:
-            return bundle, check_members(bundle, tar)
+        return bundle, check_members(bundle)  # opens it; a broken archive is a UserError
     if not (bundle / "bench.py").is_file():
         raise UserError(f"{bundle} is not a bundle folder or .tar.gz: it has no bench.py")
     archive = workdir / f"{bundle.name}.tar.gz"

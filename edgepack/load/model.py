@@ -122,14 +122,21 @@ def _check_pickle(path: Path) -> None:
 
 
 def _max_length(folder: Path, config: dict[str, Any]) -> int:
-    limits = [int(config.get("max_position_embeddings", 512))]
+    positions = config.get("max_position_embeddings", 512)
+    # bool is an int to Python: `true` must not pass as a window of 1 token.
+    if not isinstance(positions, int) or isinstance(positions, bool) or positions <= 0:
+        raise UserError(
+            f"{folder / 'config.json'}: max_position_embeddings must be a positive integer "
+            f"(e.g. 512), got {repr(positions)[:40]}."
+        )
+    limits = [positions]
     for name, key in (
         ("sentence_bert_config.json", "max_seq_length"),
         ("tokenizer_config.json", "model_max_length"),
     ):
         if (folder / name).is_file():
             value = _read_json(folder / name).get(key)
-            if isinstance(value, int) and 0 < value < 1_000_000:
+            if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 1_000_000:
                 limits.append(value)
     return min(limits)
 
