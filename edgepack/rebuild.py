@@ -11,7 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from edgepack.bundle import VOLATILE_KEYS, read_manifest
+from edgepack.bundle import VOLATILE_KEYS, read_manifest, read_sums, verify_bundle
 from edgepack.config import BuildConfig, overlay
 from edgepack.errors import UserError
 from edgepack.profiles import builtin_targets
@@ -36,24 +36,16 @@ def _config_from(manifest: dict[str, Any]) -> BuildConfig:
 
 
 def _read_sums(folder: Path) -> dict[str, str]:
-    """SHA256SUMS as {file: digest}; checked before the build, so a bad one fails in a second."""
-    path = folder / "SHA256SUMS"
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
+    """SHA256SUMS as {file: digest}, read by the bundle check's own reader; checked before the
+    build, so a bad one fails in a second. A whole bundle is verified first."""
+    if not (folder / "SHA256SUMS").is_file():
         raise UserError(
             f"{folder} has no SHA256SUMS beside manifest.json, so a rebuild has nothing to "
             "compare with; copy the bundle's SHA256SUMS there too."
-        ) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"cannot read {path}: {exc}") from None
-    sums = {}
-    for n, line in enumerate(text.splitlines(), 1):
-        digest, sep, name = line.partition("  ")
-        if not sep or not name or len(digest) != 64:
-            raise UserError(f"{path}, line {n}: expected '<sha256>  <file>', got {line[:60]!r}")
-        sums[name] = digest
-    return sums
+        )
+    if (folder / "bench.py").is_file():  # a bundle, not a manifest copied on its own
+        verify_bundle(folder)
+    return read_sums(folder)
 
 
 def rebuild(bundle: Path, target_file: str | None, progress: Progress) -> list[str]:

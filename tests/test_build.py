@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from bundle_factory import write_sums
 from click.testing import CliRunner
 
 from edgepack.bundle import verify_bundle as verify
@@ -172,6 +173,9 @@ def test_rebuild_notices_a_changed_input(matrix: Path, tmp_path: Path) -> None:
     changed.write_text(texts.read_text().replace("the", "a"))
     manifest["build"]["config"]["calibration"] = str(changed)
     (folder / "manifest.json").write_text(json.dumps(manifest))
+    code, output = run("rebuild", str(folder))
+    assert code == 2 and "manifest.json was changed after build" in output  # verified first
+    write_sums(folder)  # a consistent bundle whose recorded input no longer gives the same model
     code, output = run("rebuild", str(folder))
     assert code == 1
     assert "Rebuild differs" in output and "model.onnx" in output

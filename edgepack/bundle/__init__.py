@@ -14,7 +14,7 @@ from edgepack.bundle.archive import (
 from edgepack.bundle.manifest import VOLATILE_KEYS, read_manifest
 from edgepack.bundle.sign import SIGNATURE, check_sign_key, sign_bundle
 from edgepack.bundle.target import BuildResult, Shared, Shipment, package_target
-from edgepack.bundle.verify import verify_bundle
+from edgepack.bundle.verify import read_sums, verify_bundle
 from edgepack.bundle.write import WRITE_ERRORS, check_destination, check_out_root, write_files
 
 __all__ = [
@@ -35,6 +35,7 @@ __all__ = [
     "is_archive",
     "package_target",
     "read_manifest",
+    "read_sums",
     "sign_bundle",
     "verify_bundle",
     "write_files",

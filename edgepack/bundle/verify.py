@@ -70,7 +70,7 @@ def read_sums(folder: Path) -> dict[str, str]:
             continue
         digest, mode, name = line[:64], line[64:66], line[66:]
         if len(digest) != 64 or not set(digest) <= HEX or mode not in ("  ", " *") or not name:
-            raise BundleTampered(f"{path}:{n} is malformed.")
+            raise BundleTampered(f"{path}, line {n} is malformed: {line[:60]!r}")
         name = inside(name, f"{SUMS} line {n}")
         if name in listed:
             raise BundleTampered(f"{path} lists {name} twice.")
