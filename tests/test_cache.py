@@ -190,3 +190,28 @@ def test_leftovers_of_dead_builds_and_older_versions_are_removed(work: Path) -> 
     live.rename(stage_dir.parent / "moved-live")  # out of the way of assert_complete_entry
     assert not (final_dir() / "junk.txt").exists()
     assert_complete_entry()
+
+
+@pytest.mark.slow
+def test_two_edgepack_builds_of_one_model_with_an_empty_cache_both_succeed(
+    tiny_st: Path, texts_file: Path, tmp_path: Path
+) -> None:
+    """The reported case, end to end: two `edgepack build` processes, one shared empty cache."""
+    env = {**os.environ, "EDGEPACK_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    builds = []
+    for name in ("a", "b"):
+        cmd = [sys.executable, "-m", "edgepack.cli", "build", "--model", str(tiny_st)]
+        cmd += ["--calibration", str(texts_file), "--samples", "40", "--target", "cpu"]
+        cmd += ["--out", str(tmp_path / name), "--max-drop", "-1", "--quiet"]
+        builds.append(subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True))
+    for build in builds:
+        _, err = build.communicate(timeout=600)
+        assert build.returncode == 0, err[-3000:]
+    for name in ("a", "b"):
+        assert (tmp_path / name / f"{tiny_st.name}-cpu.tar.gz").is_file()
+    exports = [p for p in (tmp_path / "cache" / "export").iterdir() if p.is_dir()]
+    assert len(exports) == 1 and (exports[0] / "artifact.json").is_file()
+    first, second = (
+        (tmp_path / n / f"{tiny_st.name}-cpu" / "model.onnx").read_bytes() for n in ("a", "b")
+    )
+    assert first == second

@@ -9,6 +9,7 @@ as ignored), which means it is written last, after SHA256SUMS, and never listed 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +77,20 @@ def verify_signature(folder: Path, public_key: Path) -> None:
         config = ms.verifying.Config().use_elliptic_key_verifier(public_key=public_key)
         config.set_hashing_config(_ignore_signature(ms)).verify(folder, signature)
     except Exception as exc:  # model-signing raises ValueError and cryptography's own errors
-        first = " ".join(str(exc).split())[:300] or type(exc).__name__
         raise BundleTampered(
-            f"{folder}: {SIGNATURE} does not verify with {public_key}: {first}"
+            f"{folder}: {SIGNATURE} does not verify with {public_key}: {_problem(exc)}"
         ) from None
+
+
+def _problem(exc: BaseException) -> str:
+    """model-signing's mismatch report (reprs of raw digests) reduced to the file names."""
+    text = str(exc)
+    found = [
+        ("changed", re.findall(r"Hash mismatch for \\?'(.+?)\\?':", text)),
+        ("added", re.findall(r"Extra files found in model '[^']*': ([^\"']+)", text)),
+        ("missing", re.findall(r"Missing files in model '[^']*': ([^\"']+)", text)),
+    ]
+    parts = [f"{kind} {', '.join(names)}" for kind, names in found if names]
+    if parts:
+        return "files differ from the signed ones: " + "; ".join(parts)
+    return " ".join(text.split())[:300] or type(exc).__name__
