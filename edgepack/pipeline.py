@@ -18,7 +18,7 @@ from edgepack import __version__
 from edgepack.artifacts import HFModel, OnnxModel, canonical_json
 from edgepack.bundle import WRITE_ERRORS, BuildResult, Shared, Shipment, package_target
 from edgepack.cache import cached
-from edgepack.calibration import TextSet, batches, check_lengths, encode, read_texts, split
+from edgepack.calibration import TextSet, batches, build_texts, check_lengths, encode, read_texts
 from edgepack.config import BuildConfig
 from edgepack.errors import ToleranceNotMet, UserError
 from edgepack.families import encoder
@@ -58,38 +58,6 @@ def _precision(config: BuildConfig, profile: TargetProfile) -> str:
 
 def _seq_len(profile: TargetProfile, model: HFModel) -> int:
     return min(int(profile.section("harness")["seq_len"]), model.max_length)
-
-
-MIN_HELDOUT = 8
-
-
-DEV_TEXTS = 64  # texts the accuracy search may choose on; never the held-out ones
-
-
-def _texts(config: BuildConfig) -> tuple[TextSet, TextSet, TextSet]:
-    """Calibration sample, held-out texts (for the reported figures) and dev texts (for choices)."""
-    # Without --truncate, a text too long to tokenize sensibly is refused like one over the
-    # model's maximum (check_lengths); with it, it is cut before the tokenizer sees it.
-    refuse = not config.truncate
-    pool = read_texts(config.calibration, config.text_field, refuse)
-    calib, rest = split(pool, config.samples, config.seed)
-    heldout = read_texts(config.heldout, config.text_field, refuse) if config.heldout else rest
-    if len(heldout.texts) < MIN_HELDOUT:
-        raise UserError(
-            f"only {len(heldout.texts)} texts left for the fidelity check (need {MIN_HELDOUT}); "
-            "pass --heldout FILE or lower --samples."
-        )
-    overlap = set(calib.texts) & set(heldout.texts)
-    if overlap:
-        raise UserError(
-            f"{len(overlap)} held-out texts are also calibration texts; keep them apart."
-        )
-    unused = [t for t in rest.texts if t not in set(heldout.texts)]
-    if len(unused) >= 16:
-        dev = TextSet(tuple(unused[:DEV_TEXTS]), rest.source)
-    else:  # no spare texts: choose on the calibration sample, still never on held-out text
-        dev = TextSet(calib.texts[-DEV_TEXTS:], calib.source + " (calibration sample)")
-    return calib, heldout, dev
 
 
 def _export(
@@ -182,20 +150,13 @@ def _prepare(config: BuildConfig, progress: Progress) -> tuple[Shared, TextSet, 
         name = config.name or display_name(original)
         for profile in profiles:
             check_destination(Path(config.out), f"{name}-{profile.name}", config.force)
-        calib, heldout, dev = _texts(config)
+        texts = build_texts(config)
+        calib, heldout, dev = texts.calibration, texts.heldout, texts.dev
         tokenizer = AutoTokenizer.from_pretrained(str(original.path), local_files_only=True)
     if not config.truncate:
         check_lengths(calib, tokenizer, original.max_length)
         check_lengths(heldout, tokenizer, original.max_length)
-    # Pruning fits least-squares refits, which want every text there is: the whole calibration
-    # file, held-out texts excluded (sample model, budget 0.3, held-out cosine: 300 texts 0.946,
-    # all 464 0.953).
-    held = set(heldout.texts)
-    fit = TextSet(
-        tuple(t for t in read_texts(config.calibration, config.text_field).texts if t not in held),
-        calib.source,
-    )
-    model = _model_stages(original, config, fit, progress)
+    model = _model_stages(original, config, texts.fit, progress)
     seq_len = max(_seq_len(p, model) for p in profiles)
     fp32 = _export(model, tokenizer, list(heldout.texts[:8]), seq_len, progress)
     shared = Shared(name, model, fp32, calib, heldout, tokenizer, config, _versions())

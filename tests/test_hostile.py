@@ -20,11 +20,10 @@ import pytest
 from bundle_factory import make_bundle, make_tarball
 from click.testing import CliRunner
 
-from edgepack.calibration import MAX_FILE_BYTES, read_texts
+from edgepack.calibration import MAX_FILE_BYTES, build_texts, read_texts
 from edgepack.cli import cli
 from edgepack.config import BuildConfig
 from edgepack.errors import UserError
-from edgepack.pipeline import _texts
 
 CAP = 32_768  # characters per calibration text: 64 per token of a 512-token window
 
@@ -278,11 +277,11 @@ def test_a_huge_calibration_line_is_refused_before_tokenizing(
 def test_truncate_cuts_huge_texts_to_the_cap_before_tokenizing(tmp_path: Path) -> None:
     calib = _calibration_with_a_huge_line(tmp_path, line=3, suffix=".jsonl")
     config = BuildConfig(calibration=str(calib), samples=10, truncate=True)
-    calib_set, heldout, dev = _texts(config)
-    everything = calib_set.texts + heldout.texts + dev.texts
+    texts = build_texts(config)
+    everything = texts.calibration.texts + texts.heldout.texts + texts.dev.texts
     assert max(len(t) for t in everything) == CAP
     with pytest.raises(UserError, match=r"calib\.jsonl:3: .*32,768"):
-        _texts(BuildConfig(calibration=str(calib), samples=10))
+        build_texts(BuildConfig(calibration=str(calib), samples=10))
 
 
 def test_a_build_with_truncate_calibrates_on_the_cut_text(tiny_bert: Path, tmp_path: Path) -> None:
@@ -293,7 +292,9 @@ def test_a_build_with_truncate_calibrates_on_the_cut_text(tiny_bert: Path, tmp_p
     assert result.exit_code == 0, (result.output, result.exception)
     (path,) = (tmp_path / "dist").glob("*-cpu/manifest.json")
     manifest = json.loads(path.read_text())
-    expected, _, _ = _texts(BuildConfig(calibration=str(calib), samples=10, truncate=True))
+    expected = build_texts(
+        BuildConfig(calibration=str(calib), samples=10, truncate=True)
+    ).calibration
     assert manifest["calibration"]["sha256"] == expected.sha256
     assert max(len(t) for t in expected.texts) == CAP, "not cut to the cap"
 
@@ -308,9 +309,10 @@ def test_the_cap_is_exact_and_names_the_line(tmp_path: Path, suffix: str) -> Non
     path.write_text("\n".join(lines) + "\n")
     refused = BuildConfig(calibration=str(path), samples=1)
     with pytest.raises(UserError, match=rf"t\{suffix}:{3 + len(head)}: .*{CAP:,}"):
-        _texts(refused)
-    texts = _texts(BuildConfig(calibration=str(path), samples=1, truncate=True))
-    everything = {t for part in texts for t in part.texts}
+        build_texts(refused)
+    texts = build_texts(BuildConfig(calibration=str(path), samples=1, truncate=True))
+    parts = (texts.calibration, texts.heldout, texts.dev, texts.fit)
+    everything = {t for part in parts for t in part.texts}
     assert at_cap in everything and "c" * CAP in everything and over not in everything
 
 
