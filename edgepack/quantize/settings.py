@@ -12,7 +12,7 @@ from edgepack.errors import UserError
 
 # Recorded in every int8 model and manifest: a change to the recipe that changes its output must
 # change this name, so bundles say which recipe made them.
-RECIPE = "smoothquant-linear-qdq/v2"
+RECIPE = "smoothquant-linear-qdq/v3"
 _ACT_TYPES = ("uint8", "int8")
 _WEIGHT_TYPES = ("int8", "uint8")
 _METHODS = ("minmax", "entropy", "percentile")
@@ -76,6 +76,12 @@ class QuantSettings:
     # GELU then fuses to Gelu instead of BiasGelu); onnxruntime CPU EP only (x86 and ARM).
     # Same fidelity; see the report for the measured latency.
     quant_format: str = "qdq"
+    # Weight-only embedding tables (word, position, token type Gathers): 8 = int8 per row with
+    # standard ops, 4 = 4-bit blocks through com.microsoft GatherBlockQuantized (onnxruntime CPU EP
+    # only), 0 = keep fp32. The word table is 47 of the 59 MB of an int8 MiniLM bundle; the
+    # accuracy search can put any table back to fp32.
+    embedding_bits: int = 8
+    embedding_block_size: int = 32  # values per 4-bit scale (a power of 2 >= 16)
 
 
 def check_quant_settings(s: QuantSettings) -> None:
@@ -99,6 +105,11 @@ def check_quant_settings(s: QuantSettings) -> None:
         raise UserError(f"unknown outlier_sites {bad}; allowed: {_SITES}")
     if s.quant_format not in _FORMATS:
         raise UserError(f"quant_format must be one of {_FORMATS}, got {s.quant_format!r}")
+    if s.embedding_bits not in (0, 4, 8):
+        raise UserError(f"embedding_bits must be 0, 4 or 8, got {s.embedding_bits}")
+    b = s.embedding_block_size
+    if b < 16 or b & (b - 1):
+        raise UserError(f"embedding_block_size must be a power of 2 >= 16, got {b}")
     if s.max_calibration_batches is not None and s.max_calibration_batches < 1:
         raise UserError("max_calibration_batches must be >= 1 or None")
     if s.quant_format == "qdq" and s.activation_type == "uint8" and s.weight_type == "uint8":
