@@ -135,3 +135,31 @@ def test_search_works_on_the_fused_format(tiny_st: Path, texts_file: Path, tmp_p
     assert search["sensitivity"] and any(
         e["candidate"].startswith("fallback") for e in search["log"]
     )
+
+
+def test_manifest_records_the_quantized_embeddings(
+    tiny_st: Path, texts_file: Path, tmp_path: Path
+) -> None:
+    """manifest["quantization"] is the stage's record: each table it lists as quantized is gone
+    from model.onnx as fp32, and a table the search put back (max drop 0) is fp32 again."""
+    import onnx
+
+    for drop, code_wanted in (("-1", 0), ("0", 3)):
+        out = tmp_path / f"drop{drop}"
+        code, output = _build(tiny_st, texts_file, out, "--max-drop", drop)
+        assert code == code_wanted, output
+        folder = out / f"{tiny_st.name}-cpu-vnni"
+        quant = json.loads((folder / "manifest.json").read_text())["quantization"]
+        model = onnx.load(str(folder / "model.onnx"))
+        fp32 = {i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
+        listed = {e["table"] for e in quant["embeddings"]}
+        restored = {
+            k["name"] for k in quant["kept_fp32"] if k.get("reason", "").startswith("embedding")
+        }
+        assert not listed & fp32 and restored <= fp32 and not listed & restored
+        if drop == "-1":
+            assert len(listed) == 3 and all(e["bits"] == 8 for e in quant["embeddings"])
+            assert all(e["bytes_quantized"] < e["bytes_fp32"] / 3 for e in quant["embeddings"])
+        else:  # every quantized item is tried in fp32; the best keeps what it needs
+            names = {s["name"] for s in quant["accuracy_search"]["sensitivity"]}
+            assert listed | restored <= names
