@@ -113,7 +113,12 @@ def test_untied_tables_round_trip_and_are_recorded(
 ) -> None:
     import onnx
 
-    rec = _quantize(tiny_export, tmp_path / "q.onnx", embedding_bits=bits, embedding_block_size=16)
+    rec = _quantize(
+        tiny_export,
+        tmp_path / "q.onnx",
+        embedding_precision={8: "int8", 4: "int4"}[bits],
+        embedding_block_size=16,
+    )
     m = onnx.load(str(tmp_path / "q.onnx"))
     onnx.checker.check_model(m)
     tables = {e["table"]: e for e in rec["embeddings"]}
@@ -129,7 +134,7 @@ def test_untied_tables_round_trip_and_are_recorded(
     ]
     assert ops == (["GatherBlockQuantized"] if bits == 4 else ["Mul"]) * 3
     feeds = _feeds(6, 7)
-    plain = _quantize(tiny_export, tmp_path / "plain.onnx", embedding_bits=0)
+    plain = _quantize(tiny_export, tmp_path / "plain.onnx", embedding_precision="fp32")
     assert plain["embeddings"] == []
     for r, q, p in zip(
         _run(tiny_export, feeds),
@@ -141,7 +146,12 @@ def test_untied_tables_round_trip_and_are_recorded(
         if bits == 8:  # int8 rows: a drop of the order of 1e-5 on this random model
             assert 1 - _cos(r, q) < 1e-4 and _cos(r, p) >= _cos(r, q) - 1e-6
     # deterministic bytes
-    _quantize(tiny_export, tmp_path / "again.onnx", embedding_bits=bits, embedding_block_size=16)
+    _quantize(
+        tiny_export,
+        tmp_path / "again.onnx",
+        embedding_precision={8: "int8", 4: "int4"}[bits],
+        embedding_block_size=16,
+    )
     assert (tmp_path / "again.onnx").read_bytes() == (tmp_path / "q.onnx").read_bytes()
 
 
@@ -219,8 +229,10 @@ def test_tied_table_through_the_recipe(tmp_path: Path) -> None:
 def test_restore_puts_the_exact_fp32_table_back(tiny_export: Path, tmp_path: Path) -> None:
     import onnx
 
-    rec = _quantize(tiny_export, tmp_path / "q.onnx", embedding_bits=4, embedding_block_size=16)
-    _quantize(tiny_export, tmp_path / "plain.onnx", embedding_bits=0)
+    rec = _quantize(
+        tiny_export, tmp_path / "q.onnx", embedding_precision="int4", embedding_block_size=16
+    )
+    _quantize(tiny_export, tmp_path / "plain.onnx", embedding_precision="fp32")
     fp32 = {i.name: i for i in onnx.load(str(tiny_export)).graph.initializer}
     back = restore_fp32_embeddings(onnx.load(str(tmp_path / "q.onnx")), fp32, rec["embeddings"])
     onnx.checker.check_model(back)
@@ -235,7 +247,7 @@ def test_search_puts_a_sensitive_embedding_back_to_fp32(tiny_export: Path, tmp_p
 
     from edgepack.quantize.search import search
 
-    settings = QuantSettings(embedding_bits=4, embedding_block_size=16)
+    settings = QuantSettings(embedding_precision="int4", embedding_block_size=16)
     feeds = _feeds(12, 1)
 
     def quantize(s, path: Path) -> dict:

@@ -21,7 +21,7 @@ Recipe ("smoothquant-linear-qdq"), measured on all-MiniLM-L6-v2 (see the lab not
 7. Output: QDQ (portable; onnxruntime fuses DQ->MatMul) or, with ``quant_format="ort_fused"``,
    QuantizeLinear -> MatMulIntegerToFloat with the bias Add fused (onnxruntime CPU only).
 8. Embedding tables (word, position, token type) weight-only: int8 per row, or 4-bit blocks
-   (``embedding_bits``); see embed.py.
+   (``embedding_precision``); see embed.py.
 9. No intermediate value_info in the output (it makes onnxruntime fuse a slower
    SkipLayerNormalization; measured in ``quantize_static_int8``).
 """
@@ -46,7 +46,12 @@ from edgepack.quantize.graph import (
     sort_topologically,
     split_outliers,
 )
-from edgepack.quantize.settings import RECIPE, QuantSettings, check_quant_settings
+from edgepack.quantize.settings import (
+    EMBEDDING_BITS,
+    RECIPE,
+    QuantSettings,
+    check_quant_settings,
+)
 
 
 # ----------------------------------------------------------------------------- calibration
@@ -248,7 +253,7 @@ def quantize_static_int8(
         fused_bias = 0
     skip = {t for t, gs in find_embedding_gathers(qmodel).items() if {n.name for n in gs} & keep}
     embeddings = quantize_embeddings(
-        qmodel, settings.embedding_bits, settings.embedding_block_size, skip
+        qmodel, EMBEDDING_BITS[settings.embedding_precision], settings.embedding_block_size, skip
     )
     out_model.parent.mkdir(parents=True, exist_ok=True)
     # The intermediate shapes from pre-processing let onnxruntime fuse Add+Add+LayerNormalization

@@ -18,6 +18,7 @@ _WEIGHT_TYPES = ("int8", "uint8")
 _METHODS = ("minmax", "entropy", "percentile")
 _SITES = ("qkv", "attn_out", "ffn_in", "ffn_out", "other")
 _FORMATS = ("qdq", "ort_fused")
+EMBEDDING_BITS = {"int8": 8, "int4": 4, "fp32": 0}
 
 
 @dataclass(frozen=True)
@@ -76,11 +77,11 @@ class QuantSettings:
     # GELU then fuses to Gelu instead of BiasGelu); onnxruntime CPU EP only (x86 and ARM).
     # Same fidelity; see the report for the measured latency.
     quant_format: str = "qdq"
-    # Weight-only embedding tables (word, position, token type Gathers): 8 = int8 per row with
-    # standard ops, 4 = 4-bit blocks through com.microsoft GatherBlockQuantized (onnxruntime CPU EP
-    # only), 0 = keep fp32. The word table is 47 of the 59 MB of an int8 MiniLM bundle; the
+    # Weight-only embedding tables (word, position, token type Gathers): "int8" per row with
+    # standard ops, "int4" blocks through com.microsoft GatherBlockQuantized (onnxruntime CPU EP
+    # only), "fp32" keeps them. The word table is 47 of the 59 MB of an int8 MiniLM bundle; the
     # accuracy search can put any table back to fp32.
-    embedding_bits: int = 8
+    embedding_precision: str = "int8"
     embedding_block_size: int = 32  # values per 4-bit scale (a power of 2 >= 16)
 
 
@@ -105,8 +106,10 @@ def check_quant_settings(s: QuantSettings) -> None:
         raise UserError(f"unknown outlier_sites {bad}; allowed: {_SITES}")
     if s.quant_format not in _FORMATS:
         raise UserError(f"quant_format must be one of {_FORMATS}, got {s.quant_format!r}")
-    if s.embedding_bits not in (0, 4, 8):
-        raise UserError(f"embedding_bits must be 0, 4 or 8, got {s.embedding_bits}")
+    if s.embedding_precision not in EMBEDDING_BITS:
+        raise UserError(
+            f"embedding_precision must be one of {tuple(EMBEDDING_BITS)}, got {s.embedding_precision!r}"
+        )
     b = s.embedding_block_size
     if b < 16 or b & (b - 1):
         raise UserError(f"embedding_block_size must be a power of 2 >= 16, got {b}")
