@@ -74,10 +74,10 @@ def categorize(model: Any) -> dict[str, str]:
             cat = "outlier side path"
         elif "_smooth_mul" in name:
             cat = "SmoothQuant Mul"
-        elif op in GEMM_OPS or (op == "MatMul" and constant(n.input[1])):
-            cat = "GEMM (linear layers)"
-        elif op == "MatMul":
-            cat = "attention MatMuls (scores, context)"
+        elif op in GEMM_OPS or op == "MatMul":
+            weight = n.input[3] if op == "QLinearMatMul" else n.input[1]
+            linear = constant(weight)
+            cat = "GEMM (linear layers)" if linear else "attention MatMuls (scores, context)"
         elif op in QDQ_OPS:
             cat = "Quantize/Dequantize"
         elif op == "Softmax":
