@@ -19,6 +19,7 @@ Two measurements, both interleaved (A B C A B C ...) so drift on a shared machin
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 import tempfile
 from collections import Counter
@@ -274,7 +275,7 @@ def main(extra, workdir, seqs, profile_seq, rounds, per_round, results, no_basel
     prof_dir.mkdir(exist_ok=True)
     table, counts = breakdown(models, encode(tokenizer, text, profile_seq), harness, prof_dir)
     sizes = {k: p.stat().st_size / 1e6 for k, p in models.items()}
-    command = "python -m benchmarks.breakdown " + " ".join(sys.argv[1:])
+    command = "python -m benchmarks.breakdown " + shlex.join(sys.argv[1:])
     info = {"machine": machine(), "seq": profile_seq, "rounds": rounds, "per_round": per_round}
     section = render(lat, table, counts, sizes, {**info, "command": command})
     click.echo(section)
