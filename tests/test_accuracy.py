@@ -68,11 +68,15 @@ def test_bypass_removes_only_the_named_activation_qdq(
 ) -> None:
     import onnx
 
+    from edgepack.profiles import targets_dir
     from edgepack.quantize.search import bypass_activation_qdq
 
-    code, output = _build(tiny_st, texts_file, tmp_path, "--max-drop", "-1")
+    qdq = tmp_path / "qdq.toml"  # cpu-vnni as QDQ (its default is ort_fused)
+    text = (targets_dir() / "cpu-vnni.toml").read_text()
+    qdq.write_text(text.replace('name = "cpu-vnni"', 'name = "qdq"').replace("ort_fused", "qdq"))
+    code, output = _build(tiny_st, texts_file, tmp_path, "--max-drop", "-1", "--target", str(qdq))
     assert code == 0, output
-    model = onnx.load(str(tmp_path / f"{tiny_st.name}-cpu-vnni" / "model.onnx"))
+    model = onnx.load(str(tmp_path / f"{tiny_st.name}-qdq" / "model.onnx"))
     producer = {o: n for n in model.graph.node for o in n.output}
     linears = [
         n
@@ -103,11 +107,11 @@ def test_search_works_on_the_fused_format(tiny_st: Path, texts_file: Path, tmp_p
 
     profile = tmp_path / "fused.toml"
     text = (targets_dir() / "cpu-vnni.toml").read_text()
-    profile.write_text(
-        text.replace('name = "cpu-vnni"', 'name = "fused"').replace(
+    if 'quant_format = "ort_fused"' not in text:  # cpu-vnni's default since the fused format won
+        text = text.replace(
             'calibrate_method = "minmax"', 'calibrate_method = "minmax"\nquant_format = "ort_fused"'
         )
-    )
+    profile.write_text(text.replace('name = "cpu-vnni"', 'name = "fused"'))
     result = CliRunner().invoke(
         cli,
         [
