@@ -78,7 +78,7 @@ class QuantSettings:
     # com.microsoft MatMulIntegerToFloat with the bias in the kernel (36 Adds fewer on MiniLM; the
     # GELU then fuses to Gelu instead of BiasGelu); onnxruntime CPU EP only (x86 and ARM).
     # Same fidelity. MiniLM, AVX512-VNNI EPYC, 1 thread, interleaved: ort_fused 0.396x fp32 at
-    # seq 32 and 128, qdq 0.422x / 0.410x; the arm64 and cpu-vnni profiles choose ort_fused.
+    # seq 32 and 128, qdq 0.422x / 0.410x; the cpu-vnni profile chooses ort_fused.
     quant_format: str = "qdq"
     # Weight-only embedding tables (word, position, token type Gathers): "int8" per row with
     # standard ops, "int4" blocks through com.microsoft GatherBlockQuantized (onnxruntime CPU EP
