@@ -20,7 +20,7 @@ from pathlib import Path
 
 import click
 
-from benchmarks.report import Row, machine, plot, render
+from benchmarks.report import Row, machine, plot, render, splice, spliced_section
 from benchmarks.timing import Harness, linear_macs, linear_shapes, measure_gemm_peaks
 from benchmarks.timing import measure_latency as time_models
 from benchmarks.variants import REPO, Plan, Variant, build_all
@@ -231,7 +231,10 @@ def main(
     title = "Benchmark (--quick smoke run: numbers mean nothing)" if quick else "Benchmark"
     markdown = render(rows, peaks, harness, info, command, time.perf_counter() - started, title)
     out.parent.mkdir(parents=True, exist_ok=True)
+    kept = spliced_section(out)
     out.write_text(markdown, encoding="utf-8")
+    if kept:  # benchmarks.breakdown's section is measured separately: keep it
+        splice(out, kept)
     png = plot(rows, (min(harness.threads), max(harness.seqs)), out.with_suffix(".png"))
     click.echo(markdown)
     click.echo(f"wrote {out}" + (f" and {png}" if png else ""))

@@ -236,3 +236,26 @@ def plot(rows: list[Row], setting: Setting, path: Path) -> Path | None:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+MARK_START, MARK_END = "<!-- breakdown:start -->", "<!-- breakdown:end -->"
+
+
+def splice(results: Path, section: str) -> None:
+    """Put ``section`` between the markers of ``results`` (appended the first time)."""
+    text = results.read_text(encoding="utf-8") if results.is_file() else ""
+    block = f"{MARK_START}\n{section}{MARK_END}\n"
+    if MARK_START in text and MARK_END in text:
+        head, rest = text.split(MARK_START, 1)
+        text = head + block + rest.split(MARK_END, 1)[1].lstrip("\n")
+    else:
+        text = text.rstrip("\n") + "\n\n" + block
+    results.write_text(text, encoding="utf-8")
+
+
+def spliced_section(results: Path) -> str:
+    """The section between the markers of ``results`` ("" when there is none)."""
+    text = results.read_text(encoding="utf-8") if results.is_file() else ""
+    if MARK_START not in text or MARK_END not in text:
+        return ""
+    return text.split(MARK_START, 1)[1].split(MARK_END, 1)[0].lstrip("\n")

@@ -49,6 +49,8 @@ SCHEMA: dict[str, dict[str, Spec] | Spec] = {
         "calibrate_method": (str, True, ("minmax", "entropy", "percentile")),
         # "ort_fused" folds the bias into MatMulIntegerToFloat (CPU EP only); default "qdq".
         "quant_format": (str, False, ("qdq", "ort_fused")),
+        # Embedding tables weight-only: int8 per row (default), int4 blocks (onnxruntime CPU only).
+        "embedding_precision": (str, False, ("int8", "int4", "fp32")),
     },
     "format": {
         "model": (str, True, ("onnx", "ort")),

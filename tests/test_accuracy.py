@@ -68,11 +68,15 @@ def test_bypass_removes_only_the_named_activation_qdq(
 ) -> None:
     import onnx
 
+    from edgepack.profiles import targets_dir
     from edgepack.quantize.search import bypass_activation_qdq
 
-    code, output = _build(tiny_st, texts_file, tmp_path, "--max-drop", "-1")
+    qdq = tmp_path / "qdq.toml"  # cpu-vnni as QDQ (its default is ort_fused)
+    text = (targets_dir() / "cpu-vnni.toml").read_text()
+    qdq.write_text(text.replace('name = "cpu-vnni"', 'name = "qdq"').replace("ort_fused", "qdq"))
+    code, output = _build(tiny_st, texts_file, tmp_path, "--max-drop", "-1", "--target", str(qdq))
     assert code == 0, output
-    model = onnx.load(str(tmp_path / f"{tiny_st.name}-cpu-vnni" / "model.onnx"))
+    model = onnx.load(str(tmp_path / f"{tiny_st.name}-qdq" / "model.onnx"))
     producer = {o: n for n in model.graph.node for o in n.output}
     linears = [
         n
@@ -103,11 +107,11 @@ def test_search_works_on_the_fused_format(tiny_st: Path, texts_file: Path, tmp_p
 
     profile = tmp_path / "fused.toml"
     text = (targets_dir() / "cpu-vnni.toml").read_text()
-    profile.write_text(
-        text.replace('name = "cpu-vnni"', 'name = "fused"').replace(
+    if 'quant_format = "ort_fused"' not in text:  # cpu-vnni's default since the fused format won
+        text = text.replace(
             'calibrate_method = "minmax"', 'calibrate_method = "minmax"\nquant_format = "ort_fused"'
         )
-    )
+    profile.write_text(text.replace('name = "cpu-vnni"', 'name = "fused"'))
     result = CliRunner().invoke(
         cli,
         [
@@ -135,3 +139,31 @@ def test_search_works_on_the_fused_format(tiny_st: Path, texts_file: Path, tmp_p
     assert search["sensitivity"] and any(
         e["candidate"].startswith("fallback") for e in search["log"]
     )
+
+
+def test_manifest_records_the_quantized_embeddings(
+    tiny_st: Path, texts_file: Path, tmp_path: Path
+) -> None:
+    """manifest["quantization"] is the stage's record: each table it lists as quantized is gone
+    from model.onnx as fp32, and a table the search put back (max drop 0) is fp32 again."""
+    import onnx
+
+    for drop, code_wanted in (("-1", 0), ("0", 3)):
+        out = tmp_path / f"drop{drop}"
+        code, output = _build(tiny_st, texts_file, out, "--max-drop", drop)
+        assert code == code_wanted, output
+        folder = out / f"{tiny_st.name}-cpu-vnni"
+        quant = json.loads((folder / "manifest.json").read_text())["quantization"]
+        model = onnx.load(str(folder / "model.onnx"))
+        fp32 = {i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
+        listed = {e["table"] for e in quant["embeddings"]}
+        restored = {
+            k["name"] for k in quant["kept_fp32"] if k.get("reason", "").startswith("embedding")
+        }
+        assert not listed & fp32 and restored <= fp32 and not listed & restored
+        if drop == "-1":
+            assert len(listed) == 3 and all(e["bits"] == 8 for e in quant["embeddings"])
+            assert all(e["bytes_quantized"] < e["bytes_fp32"] / 3 for e in quant["embeddings"])
+        else:  # every quantized item is tried in fp32; the best keeps what it needs
+            names = {s["name"] for s in quant["accuracy_search"]["sensitivity"]}
+            assert listed | restored <= names

@@ -165,6 +165,9 @@ def test_keep_fp32_and_outlier_split_recorded(tiny_bert: Path, tmp_path: Path) -
         {"smooth_sites": ("everything",)},
         {"outlier_channels": -1},
         {"activation_type": "uint8", "weight_type": "uint8"},
+        {"embedding_precision": "int2"},
+        {"embedding_precision": "int4", "embedding_block_size": 24},
+        {"embedding_block_size": 8},
     ],
 )
 def test_bad_settings_raise_user_error(tiny_bert: Path, tmp_path: Path, bad: dict) -> None:
@@ -208,7 +211,8 @@ def test_outlier_gather_reads_fp32_not_the_clipped_dq_copy(quantized) -> None:
 @pytest.fixture(scope="module")
 def fused(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory):
     d = tmp_path_factory.mktemp("f")
-    st = QuantSettings(quant_format="ort_fused")
+    # fp32 embeddings: the bypass test below measures what the linears' activations cost alone
+    st = QuantSettings(quant_format="ort_fused", embedding_precision="fp32")
     rec = quantize_static_int8(tiny_bert, d / "f.onnx", _batches(24, 1), st, d / "work_f")
     return d, rec
 
@@ -248,7 +252,7 @@ def test_ort_fused_emits_integer_matmuls_with_bias(tiny_bert: Path, quantized, f
         tiny_bert,
         d / "f2.onnx",
         _batches(24, 1),
-        QuantSettings(quant_format="ort_fused"),
+        QuantSettings(quant_format="ort_fused", embedding_precision="fp32"),
         d / "work_f2",
     )
     assert rec2["output_sha256"] == rec["output_sha256"]

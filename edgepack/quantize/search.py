@@ -3,9 +3,11 @@
 The search is ordered from cheap and speed-preserving to costly:
 1. the default recipe;
 2. other calibration methods (percentile, entropy), each a full re-quantization;
-3. fp32 fallback of single linear layers, ranked by measured sensitivity. A layer is "kept fp32" by
-   removing the Quantize/Dequantize pair on its activation input in the int8 graph (its weight stays
-   int8-stored), so ranking all layers costs one dev-set evaluation each, not one re-quantization.
+3. fp32 fallback of single linear layers and embedding tables, ranked by measured sensitivity. A
+   layer is "kept fp32" by removing the Quantize/Dequantize pair on its activation input in the int8
+   graph (its weight stays int8-stored); an embedding table by putting the fp32 table of the
+   unquantized model back under its Gathers. Ranking costs one dev-set evaluation each, not one
+   re-quantization.
 
 Unlike tools that stop at the first passing model or keep nothing when none passes, every candidate
 is scored and the best is always returned, with the whole log for the manifest. The search is
@@ -26,6 +28,7 @@ import numpy as np
 from edgepack.evaluate import fidelity_rows, run_onnx
 from edgepack.families import encoder
 from edgepack.metrics import cosine_rows
+from edgepack.quantize.embed import restore_fp32_embeddings
 from edgepack.quantize.graph import drop_dead_nodes
 
 Feeds = dict[str, np.ndarray]
@@ -63,6 +66,29 @@ def quantized_linears(record: dict[str, Any]) -> list[str]:
         for n in record.get("quantized_nodes", [])
         if n.get("site") != "attention_act_x_act"
     ]
+
+
+def fallback_maker(
+    record: dict[str, Any], fp32_path: Path
+) -> tuple[Callable[[Any, set[str]], Any], list[str]]:
+    """(bypass(model, names) -> model, candidate names): linears by node name, embeddings by table
+    name (only tables found in the fp32 model, whose values the way back needs)."""
+    import onnx
+
+    bypass_linears = bypass_activation_qdq
+    if record.get("quant_format") == "ort_fused":
+        from edgepack.quantize.fused import bypass_fused_activation as bypass_linears
+    fp32 = onnx.load(str(fp32_path)).graph.initializer
+    wanted = {e["table"] for e in record.get("embeddings", [])}
+    tables = {i.name: i for i in fp32 if i.name in wanted}
+    embeddings = {e["table"]: e for e in record.get("embeddings", []) if e["table"] in tables}
+
+    def bypass(model: Any, names: set[str]) -> Any:
+        out = bypass_linears(model, names - set(embeddings))
+        chosen = [embeddings[t] for t in sorted(names & set(embeddings))]
+        return restore_fp32_embeddings(out, tables, chosen) if chosen else out
+
+    return bypass, quantized_linears(record) + sorted(embeddings)
 
 
 def search(
@@ -137,12 +163,15 @@ def search(
     # fp32. Always measured (one dev pass each) for the report; used for fallback when needed.
     base_path, base_record = best["path"], best["record"]
     base = onnx.load(str(base_path))
-    bypass = bypass_activation_qdq
-    if base_record.get("quant_format") == "ort_fused":
-        from edgepack.quantize.fused import bypass_fused_activation as bypass
+    bypass, candidates = fallback_maker(base_record, fp32_path)
+    tables = {e["table"] for e in base_record.get("embeddings", [])}
+
+    def what(name: str) -> str:
+        return "embedding table" if name in tables else "activation"
+
     base_drop = drop(base_path, RANKING_BATCHES)
     gains: list[tuple[float, str]] = []
-    for name in quantized_linears(base_record) if not stopped else []:
+    for name in candidates if not stopped else []:
         if out_of_time():
             stopped = True
             break
@@ -160,14 +189,16 @@ def search(
             path = work_dir / f"fallback-{len(chosen)}.onnx"
             onnx.save(bypass(base, set(chosen)), str(path))
             kept.append(
-                {"name": name, "reason": f"activation kept fp32: dev drop -{gain:.4f} alone"}
+                {"name": name, "reason": f"{what(name)} kept fp32: dev drop -{gain:.4f} alone"}
             )
-            consider(
-                f"fallback {len(chosen)} layer(s)",
-                path,
-                {**base_record, "kept_fp32": base_record.get("kept_fp32", []) + list(kept)},
-                {"kept_fp32": list(chosen)},
-            )
+            record = {
+                **base_record,
+                "kept_fp32": base_record.get("kept_fp32", []) + list(kept),
+                "embeddings": [
+                    e for e in base_record.get("embeddings", []) if e["table"] not in chosen
+                ],
+            }
+            consider(f"fallback {len(chosen)} layer(s)", path, record, {"kept_fp32": list(chosen)})
     shutil.copyfile(best["path"], out_model)
     return {
         **best["record"],

@@ -12,12 +12,13 @@ from edgepack.errors import UserError
 
 # Recorded in every int8 model and manifest: a change to the recipe that changes its output must
 # change this name, so bundles say which recipe made them.
-RECIPE = "smoothquant-linear-qdq/v2"
+RECIPE = "smoothquant-linear-qdq/v3"
 _ACT_TYPES = ("uint8", "int8")
 _WEIGHT_TYPES = ("int8", "uint8")
 _METHODS = ("minmax", "entropy", "percentile")
 _SITES = ("qkv", "attn_out", "ffn_in", "ffn_out", "other")
 _FORMATS = ("qdq", "ort_fused")
+EMBEDDING_BITS = {"int8": 8, "int4": 4, "fp32": 0}
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,9 @@ class QuantSettings:
     # 0.9979 / 0.9899 (reduce_range). Smoothing ffn_out HURTS (0.9779: the post-GELU negative tail
     # -0.17/s_j blows up the range) -> split it instead. Each smoothed input costs one Mul over the
     # activation (the LayerNorm outputs also feed residual Adds, so 1/s cannot be folded into them):
-    # 12 Muls ~2% of int8 time.
+    # 12 Muls ~2% of int8 time. Folding 1/s into a per-channel QuantizeLinear scale (same int8
+    # values) is not a way out: onnxruntime's per-axis QuantizeLinear took 1005 us vs 23 us for
+    # Mul + per-tensor QuantizeLinear at [1, 128, 384] (ORT 1.32, 1 thread).
     smooth_sites: tuple[str, ...] = ("qkv", "ffn_in")
     # LLM.int8()-style outlier split: the k input channels with the largest calibrated |x| of each
     # linear in `outlier_sites` are computed by a small fp32 MatMul on the gathered (fp32) columns;
@@ -74,8 +77,15 @@ class QuantSettings:
     # MatMulIntegerToFloat but leaves every bias Add separate. "ort_fused": emit QuantizeLinear ->
     # com.microsoft MatMulIntegerToFloat with the bias in the kernel (36 Adds fewer on MiniLM; the
     # GELU then fuses to Gelu instead of BiasGelu); onnxruntime CPU EP only (x86 and ARM).
-    # Same fidelity; see the report for the measured latency.
+    # Same fidelity. MiniLM, AVX512-VNNI EPYC, 1 thread, interleaved: ort_fused 0.396x fp32 at
+    # seq 32 and 128, qdq 0.422x / 0.410x; the cpu-vnni profile chooses ort_fused.
     quant_format: str = "qdq"
+    # Weight-only embedding tables (word, position, token type Gathers): "int8" per row with
+    # standard ops, "int4" blocks through com.microsoft GatherBlockQuantized (onnxruntime CPU EP
+    # only), "fp32" keeps them. The word table is 47 of the 59 MB of an int8 MiniLM bundle; the
+    # accuracy search can put any table back to fp32.
+    embedding_precision: str = "int8"
+    embedding_block_size: int = 32  # values per 4-bit scale (a power of 2 >= 16)
 
 
 def check_quant_settings(s: QuantSettings) -> None:
@@ -99,6 +109,13 @@ def check_quant_settings(s: QuantSettings) -> None:
         raise UserError(f"unknown outlier_sites {bad}; allowed: {_SITES}")
     if s.quant_format not in _FORMATS:
         raise UserError(f"quant_format must be one of {_FORMATS}, got {s.quant_format!r}")
+    if s.embedding_precision not in EMBEDDING_BITS:
+        raise UserError(
+            f"embedding_precision must be one of {tuple(EMBEDDING_BITS)}, got {s.embedding_precision!r}"
+        )
+    b = s.embedding_block_size
+    if b < 16 or b & (b - 1):
+        raise UserError(f"embedding_block_size must be a power of 2 >= 16, got {b}")
     if s.max_calibration_batches is not None and s.max_calibration_batches < 1:
         raise UserError("max_calibration_batches must be >= 1 or None")
     if s.quant_format == "qdq" and s.activation_type == "uint8" and s.weight_type == "uint8":
