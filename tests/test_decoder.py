@@ -37,12 +37,12 @@ def test_load_decoder_folder(tiny_decoder: Path) -> None:
 
 def test_decoder_without_lm_head_is_refused(tmp_path: Path) -> None:
     folder = make_tiny_decoder(tmp_path / "cls", "llama", head="seq")
-    with pytest.raises(UserError, match="LlamaForSequenceClassification.*text-generation"):
+    with pytest.raises(UserError, match=r"LlamaForSequenceClassification.*text-generation"):
         load_model(str(folder))
 
 
 def test_decoder_with_an_encoder_task_is_refused(tiny_decoder: Path) -> None:
-    with pytest.raises(UserError, match="unknown task 'text-classification'.*text-generation"):
+    with pytest.raises(UserError, match=r"unknown task 'text-classification'.*text-generation"):
         load_model(str(tiny_decoder), task="text-classification")
 
 
@@ -68,7 +68,7 @@ def test_gguf_not_gguf_truncated_and_unknown_arch(tmp_path: Path) -> None:
     whole = _write_gguf(tmp_path / "whole.gguf", "llama").read_bytes()
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(whole[: len(whole) // 2])
-    with pytest.raises(UserError, match="cut.gguf is truncated or corrupt"):
+    with pytest.raises(UserError, match=r"cut\.gguf is truncated or corrupt"):
         load_model(str(cut))
     _write_gguf(tmp_path / "other.gguf", "rwkv6")
     with pytest.raises(UserError, match="architecture 'rwkv6' is not supported; supported: llama"):
