@@ -138,12 +138,22 @@ def build(
 
 def _generative(config: BuildConfig, progress: Progress) -> HFModel | None:
     """The model when it is a generative decoder, which takes its own build path."""
+    from edgepack.bundle import check_out_root
     from edgepack.families import is_generative
     from edgepack.load import load_model
 
-    with progress.stage("load", config.model):
-        model = load_model(config.model, config.task or None, config.trust_remote_code)
-    return model if is_generative(model.model_type) else None
+    # Bad flags fail before the model is read, as they do for encoders.
+    if config.name:
+        check_name(config.name, "--name")
+    check_out_root(Path(config.out))
+    resolve_targets(config.target)
+    # Silent: an encoder is loaded again (cheaply) under _prepare's progress line, after its text
+    # checks, so bad input still fails with one line before any progress is printed.
+    model = load_model(config.model, config.task or None, config.trust_remote_code)
+    if not is_generative(model.model_type):
+        return None
+    progress.note(f"load: {model.source} ({model.model_type} decoder)")
+    return model
 
 
 def _prepare(config: BuildConfig, progress: Progress) -> tuple[Shared, TextSet, HFModel]:

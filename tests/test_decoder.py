@@ -37,7 +37,10 @@ def test_load_decoder_folder(tiny_decoder: Path) -> None:
 
 def test_decoder_without_lm_head_is_refused(tmp_path: Path) -> None:
     folder = make_tiny_decoder(tmp_path / "cls", "llama", head="seq")
-    with pytest.raises(UserError, match=r"LlamaForSequenceClassification.*text-generation"):
+    with pytest.raises(
+        UserError,
+        match=r"has no causal LM head \(LlamaForSequenceClassification\); decoders serve: text-generation",
+    ):
         load_model(str(folder))
 
 

@@ -181,8 +181,8 @@ def load_model(spec: str, task: str | None = None, trust_remote_code: bool = Fal
     detected = family.detect_task(config)
     if detected not in family.TASKS:
         raise UserError(
-            f"{folder}: a {model_type} {detected} is not served; {family.NAME}s are "
-            f"served for: {', '.join(family.TASKS)}."
+            f"{folder}: this {model_type} checkpoint has {detected}; {family.NAME}s serve: "
+            f"{', '.join(family.TASKS)}."
         )
     if task is None:
         task = detected
