@@ -116,6 +116,12 @@ def build(
 
         check_sign_key(sign_key)
     with quiet_libraries():
+        if (decoder := _generative(config, progress)) is not None:
+            if sign_key is not None:
+                raise UserError("--sign-key is not supported for decoder bundles yet.")
+            from edgepack.decoder_build import build_decoder
+
+            return build_decoder(config, decoder, progress)
         shared, texts, original = _prepare(config, progress)
         shared = replace(shared, sign_key=sign_key)
         profiles = resolve_targets(config.target)
@@ -128,6 +134,26 @@ def build(
         original_fp32 = _original_export(original, shared.model, progress)
     finish(results, progress, Path(config.out), original_fp32)
     return results
+
+
+def _generative(config: BuildConfig, progress: Progress) -> HFModel | None:
+    """The model when it is a generative decoder, which takes its own build path."""
+    from edgepack.bundle import check_out_root
+    from edgepack.families import is_generative
+    from edgepack.load import load_model
+
+    # Bad flags fail before the model is read, as they do for encoders.
+    if config.name:
+        check_name(config.name, "--name")
+    check_out_root(Path(config.out))
+    resolve_targets(config.target)
+    # Silent: an encoder is loaded again (cheaply) under _prepare's progress line, after its text
+    # checks, so bad input still fails with one line before any progress is printed.
+    model = load_model(config.model, config.task or None, config.trust_remote_code)
+    if not is_generative(model.model_type):
+        return None
+    progress.note(f"load: {model.source} ({model.model_type} decoder)")
+    return model
 
 
 def _prepare(config: BuildConfig, progress: Progress) -> tuple[Shared, TextSet, HFModel]:

@@ -51,7 +51,7 @@ def test_sample_package_resolves_offline() -> None:
         ("no-weights", "has a config.json but no weights"),
         ("truncated", "truncated or corrupt"),
         ("garbage", "corrupt"),
-        ("arch", "unsupported architecture 'gpt2'.*Supported model types are: bert"),
+        ("arch", "unsupported architecture 'mamba'.*Supported model types are: bert"),
         ("remote-code", "needs custom code.*--trust-remote-code"),
         ("no-tokenizer", "has no tokenizer files"),
         ("bad-task", "unknown task 'summarize'"),
@@ -77,7 +77,7 @@ def test_bad_models_are_refused_with_one_line(
     elif breakage == "garbage":
         weights.write_bytes(b"\xff" * 64)
     elif breakage == "arch":
-        config["model_type"] = "gpt2"
+        config["model_type"] = "mamba"
     elif breakage == "remote-code":
         config["auto_map"] = {"AutoModel": "modeling_evil.EvilModel"}
     elif breakage == "no-tokenizer":

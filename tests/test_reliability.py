@@ -130,8 +130,8 @@ CASES: list[Case] = [
     ),
     (
         "unsupported architecture",
-        lambda t, m, c: (_edit_json(m / "config.json", model_type="gpt2"), _build(t, m, c))[1],
-        "unsupported architecture 'gpt2'",
+        lambda t, m, c: (_edit_json(m / "config.json", model_type="mamba"), _build(t, m, c))[1],
+        "unsupported architecture 'mamba'",
     ),
     (
         "needs trust_remote_code",

@@ -11,6 +11,7 @@ from edgepack.bundle.archive import (
     extract_bundle,
     is_archive,
 )
+from edgepack.bundle.llm import package_decoder
 from edgepack.bundle.manifest import VOLATILE_KEYS, read_manifest
 from edgepack.bundle.sign import SIGNATURE, check_sign_key, sign_bundle
 from edgepack.bundle.target import BuildResult, Shared, Shipment, package_target
@@ -33,6 +34,7 @@ __all__ = [
     "check_sign_key",
     "extract_bundle",
     "is_archive",
+    "package_decoder",
     "package_target",
     "read_manifest",
     "read_sums",

@@ -50,7 +50,11 @@ def _build_options(values: dict[str, Any]) -> dict[str, Any]:
     "--eval-data", help="Labelled data (text_a,text_b,score | text,label | tokens,tags) to score."
 )
 @click.option("--seed", type=int, help="Seed for every random choice.")
-@click.option("--precision", type=click.Choice(["int8", "fp32"]), help="Override the profile's.")
+@click.option(
+    "--precision",
+    type=click.Choice(["int8", "int4", "fp32"]),
+    help="Override the profile's (int4: decoders only, weight-only).",
+)
 @click.option("--out", help="Output folder (default dist).")
 @click.option("--min-cosine", type=FINITE, help="Fail if int8 mean cosine to fp32 is below this.")
 @click.option(

@@ -2,5 +2,19 @@
 
 from edgepack.export.check import validate
 from edgepack.export.convert import export_cached, export_onnx, io_signature, labels_of
+from edgepack.export.decoder import (
+    export_decoder_cached,
+    torch_greedy,
+    validate_generation,
+)
 
-__all__ = ["export_cached", "export_onnx", "io_signature", "labels_of", "validate"]
+__all__ = [
+    "export_cached",
+    "export_decoder_cached",
+    "export_onnx",
+    "io_signature",
+    "labels_of",
+    "torch_greedy",
+    "validate",
+    "validate_generation",
+]

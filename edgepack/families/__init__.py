@@ -1,7 +1,8 @@
 """Model families: what differs between kinds of transformer, one module each.
 
-A stage asks ``family_of(model_type)`` instead of testing the model type itself. Today there is one
-family (encoders); generative decoders will be the second module here.
+A stage asks ``family_of(model_type)`` instead of testing the model type itself. Encoders (embedders,
+classifiers, taggers) and generative decoders; ``is_generative`` tells the build which path a
+model takes.
 """
 
 from __future__ import annotations
@@ -9,9 +10,9 @@ from __future__ import annotations
 from types import ModuleType
 
 from edgepack.errors import UserError
-from edgepack.families import encoder
+from edgepack.families import decoder, encoder
 
-FAMILIES: tuple[ModuleType, ...] = (encoder,)
+FAMILIES: tuple[ModuleType, ...] = (encoder, decoder)
 SUPPORTED_MODEL_TYPES = tuple(t for family in FAMILIES for t in family.MODEL_TYPES)
 
 
@@ -26,4 +27,9 @@ def family_of(model_type: str, where: str = "") -> ModuleType:
     )
 
 
-__all__ = ["FAMILIES", "SUPPORTED_MODEL_TYPES", "encoder", "family_of"]
+def is_generative(model_type: str) -> bool:
+    """Decoders export with their KV cache, quantize weight-only and are judged by generation."""
+    return bool(getattr(family_of(model_type), "GENERATIVE", False))
+
+
+__all__ = ["FAMILIES", "SUPPORTED_MODEL_TYPES", "decoder", "encoder", "family_of", "is_generative"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 NAME = "encoder"
+GENERATIVE = False
 # Architectures the export, quantization and pruning stages are written and tested for.
 MODEL_TYPES = ("bert", "distilbert", "roberta", "xlm-roberta", "camembert", "electra", "mpnet")
 TASKS = ("feature-extraction", "text-classification", "token-classification")

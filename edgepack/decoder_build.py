@@ -1,0 +1,191 @@
+"""``build`` for a generative decoder: export (checked by greedy generation against PyTorch),
+weight-only quantization, fidelity on held-out perplexity, and one bundle per target.
+
+Kept apart from ``pipeline`` because every step differs from the encoder path: feeds are token
+streams with a KV cache, quantization is weight-only, fidelity is perplexity and greedy agreement.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from edgepack.artifacts import HFModel, OnnxModel, sha256_file
+from edgepack.bundle import BuildResult, check_destination, check_out_root, package_decoder
+from edgepack.cache import cached
+from edgepack.calibration import read_texts
+from edgepack.config import BuildConfig
+from edgepack.errors import UserError
+from edgepack.families.decoder_fidelity import greedy_prefix, perplexity_and_top1
+from edgepack.families.generate import greedy
+from edgepack.profiles import TargetProfile, resolve_targets
+from edgepack.progress import Progress
+from edgepack.quantize import WeightOnlySettings, quantize_weights
+
+PRECISIONS = ("int4", "int8", "fp32")
+PROMPTS = 4  # reference prompts: the first held-out texts, cut to PROMPT_TOKENS
+PROMPT_TOKENS = 32
+NEW_TOKENS = 32
+MAX_CONTEXT = 2048  # the KV cache the harness sizes: SmolLM2 declares 8192, far past edge needs
+# Allowed relative perplexity increase when --max-drop keeps the encoders' default (0.005, a
+# cosine drop): int4 RTN costs SmolLM2-135M ~32 % (30.5 -> 40.3) on samples/heldout.txt.
+DEFAULT_MAX_INCREASE = 0.5
+DEVICE_MIN_PREFIX = 8  # greedy tokens a device must reproduce before int4 rounding may part it
+
+
+def _tolerance(config: BuildConfig) -> float:
+    return DEFAULT_MAX_INCREASE if config.max_drop == BuildConfig().max_drop else config.max_drop
+
+
+def _prompts(tokenizer: Any, texts: tuple[str, ...], context: int) -> list[list[int]]:
+    prompts = [tokenizer(t)["input_ids"][:PROMPT_TOKENS] for t in texts[:PROMPTS]]
+    if not prompts:
+        raise UserError("decoder builds need held-out texts for reference prompts (--heldout).")
+    if context < PROMPT_TOKENS + NEW_TOKENS:
+        raise UserError(
+            f"a {PROMPT_TOKENS}-token prompt plus {NEW_TOKENS} new tokens is longer than the "
+            f"model's context ({context})."
+        )
+    return prompts
+
+
+def _quantized(fp32: OnnxModel, precision: str) -> OnnxModel:
+    """The weight-only copy behind the cache (one per precision and export)."""
+    settings = WeightOnlySettings(bits=4 if precision == "int4" else 8)
+
+    def make(out: Path) -> OnnxModel:
+        path = out / "model.onnx"
+        record = quantize_weights(fp32.path, path, settings)
+        return OnnxModel(
+            **{
+                **fp32.__dict__,
+                "path": path,
+                "precision": precision,
+                "sha256": sha256_file(path),
+                "records": {**fp32.records, "quantization": record},
+            }
+        )
+
+    return cached("weight-only", settings.record(), fp32.digest, OnnxModel, make)[0]
+
+
+def build_decoder(config: BuildConfig, model: HFModel, progress: Progress) -> list[BuildResult]:
+    """One bundle per target; fails (UserError) past the perplexity tolerance, before writing."""
+    from transformers import AutoTokenizer
+
+    from edgepack.export import export_decoder_cached, validate_generation
+    from edgepack.load import display_name
+
+    out, name = Path(config.out), config.name or display_name(model)
+    check_out_root(out)
+    profiles = resolve_targets(config.target)
+    for profile in profiles:
+        check_destination(out, f"{name}-{profile.name}", config.force)
+    precision = config.precision or "int4"
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision {precision} does not fit a decoder; use one of {PRECISIONS}.")
+    tokenizer = AutoTokenizer.from_pretrained(str(model.path), local_files_only=True)
+    heldout = read_texts(config.heldout or config.calibration, config.text_field)
+    with progress.stage("export", model.source):
+        fp32, _ = export_decoder_cached(model)
+    context = min(fp32.records["context_length"], model.max_length, MAX_CONTEXT)
+    prompts = _prompts(tokenizer, heldout.texts, context)
+    with progress.stage("validate", f"greedy {NEW_TOKENS} tokens x {len(prompts)} vs PyTorch"):
+        validation = validate_generation(fp32, model, prompts, NEW_TOKENS)
+    candidate = fp32 if precision == "fp32" else _quantized(fp32, precision)
+    fid, reference = _measure(config, fp32, candidate, tokenizer, heldout.texts, prompts, progress)
+    results = []
+    for profile in profiles:
+        manifest = _manifest(config, model, fp32, candidate, profile, fid, validation, context)
+        with progress.stage("package", profile.name):
+            folder, tar = package_decoder(
+                out,
+                f"{name}-{profile.name}",
+                candidate.path,
+                candidate.tokenizer_dir,
+                reference,
+                manifest,
+                config.force,
+            )
+        results.append(BuildResult(profile.name, folder, tar, manifest, fp32.path))
+    return results
+
+
+def _measure(
+    config: BuildConfig,
+    fp32: OnnxModel,
+    candidate: OnnxModel,
+    tokenizer: Any,
+    texts: tuple[str, ...],
+    prompts: list[list[int]],
+    progress: Progress,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Fidelity to fp32 (gated by the perplexity tolerance) and the bundle's reference data."""
+    from edgepack.evaluate import session
+
+    eos = fp32.records["eos_token_ids"]
+    ref, cand = session(fp32.path), session(candidate.path)
+    with progress.stage("fidelity", f"perplexity on {len(texts)} held-out texts"):
+        ids = tokenizer("\n".join(texts), add_special_tokens=False)["input_ids"]
+        fid = perplexity_and_top1(ref, cand, ids)
+        fp32_out = [greedy(ref, p, NEW_TOKENS, eos)[0] for p in prompts]
+        fid.update(greedy_prefix(cand, prompts, fp32_out, eos))
+    increase = fid["perplexity"] / fid["perplexity_fp32"] - 1.0
+    fid.update(relative_perplexity_increase=increase, max_increase=_tolerance(config))
+    progress.note(
+        f"{candidate.precision}: perplexity {fid['perplexity']:.2f} vs fp32 "
+        f"{fid['perplexity_fp32']:.2f} ({increase:+.1%}), top-1 agreement {fid['top1_agreement']:.3f}"
+    )
+    if increase > _tolerance(config):
+        raise UserError(
+            f"{candidate.precision} perplexity is {increase:.1%} above fp32's, past --max-drop "
+            f"{_tolerance(config)}; raise --max-drop or use --precision int8/fp32."
+        )
+    shipped = [greedy(cand, p, NEW_TOKENS, eos)[0] for p in prompts]
+    reference = {
+        "prompts": [
+            {"prompt": p, "continuation": s, "fp32_continuation": f}
+            for p, s, f in zip(prompts, shipped, fp32_out, strict=True)
+        ]
+    }
+    return fid, reference
+
+
+def _manifest(
+    config: BuildConfig,
+    model: HFModel,
+    fp32: OnnxModel,
+    candidate: OnnxModel,
+    profile: TargetProfile,
+    fid: dict[str, Any],
+    validation: dict[str, Any],
+    context: int,
+) -> dict[str, Any]:
+    return {
+        "task": model.task,
+        "family": "decoder",
+        "source": {"model": model.source, "weights_sha256": model.weights_sha256},
+        "target": {
+            "name": profile.name,
+            "description": profile.description,
+            "format": {"model": "onnx"},
+            "runtime": {"package": "onnxruntime"},
+        },
+        "model": {
+            "file": "model.onnx",
+            "sha256": candidate.sha256,
+            "bytes": candidate.path.stat().st_size,
+            "precision": candidate.precision,
+            "fp32_bytes": fp32.path.stat().st_size,
+        },
+        "generation": {
+            "context_length": context,
+            "eos_token_ids": fp32.records["eos_token_ids"],
+            "new_tokens": NEW_TOKENS,
+        },
+        "check": {"min_prefix": DEVICE_MIN_PREFIX},
+        "export_validation": validation,
+        "quantization": candidate.records.get("quantization"),
+        "fidelity": fid,
+        "heldout": config.heldout,
+    }

@@ -1,0 +1,72 @@
+"""Generative decoders: causal language models (Llama, Qwen2, GPT-2, Mistral, Phi-3).
+
+What the stages would otherwise assume about a decoder lives here: which architectures are served,
+that the one task is text generation exported with its KV cache, which transformers class loads
+it, and how the exported graph's inputs are named. Greedy decoding of an exported graph is in
+``edgepack.families.generate`` (numpy only, like the device harness).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+NAME = "decoder"
+GENERATIVE = True
+# Architectures the decoder export and weight-only quantization are tested for (tiny random
+# configs in tests/test_decoder*.py; Llama also with the real SmolLM2 sample).
+MODEL_TYPES = ("llama", "qwen2", "gpt2", "mistral", "phi3")
+TASKS = ("text-generation",)
+CLASSIFIER_TASKS: tuple[str, ...] = ()
+AUTO_CLASSES = {"text-generation": "AutoModelForCausalLM"}
+PRIMARY_OUTPUT = {"text-generation": "logits"}
+# optimum's task name for one merged graph that takes and returns the KV cache: an empty past
+# serves the first step, so one file does prefill and decode.
+EXPORT_TASK = "text-generation-with-past"
+PAST_PREFIX = "past_key_values."
+PRESENT_PREFIX = "present."
+# Architecture suffixes of a checkpoint saved with a language-model head.
+_LM_HEADS = ("ForCausalLM", "LMHeadModel")
+
+
+def detect_task(config: dict[str, Any]) -> str:
+    """``text-generation`` for a checkpoint with an LM head; otherwise the head it has, which
+    ``load_model`` refuses (a decoder classifier is not served)."""
+    archs = config.get("architectures") or []
+    if any(a.endswith(_LM_HEADS) for a in archs):
+        return "text-generation"
+    heads = [a for a in archs if "For" in a]
+    return f"no causal LM head ({', '.join(heads) or 'base model'})"
+
+
+def primary_output(task: str, library: str) -> str:
+    return PRIMARY_OUTPUT[task]
+
+
+def auto_class(task: str) -> Any:
+    import transformers
+
+    return getattr(transformers, AUTO_CLASSES[task])
+
+
+def output_kind(task: str, library: str) -> str:
+    return "next-token-logits"
+
+
+def masks(feeds: list[dict[str, Any]]) -> list[Any] | None:
+    if not feeds or "attention_mask" not in feeds[0]:
+        return None
+    return [f["attention_mask"] for f in feeds]
+
+
+def past_name(present: str) -> str:
+    """The input a ``present.N.key`` output feeds on the next step."""
+    return PAST_PREFIX + present[len(PRESENT_PREFIX) :]
+
+
+def context_length(config: dict[str, Any]) -> int:
+    """The longest prompt plus continuation the model was trained for (GPT-2 calls it n_positions)."""
+    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return 2048

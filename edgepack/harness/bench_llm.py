@@ -1,0 +1,166 @@
+#!/usr/bin/env python3
+"""On-device check and benchmark of a decoder bundle: onnxruntime + numpy only, Python 3.8+.
+
+Check: each reference prompt's greedy continuation must start with the build host's (the first
+``check.min_prefix`` tokens; int4 kernels round differently per CPU, so later tokens may part).
+Benchmark: time to first token for an N-token prompt, decode tokens/s, peak RSS, and the KV-cache
+bytes at the profile's context length.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import resource
+import sys
+import time
+
+import numpy as np
+import onnxruntime as ort
+
+
+def fail(message):
+    sys.stderr.write("error: " + message + "\n")
+    sys.exit(2)
+
+
+def read_json(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def verify_sums(folder):
+    with open(os.path.join(folder, "SHA256SUMS"), encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    for line in lines:
+        digest, name = line.split("  ", 1)
+        h = hashlib.sha256()
+        with open(os.path.join(folder, name), "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        if h.hexdigest() != digest:
+            fail(name + " does not match SHA256SUMS")
+
+
+def empty_past(sess):
+    past = {}
+    for i in sess.get_inputs():
+        if i.name.startswith("past_key_values."):
+            dims = [d if isinstance(d, int) else 0 for d in i.shape]
+            dims[0] = 1
+            past[i.name] = np.zeros(dims, dtype=np.float32)
+    return past
+
+
+def step(sess, ids, past, start):
+    names = set(i.name for i in sess.get_inputs())
+    feeds = dict(past)
+    feeds["input_ids"] = np.asarray([ids], dtype=np.int64)
+    feeds["attention_mask"] = np.ones((1, start + len(ids)), dtype=np.int64)
+    if "position_ids" in names:
+        feeds["position_ids"] = np.arange(start, start + len(ids), dtype=np.int64)[None]
+    outputs = [o.name for o in sess.get_outputs()]
+    values = sess.run(outputs, {k: v for k, v in feeds.items() if k in names})
+    result = dict(zip(outputs, values))  # noqa: B905 (strict= needs 3.10; the harness runs on 3.8)
+    new_past = {}
+    for k, v in result.items():
+        if k.startswith("present."):
+            new_past["past_key_values." + k[len("present.") :]] = v
+    return result["logits"][0], new_past
+
+
+def greedy(sess, prompt, n, eos):
+    logits, past = step(sess, list(prompt), empty_past(sess), 0)
+    out, pos = [], len(prompt)
+    while len(out) < n:
+        token = int(np.argmax(logits[-1]))
+        out.append(token)
+        if token in eos or len(out) == n:
+            break
+        logits, past = step(sess, [token], past, pos)
+        pos += 1
+    return out
+
+
+def kv_bytes(sess, context):
+    total = 0
+    for i in sess.get_inputs():
+        if i.name.startswith("past_key_values."):
+            heads, size = i.shape[1], i.shape[3]
+            total += int(heads) * int(size) * context * 4
+    return total
+
+
+def main():
+    here = os.path.dirname(os.path.abspath(__file__))
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--check-only", action="store_true")
+    args = p.parse_args()
+    verify_sums(here)
+    manifest = read_json(os.path.join(here, "manifest.json"))
+    reference = read_json(os.path.join(here, manifest["reference"]["inputs"]))
+    context = int(manifest["generation"]["context_length"])
+    if args.prompt_tokens + args.new_tokens > context:
+        fail(
+            "a prompt of %d tokens plus %d new ones is longer than the context (%d)"
+            % (args.prompt_tokens, args.new_tokens, context)
+        )
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = args.threads
+    sess = ort.InferenceSession(
+        os.path.join(here, manifest["model"]["file"]), options, providers=["CPUExecutionProvider"]
+    )
+    eos = set(manifest["generation"]["eos_token_ids"])
+    need = int(manifest["check"]["min_prefix"])
+    prefixes = []
+    for item in reference["prompts"]:
+        got = greedy(sess, item["prompt"], len(item["continuation"]), eos)
+        same = 0
+        while (
+            same < min(len(got), len(item["continuation"]))
+            and got[same] == item["continuation"][same]
+        ):
+            same += 1
+        prefixes.append(same)
+    want = [min(need, len(item["continuation"])) for item in reference["prompts"]]
+    result = {
+        "check": {
+            "passed": all(a >= b for a, b in zip(prefixes, want)),  # noqa: B905 (Python 3.8)
+            "greedy_prefix_tokens": prefixes,
+            "min_prefix": need,
+        }
+    }
+    if not args.check_only:
+        prompt = (reference["prompts"][0]["prompt"] * args.prompt_tokens)[: args.prompt_tokens]
+        t0 = time.perf_counter()
+        logits, past = step(sess, prompt, empty_past(sess), 0)
+        token = int(np.argmax(logits[-1]))
+        t1 = time.perf_counter()
+        pos = len(prompt)
+        for _ in range(args.new_tokens):
+            logits, past = step(sess, [token], past, pos)
+            token, pos = int(np.argmax(logits[-1])), pos + 1
+        t2 = time.perf_counter()
+        result["perf"] = {
+            "threads": args.threads,
+            "prompt_tokens": args.prompt_tokens,
+            "ttft_ms": round((t1 - t0) * 1000, 2),
+            "decode_tokens_per_s": round(args.new_tokens / (t2 - t1), 2),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "kv_cache_mb_at_context": round(kv_bytes(sess, context) / 1e6, 2),
+            "context_length": context,
+        }
+    text = json.dumps(result, indent=2, sort_keys=True)
+    print(text)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+    sys.exit(0 if result["check"]["passed"] else 1)
+
+
+if __name__ == "__main__":
+    main()

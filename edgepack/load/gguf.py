@@ -1,0 +1,92 @@
+"""A GGUF file (llama.cpp's format) -> a cached Hugging Face folder the rest of the build reads.
+
+transformers dequantizes GGUF tensors into a float model; the folder is written once per file
+(keyed by its SHA-256) because loading takes ~35 s for a 135 M-parameter model. The file is
+checked first - magic, a readable header, the architecture - so a bad file fails in a second with
+one line instead of deep inside transformers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edgepack.artifacts import HFModel, sha256_file
+from edgepack.cache import cached
+from edgepack.errors import UserError
+from edgepack.families import decoder
+
+MAGIC = b"GGUF"
+# save_pretrained copies the whole GGUF into the folder under this name (94 MB for the sample);
+# the fast tokenizer.json beside it is what the build and the device use.
+GGUF_COPY = "tokenizer.model"
+FORMAT_VERSION = 1  # bump when the folder written here changes
+
+
+def read_architecture(path: Path) -> str:
+    """The ``general.architecture`` of a GGUF file; UserError when the file is not a whole GGUF."""
+    with open(path, "rb") as handle:
+        if handle.read(4) != MAGIC:
+            raise UserError(f"{path} is not a GGUF file (it does not start with 'GGUF').")
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(path))
+        field = reader.fields["general.architecture"]
+        arch = bytes(field.parts[field.data[0]]).decode("utf-8")
+    except ImportError:
+        raise UserError("reading .gguf files needs the gguf package (pip install gguf).") from None
+    except (ValueError, KeyError, IndexError, OSError, UnicodeDecodeError) as exc:
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path} is truncated or corrupt: {first}") from None
+    return arch
+
+
+def _supported() -> tuple[str, ...]:
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    return tuple(a for a in decoder.MODEL_TYPES if a in GGUF_SUPPORTED_ARCHITECTURES)
+
+
+def gguf_folder(path: Path) -> Path:
+    """The Hugging Face folder made from ``path`` (cached by content)."""
+    arch = read_architecture(path)
+    supported = _supported()
+    if arch not in supported:
+        raise UserError(
+            f"{path}: GGUF architecture {arch!r} is not supported; supported: {', '.join(supported)}."
+        )
+    import transformers
+
+    digest = sha256_file(path)
+    settings = {"v": FORMAT_VERSION, "transformers": transformers.__version__}
+    record, _ = cached(
+        "gguf", settings, digest, HFModel, lambda out: _convert(path, arch, digest, out)
+    )
+    return record.path
+
+
+def _convert(path: Path, arch: str, digest: str, out: Path) -> HFModel:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch.float32
+        )
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"transformers could not load {path}: {first}") from None
+    folder = out / "model"
+    model.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    (folder / GGUF_COPY).unlink(missing_ok=True)
+    return HFModel(
+        path=folder,
+        task="text-generation",
+        source=str(path),
+        library="transformers",
+        weights_sha256=digest,
+        model_type=arch,
+        max_length=decoder.context_length(model.config.to_dict()),
+    )

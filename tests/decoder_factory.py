@@ -1,0 +1,59 @@
+"""Tiny random decoders (Llama, Qwen2, GPT-2) saved like hub checkpoints, for the decoder tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from conftest import write_tokenizer
+
+KINDS = ("llama", "qwen2", "gpt2")
+
+
+def make_tiny_decoder(folder: Path, kind: str = "llama", seed: int = 0, head: str = "lm") -> Path:
+    """Two layers, width 32, grouped-query attention where the architecture has it; ~100 tokens."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    write_tokenizer(folder)
+    vocab = len((folder / "vocab.txt").read_text().split())
+    if kind == "gpt2":
+        config = transformers.GPT2Config(
+            vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=128, eos_token_id=3
+        )
+    else:
+        cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[kind]
+        config = cls(
+            vocab_size=vocab,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            tie_word_embeddings=True,
+            bos_token_id=2,
+            eos_token_id=3,
+        )
+    if head == "seq":
+        config.num_labels = 2
+        config.pad_token_id = 0
+        model = transformers.AutoModelForSequenceClassification.from_config(config)
+    else:
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    # Random weights at the default 0.02 scale give near-uniform logits, where greedy ties make
+    # fp32 kernels disagree by chance; a wider init gives decided argmaxes like a trained model.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def prompts_for(folder: Path, count: int = 3) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    texts = ["the cat was on a mat", "a dog and a bird", "is it red or blue?"][:count]
+    return [tok(t)["input_ids"] for t in texts]

@@ -1,0 +1,109 @@
+"""Generative decoders: the family, loading folders and GGUF files, export checked by greedy
+generation against PyTorch on tiny random Llama, Qwen2 and GPT-2 models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from decoder_factory import KINDS, make_tiny_decoder, prompts_for
+
+from edgepack.errors import UserError
+from edgepack.families import decoder, encoder, family_of, is_generative
+from edgepack.load import load_model
+
+
+def test_family_of_decoder_types() -> None:
+    for model_type in ("llama", "qwen2", "gpt2", "mistral", "phi3"):
+        assert family_of(model_type) is decoder
+        assert is_generative(model_type)
+    assert family_of("bert") is encoder and not is_generative("bert")
+    assert decoder.detect_task({"architectures": ["LlamaForCausalLM"]}) == "text-generation"
+    assert decoder.detect_task({"architectures": ["GPT2LMHeadModel"]}) == "text-generation"
+    assert decoder.detect_task({"architectures": ["LlamaModel"]}) not in decoder.TASKS
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def tiny_decoder(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_decoder(tmp_path_factory.mktemp(f"tiny-{request.param}"), request.param)
+
+
+def test_load_decoder_folder(tiny_decoder: Path) -> None:
+    model = load_model(str(tiny_decoder))
+    assert model.task == "text-generation"
+    assert model.max_length == 64  # the tokenizer's model_max_length is below the 128 positions
+    assert is_generative(model.model_type)
+
+
+def test_decoder_without_lm_head_is_refused(tmp_path: Path) -> None:
+    folder = make_tiny_decoder(tmp_path / "cls", "llama", head="seq")
+    with pytest.raises(
+        UserError,
+        match=r"has no causal LM head \(LlamaForSequenceClassification\); decoders serve: text-generation",
+    ):
+        load_model(str(folder))
+
+
+def test_decoder_with_an_encoder_task_is_refused(tiny_decoder: Path) -> None:
+    with pytest.raises(UserError, match=r"unknown task 'text-classification'.*text-generation"):
+        load_model(str(tiny_decoder), task="text-classification")
+
+
+def _write_gguf(path: Path, arch: str) -> Path:
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.ones((64, 16), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_gguf_not_gguf_truncated_and_unknown_arch(tmp_path: Path) -> None:
+    fake = tmp_path / "fake.gguf"
+    fake.write_bytes(b"PK\x03\x04" + b"\0" * 64)
+    with pytest.raises(UserError, match="not a GGUF file"):
+        load_model(str(fake))
+    whole = _write_gguf(tmp_path / "whole.gguf", "llama").read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(UserError, match=r"cut\.gguf is truncated or corrupt"):
+        load_model(str(cut))
+    _write_gguf(tmp_path / "other.gguf", "rwkv6")
+    with pytest.raises(UserError, match="architecture 'rwkv6' is not supported; supported: llama"):
+        load_model(str(tmp_path / "other.gguf"))
+
+
+def test_export_matches_pytorch_greedy(tiny_decoder: Path, tmp_path: Path) -> None:
+    from edgepack.export import validate_generation
+    from edgepack.export.decoder import export_decoder
+
+    model = load_model(str(tiny_decoder))
+    onnx_model = export_decoder(model, tmp_path)
+    names = [i["name"] for i in onnx_model.inputs]
+    assert {"input_ids", "attention_mask"} <= set(names)
+    assert "past_key_values.1.value" in names
+    assert onnx_model.records["eos_token_ids"] == [3]
+    prompts = prompts_for(tiny_decoder)
+    record = validate_generation(onnx_model, model, prompts, new_tokens=32)
+    assert record["greedy_tokens_matched"] > len(prompts)
+    assert record["max_abs_logit_diff_vs_pytorch"] < 1e-3
+
+
+def test_validation_reports_every_mismatch(tmp_path: Path) -> None:
+    """The export of one model judged against another: both prompts' mismatches in one message."""
+    from edgepack.export import validate_generation
+    from edgepack.export.decoder import export_decoder
+
+    a = make_tiny_decoder(tmp_path / "a", "llama", seed=0)
+    b = make_tiny_decoder(tmp_path / "b", "llama", seed=1)
+    onnx_a = export_decoder(load_model(str(a)), tmp_path / "export")
+    with pytest.raises(UserError) as caught:
+        validate_generation(onnx_a, load_model(str(b)), prompts_for(a, 2), new_tokens=8)
+    message = str(caught.value)
+    assert "prompt 0: greedy tokens differ" in message
+    assert "prompt 1:" in message and "max |logit diff|" in message

@@ -1,0 +1,112 @@
+"""A decoder build end to end on a tiny Llama: bundle contract, the LLM harness's check passing on
+the bundle and failing on a changed reference, and the bad-input lines."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import write_texts
+from decoder_factory import make_tiny_decoder
+
+from edgepack.bundle import verify_bundle
+from edgepack.config import BuildConfig
+from edgepack.errors import UserError
+from edgepack.pipeline import build
+from edgepack.progress import Progress
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    root = tmp_path_factory.mktemp("llm-build")
+    folder = make_tiny_decoder(root / "m", "llama")
+    texts = write_texts(root / "texts.txt", 40)
+    config = BuildConfig(
+        model=str(folder),
+        calibration=str(texts),
+        heldout=str(texts),
+        target="arm64",
+        precision="int8",
+        out=str(root / "dist"),
+        max_drop=0.2,
+    )
+    (result,) = build(config, Progress(quiet=True))
+    return result.folder, result.manifest
+
+
+def test_bundle_contract(built: tuple[Path, dict]) -> None:
+    folder, manifest = built
+    assert verify_bundle(folder, None, False) >= 6
+    assert manifest["model"]["precision"] == "int8"
+    assert manifest["quantization"]["matmul_nbits"] == 15
+    assert manifest["export_validation"]["greedy_tokens_matched"] > 0
+    fid = manifest["fidelity"]
+    assert fid["relative_perplexity_increase"] < 0.2 and fid["top1_agreement"] > 0.9
+    ref = json.loads((folder / "reference.json").read_text())
+    assert len(ref["prompts"]) == 4 and all(p["continuation"] for p in ref["prompts"])
+    assert (folder / "tokenizer" / "tokenizer.json").is_file()
+
+
+def test_harness_check_and_figures(built: tuple[Path, dict]) -> None:
+    folder, _ = built
+    run = subprocess.run(
+        [sys.executable, str(folder / "bench.py"), "--new-tokens", "8"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    assert result["check"]["passed"]
+    perf = result["perf"]
+    assert perf["ttft_ms"] > 0 and perf["decode_tokens_per_s"] > 0
+    # 2 layers x (key + value) x 2 KV heads x head size 8 x 128 positions x 4 bytes.
+    assert perf["kv_cache_mb_at_context"] == round(2 * 2 * 2 * 8 * 64 * 4 / 1e6, 2)
+    too_long = subprocess.run(
+        [sys.executable, str(folder / "bench.py"), "--prompt-tokens", "100"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert too_long.returncode == 2
+    assert "longer than the context (64)" in too_long.stderr
+
+
+def test_harness_fails_on_a_changed_reference(built: tuple[Path, dict], tmp_path: Path) -> None:
+    import shutil
+
+    from edgepack.bundle.manifest import write_sums
+
+    copy = tmp_path / "b"
+    shutil.copytree(built[0], copy)
+    ref = json.loads((copy / "reference.json").read_text())
+    for item in ref["prompts"]:
+        item["continuation"] = [(t + 1) % 50 for t in item["continuation"]]
+    (copy / "reference.json").write_text(json.dumps(ref))
+    write_sums(copy)
+    run = subprocess.run(
+        [sys.executable, str(copy / "bench.py"), "--check-only"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 1 and not json.loads(run.stdout)["check"]["passed"]
+
+
+def test_perplexity_tolerance_fails_the_build(tmp_path: Path) -> None:
+    folder = make_tiny_decoder(tmp_path / "m", "llama")
+    texts = write_texts(tmp_path / "texts.txt", 40)
+    config = BuildConfig(
+        model=str(folder),
+        heldout=str(texts),
+        calibration=str(texts),
+        precision="int4",
+        out=str(tmp_path / "dist"),
+        max_drop=0.0001,
+    )
+    with pytest.raises(UserError, match=r"int4 perplexity is .* above fp32's, past --max-drop"):
+        build(config, Progress(quiet=True))
+    assert not (tmp_path / "dist" / "m-arm64").exists()

