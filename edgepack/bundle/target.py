@@ -174,7 +174,7 @@ def package_target(shared: Shared, ship: Shipment) -> BuildResult:
         check = fidelity_on(model_file, inputs, ref_out, fp32.task)
         manifest = _manifest(shared, ship, model_file, io, check, len(ref_out))
         tokenizer_dir = _tokenizer_files(shared, tmp)
-        generated = _app_files(manifest, ship.profile, tokenizer_dir, name)
+        generated = _app_files(manifest, ship.profile, tokenizer_dir, name, model_file)
         write_bundle(
             tmp / name,
             model_file,
@@ -208,13 +208,37 @@ def _tokenizer_files(shared: Shared, tmp: Path) -> Path:
     return folder
 
 
+def _runtime_io(model_file: Path) -> dict[str, Any]:
+    """Inputs and outputs as onnxruntime sees the final model file.
+
+    The .ort converter resolves dimensions the exported graph left symbolic (e.g. the embedding
+    size), so the app sources state what the shipped model really declares.
+    """
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
+    dtypes = {"tensor(float)": "float32", "tensor(int64)": "int64", "tensor(int32)": "int32"}
+    return {
+        kind: [
+            {"name": t.name, "dtype": dtypes.get(t.type, t.type), "shape": list(t.shape)}
+            for t in tensors
+        ]
+        for kind, tensors in (("inputs", session.get_inputs()), ("outputs", session.get_outputs()))
+    }
+
+
 def _app_files(
-    manifest: dict[str, Any], profile: TargetProfile, tokenizer_dir: Path, name: str
+    manifest: dict[str, Any],
+    profile: TargetProfile,
+    tokenizer_dir: Path,
+    name: str,
+    model_file: Path,
 ) -> dict[str, str]:
     """Kotlin and Swift sources for .ort bundles; records what the bundle offers an app."""
     files, why = {}, "not a mobile (.ort) bundle"
     if profile.section("format")["model"] == "ort":
-        files, why = render_app_sources(manifest, tokenizer_dir, name)
+        io = {**manifest["io"], **_runtime_io(model_file)}
+        files, why = render_app_sources({**manifest, "io": io}, tokenizer_dir, name)
     manifest["app"] = {
         "python": "edgepack_runtime.py",
         "tokenizers": tokenizers_version(),
