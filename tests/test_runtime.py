@@ -149,6 +149,25 @@ def test_the_runtime_imports_nothing_of_the_build_host(bundles: dict[str, Path])
     assert proc.stdout.strip() == "[]"
 
 
+def test_using_the_runtime_leaves_the_bundle_verifiable(bundles: dict[str, Path]) -> None:
+    """Python caches an imported module's bytecode beside it: a file SHA256SUMS does not list."""
+    bundle = bundles["seq"]
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONDONTWRITEBYTECODE")
+    }
+    for cmd in (
+        [sys.executable, "-c", "import edgepack_runtime; edgepack_runtime.classify(['a cat'])"],
+        [sys.executable, "-m", "edgepack_runtime", "classify", "a cat"],
+    ):
+        proc = subprocess.run(cmd, cwd=bundle, env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        assert not (bundle / "__pycache__").exists()
+        assert verify_bundle(bundle) > 5
+    bench = [sys.executable, str(bundle / "bench.py"), "--warmup", "0", "--runs", "2"]
+    proc = subprocess.run(bench, env=env, capture_output=True, text=True, cwd=bundle.parent)
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_tokenizer_ids_equal_transformers(bundles: dict[str, Path]) -> None:
     for bundle in bundles.values():
         model = runtime(bundle).Model(bundle)

@@ -37,6 +37,7 @@ wasted), or to the model's fixed [batch, seq_len] when the bundle pins its input
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path, PurePosixPath
@@ -53,6 +54,26 @@ TASK_METHODS = {
     "text-classification": "classify",
     "token-classification": "tag",
 }
+
+
+def _leave_no_bytecode(cached: Optional[str]) -> None:
+    """Remove the __pycache__ entry importing this file just wrote into the bundle.
+
+    Python writes it before this code runs; left there, it is a file SHA256SUMS does not list,
+    and bench.py's integrity check would refuse the bundle from then on. Only inside a bundle
+    (beside SHA256SUMS); a copy of this file in an app's own folder keeps its cache.
+    """
+    if not cached or not (HERE / "SHA256SUMS").is_file():
+        return
+    path = Path(cached)
+    if path.parent.name != "__pycache__" or path.parent.parent.resolve() != HERE:
+        return
+    for remove in (path.unlink, path.parent.rmdir):  # the folder only when nothing else is in it
+        with contextlib.suppress(OSError):
+            remove()
+
+
+_leave_no_bytecode(globals().get("__cached__"))
 
 
 class BundleError(Exception):
