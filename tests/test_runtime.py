@@ -302,6 +302,26 @@ def test_wrong_task_and_missing_tokenizer_json_are_said_clearly(
     assert proc.stderr.count("\n") == 1
 
 
+HARNESS = Path(__file__).resolve().parents[1] / "edgepack" / "harness"
+
+
+@pytest.mark.parametrize("script", ["edgepack_runtime.py", "mobile.py", "mobile_sources.py"])
+def test_device_side_files_parse_as_python_38_and_import_only_device_packages(script: str) -> None:
+    import ast
+
+    source = (HARNESS / script).read_text()
+    tree = ast.parse(source, feature_version=(3, 8))
+    for newer in (".removeprefix(", ".removesuffix(", "strict=True", "functools.cache("):
+        assert newer not in source, f"{script} uses {newer} (Python 3.9+)"
+    roots = {
+        a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names
+    }
+    roots |= {
+        (n.module or "").split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+    }
+    assert roots - set(sys.stdlib_module_names) <= {"numpy", "onnxruntime", "tokenizers"}, roots
+
+
 def test_import_is_fast_and_the_files_are_small(bundles: dict[str, Path]) -> None:
     bundle = bundles["st-int8"]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}

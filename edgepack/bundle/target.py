@@ -108,11 +108,13 @@ def _app_readme(manifest: dict[str, Any]) -> list[str]:
     ]
     if call == "embed":
         lines += [
-            "Semantic search over a text file, one candidate per line:",
+            "Semantic search over a text file, one candidate per line (keep your files outside "
+            "the bundle: bench.py refuses any file SHA256SUMS does not list):",
             "",
             "```sh",
-            "printf 'Track my parcel\\nReset my password\\nStore opening hours\\n' > faq.txt",
-            'python3 -m edgepack_runtime search --file faq.txt "where is my order?" --top 2',
+            "printf 'Track my parcel\\nReset my password\\nStore opening hours\\n' > ~/faq.txt",
+            'python3 -m edgepack_runtime search --file ~/faq.txt "where is my order?" --top 2',
+            '# [{"line": 1, "score": 0.31, "text": "Track my parcel"}, {"line": 3, ...}]',
             "```",
             "",
         ]

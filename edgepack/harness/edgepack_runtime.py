@@ -255,7 +255,7 @@ class Model:
         texts = _as_list(texts)
         results = [None] * len(texts)  # type: List[Any]
         for index, _chunk, _feeds, logits in self._batches(texts, batch_size):
-            for i, probs in zip(index, _softmax(logits)):  # noqa: B905 (3.8: no strict=)
+            for i, probs in zip(index, _softmax(logits)):  # noqa: B905 (zip has no strict on 3.8)
                 best = int(np.argmax(probs))
                 results[i] = {
                     "label": self._label(best),
