@@ -322,6 +322,50 @@ def test_device_side_files_parse_as_python_38_and_import_only_device_packages(sc
     assert roots - set(sys.stdlib_module_names) <= {"numpy", "onnxruntime", "tokenizers"}, roots
 
 
+def test_a_model_with_only_vocab_txt_still_gets_tokenizer_json(
+    texts_file: Path, tmp_path: Path
+) -> None:
+    """A checkpoint without tokenizer.json (slow-tokenizer files only) still ships one.
+
+    optimum's export writes it from the fast tokenizer (measured); the packaging stage's own
+    fallback, for exports that only copy files (pruned models), is tested below.
+    """
+    from conftest import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "vocab-only")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (model / name).unlink(missing_ok=True)
+    bundle = build(model, texts_file, tmp_path / "out", "cpu", "--precision", "fp32")
+    assert (bundle / "tokenizer" / "tokenizer.json").is_file()
+    rt = runtime(bundle).Model(bundle)
+    assert [e.ids for e in rt.tokenize(TEXTS)] == hf_ids(bundle, TEXTS)
+    assert verify_bundle(bundle) > 5
+
+
+def test_packaging_writes_tokenizer_json_from_the_fast_tokenizer(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from conftest import write_tokenizer
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    from edgepack.bundle.target import _tokenizer_files
+
+    exported = tmp_path / "exported"
+    write_tokenizer(exported)
+    fast = AutoTokenizer.from_pretrained(str(exported))
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (exported / name).unlink()
+    shared = SimpleNamespace(fp32=SimpleNamespace(tokenizer_dir=exported), tokenizer=fast)
+    (tmp_path / "stage").mkdir()
+    folder = _tokenizer_files(shared, tmp_path / "stage")
+    assert (folder / "vocab.txt").is_file() and not (exported / "tokenizer.json").exists()
+    written = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    written.no_padding()
+    for text in TEXTS[:-1]:
+        assert written.encode(text).ids == fast(text)["input_ids"]
+
+
 def test_import_is_fast_and_the_files_are_small(bundles: dict[str, Path]) -> None:
     bundle = bundles["st-int8"]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
