@@ -1,9 +1,11 @@
 """Kotlin and Swift sources in mobile (.ort) bundles, checked without a phone.
 
-They cannot be compiled here, so: every name, dtype and shape they declare is compared with the
-.ort model itself; their tokenizer constants with the bundle's tokenizer.json and with
-harness/mobile.py; and mobile.py's Python port of the same steps is run (its WordPiece against
-HF tokenizers on varied texts, its model run against the host's outputs on transformers' ids).
+The app code cannot be built here (no Android SDK, onnxruntime-android, Swift or
+onnxruntime-objc), so: every name, dtype and shape they declare is compared with the .ort model
+itself; their tokenizer constants with the bundle's tokenizer.json and with harness/mobile.py;
+mobile.py's Python port of the same steps is run (its WordPiece against HF tokenizers on varied
+texts, its model run against the host's outputs on transformers' ids); and where kotlinc is
+installed (Debian's `kotlin`), the generated Kotlin tokenizer itself is compiled and run on the JVM.
 """
 
 from __future__ import annotations
@@ -295,3 +297,71 @@ def test_the_apps_steps_give_the_hosts_outputs(bundles: dict, kind: str) -> None
             n = len(enc["input_ids"])
             out, want = out[:n], want[:n]
         assert np.abs(out - want).max() <= 1e-5, (kind, text)
+
+
+KOTLIN_MAIN = """
+fun main(args: Array<String>) {
+    val tokenizer = WordPieceTokenizer(java.io.File(args[0]).readLines(Charsets.UTF_8))
+    val out = StringBuilder()
+    for (line in java.io.File(args[1]).readLines(Charsets.UTF_8)) {
+        val bytes = ByteArray(line.length / 2) { line.substring(it * 2, it * 2 + 2).toInt(16).toByte() }
+        out.append(tokenizer.encode(String(bytes, Charsets.UTF_8)).ids.joinToString(" ")).append('\\n')
+    }
+    print(out)
+}
+"""
+
+
+def kotlin_tokenizer_only(source: str, compiler_version: str) -> str:
+    """The generated file minus what needs onnxruntime-android (its imports, EdgepackModel)."""
+    source = re.sub(r"^import (ai\.onnxruntime|java\.nio)\..*\n", "", source, flags=re.M)
+    source = re.sub(r"\nclass EdgepackModel\(.*?\n}\n", "\n", source, flags=re.S)
+    assert "EdgepackModel(" not in source.split("package ")[1] and "OnnxTensor" not in source
+    if tuple(int(x) for x in compiler_version.split(".")[:2]) < (1, 5):
+        source = source.replace(".lowercase(Locale.ROOT)", ".toLowerCase(Locale.ROOT)")  # 1.5 name
+    return source + KOTLIN_MAIN
+
+
+def test_generated_kotlin_tokenizer_compiles_and_equals_tokenizers(
+    bundles: dict, tmp_path: Path
+) -> None:
+    """kotlinc (Debian's `kotlin` package) compiles the generated tokenizer; the JVM runs it."""
+    import shutil
+    import subprocess
+
+    from tokenizers import Tokenizer
+
+    if not shutil.which("kotlinc") or not shutil.which("java"):
+        pytest.skip("kotlinc or java is not installed (apt-get install kotlin)")
+    version = subprocess.run(["kotlinc", "-version"], capture_output=True, text=True)
+    found = re.search(r"kotlinc-jvm (\d+\.\d+)", version.stderr + version.stdout)
+    assert found, version.stderr
+    source = (bundles["embed"] / "mobile/EdgepackModel.kt").read_text()
+    (tmp_path / "Tokenizer.kt").write_text(kotlin_tokenizer_only(source, found.group(1)))
+    jar = tmp_path / "tokenizer.jar"
+    built = subprocess.run(
+        ["kotlinc", str(tmp_path / "Tokenizer.kt"), "-include-runtime", "-d", str(jar)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert built.returncode == 0, built.stderr[-3000:]
+    folder = real_tokenizer_folder()  # the real vocabulary, with the bundle's generated code
+    texts = list(VARIED)
+    for name in ("calibration.txt", "heldout.txt"):
+        texts += [t for t in (SAMPLES / name).read_text(encoding="utf-8").splitlines() if t]
+    (tmp_path / "texts.hex").write_text("".join(t.encode().hex() + "\n" for t in texts))
+    ran = subprocess.run(
+        ["java", "-jar", str(jar), str(folder / "vocab.txt"), str(tmp_path / "texts.hex")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    got = [[int(i) for i in line.split()] for line in ran.stdout.split("\n")[:-1]]
+    reference = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    reference.no_padding()
+    reference.enable_truncation(kotlin_signature(source)["max_length"])
+    want = [reference.encode(t).ids for t in texts]
+    assert len(got) == len(want) == len(texts)
+    assert [t for t, g, w in zip(texts, got, want, strict=True) if g != w] == []
