@@ -17,7 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tokenizers
 from click.testing import CliRunner
+from packaging.requirements import Requirement
 
 from edgepack.bundle import verify_bundle
 from edgepack.cli import cli
@@ -40,6 +42,10 @@ def build(model: Path, texts: Path, out: Path, target: str, *extra: str) -> Path
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     return out / f"{model.name}-{target}"
+
+
+def requirements_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
 
 
 def runtime(bundle: Path):
@@ -127,7 +133,13 @@ def test_every_bundle_carries_the_runtime_checked_by_its_sums(bundles: dict[str,
         assert "  edgepack_runtime.py\n" in sums
         assert verify_bundle(bundle) > 5
         requirements = (bundle / "requirements.txt").read_text()
-        assert "\ntokenizers>=" in requirements
+        for python, floor in (("3.8", "0.20.3"), ("3.11", tokenizers.__version__)):
+            wanted = [
+                str(r.specifier)
+                for r in map(Requirement, requirements_lines(requirements))
+                if r.name == "tokenizers" and r.marker.evaluate({"python_version": python})
+            ]
+            assert wanted == [f">={floor}"], (python, requirements)
         manifest = json.loads((bundle / "manifest.json").read_text())
         assert manifest["app"]["python"] == "edgepack_runtime.py"
         assert manifest["app"]["mobile"] == []  # not an .ort bundle

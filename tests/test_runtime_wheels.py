@@ -74,4 +74,7 @@ def test_every_profile_either_names_its_wheels_or_refuses(profile, tmp_path: Pat
         assert cmd[cmd.index(tag) - 1] == "--platform"
     assert "--only-binary=:all:" in cmd and "onnxruntime==1.2.3" in cmd
     assert f"tokenizers=={HOST_TOKENIZERS}" in cmd
+    # Python 3.8 devices get tokenizers' last release for 3.8, as requirements.txt says.
+    old = pip_download_command(device["pip_platforms"], "3.8", tmp_path, "1.2.3")
+    assert "tokenizers==0.20.3" in old
     assert not any("index" in arg for arg in cmd)  # pip's configured index, never a URL

