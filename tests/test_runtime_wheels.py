@@ -1,4 +1,5 @@
-"""``--with-runtime`` wheels: pip downloads the device's onnxruntime and numpy through its own index."""
+"""``--with-runtime`` wheels: pip downloads the device's onnxruntime, numpy and tokenizers through
+its own index."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from edgepack.errors import UserError
 from edgepack.profiles import list_targets, load_target
 
 HOST_ORT = metadata.version("onnxruntime")
+HOST_TOKENIZERS = metadata.version("tokenizers")
 
 
 def download_or_skip(device: dict, dest: Path, version: str) -> list[str]:
@@ -31,6 +33,9 @@ def test_arm64_profile_downloads_aarch64_onnxruntime_and_numpy(tmp_path: Path) -
     assert len(ort) == 1 and "aarch64" in ort[0] and "-cp311-" in ort[0], names
     numpy = [n for n in names if n.startswith("numpy-")]
     assert len(numpy) == 1 and "aarch64" in numpy[0], names
+    # edgepack_runtime.py's tokenizer: the host's release, built for the device.
+    tokenizers = [n for n in names if n.startswith(f"tokenizers-{HOST_TOKENIZERS}-")]
+    assert len(tokenizers) == 1 and "aarch64" in tokenizers[0], names
     assert all(n.endswith(".whl") for n in names)
     # pip skips files already there, and the listing still names them.
     assert download_or_skip(device, tmp_path / "wheels", HOST_ORT) == names
@@ -68,4 +73,8 @@ def test_every_profile_either_names_its_wheels_or_refuses(profile, tmp_path: Pat
     for tag in device["pip_platforms"]:
         assert cmd[cmd.index(tag) - 1] == "--platform"
     assert "--only-binary=:all:" in cmd and "onnxruntime==1.2.3" in cmd
+    assert f"tokenizers=={HOST_TOKENIZERS}" in cmd
+    # Python 3.8 devices get tokenizers' last release for 3.8, as requirements.txt says.
+    old = pip_download_command(device["pip_platforms"], "3.8", tmp_path, "1.2.3")
+    assert "tokenizers==0.20.3" in old
     assert not any("index" in arg for arg in cmd)  # pip's configured index, never a URL

@@ -17,8 +17,10 @@ from edgepack.bundle.sign import sign_bundle
 from edgepack.bundle.write import (
     fix_input_shapes,
     publish,
+    render_app_sources,
     staging,
     to_ort_format,
+    tokenizers_version,
     write_bundle,
     write_tar,
 )
@@ -67,9 +69,67 @@ def _readme(name: str, manifest: dict[str, Any]) -> str:
         "```",
         "",
     ]
+    lines += _app_readme(manifest)
     if HARNESS_README.is_file():
         lines += [HARNESS_README.read_text(encoding="utf-8")]
     return "\n".join(lines)
+
+
+# What an app calls per kind of primary output (families.encoder.output_kind).
+APP_CALLS = {
+    "sentence": ("embed", "(n, d) float32 array, one row per text"),
+    "tokens": ("embed", "(n, d) float32 array: token vectors mean-pooled over the mask"),
+    "logits": ("classify", 'list of {"label", "score", "scores"} (softmax over the labels)'),
+    "token-logits": ("tag", 'list per text of {"token", "start", "end", "label", "score"}'),
+}
+
+
+def _app_readme(manifest: dict[str, Any]) -> list[str]:
+    """How an app uses the bundle: the Python runtime, and the Kotlin/Swift files when present."""
+    call, returns = APP_CALLS[encoder.output_kind(manifest["task"], manifest["source"]["library"])]
+    lines = [
+        "## Use the model from an app",
+        "",
+        "`edgepack_runtime.py` tokenizes exactly as the build host did (the bundle's "
+        "tokenizer.json) and runs the model; it needs only onnxruntime, numpy and tokenizers "
+        "(requirements.txt), Python 3.8+.",
+        "",
+        "```python",
+        'import sys; sys.path.insert(0, "/path/to/this/bundle")',
+        "from edgepack_runtime import Model",
+        'model = Model("/path/to/this/bundle")',
+        f'result = model.{call}(["where is my order?", "how do I return a phone?"])',
+        f"# {returns}",
+        "```",
+        "",
+        "From a shell in this folder (JSON out): "
+        f'`python3 -m edgepack_runtime {call} "where is my order?"`.',
+        "",
+    ]
+    if call == "embed":
+        lines += [
+            "Semantic search over a text file, one candidate per line (keep your files outside "
+            "the bundle: bench.py refuses any file SHA256SUMS does not list):",
+            "",
+            "```sh",
+            "printf 'Track my parcel\\nReset my password\\nStore opening hours\\n' > ~/faq.txt",
+            'python3 -m edgepack_runtime search --file ~/faq.txt "where is my order?" --top 2',
+            '# [{"line": 1, "score": 0.31, "text": "Track my parcel"}, {"line": 3, ...}]',
+            "```",
+            "",
+        ]
+    mobile = manifest.get("app", {}).get("mobile") or []
+    if mobile:
+        lines += [
+            "## Android and iOS",
+            "",
+            f"`{'`, `'.join(mobile)}` load `{manifest['model']['file']}` with onnxruntime-android or "
+            "onnxruntime-objc, feed it the exact input names, dtypes and shapes of this model, and "
+            "tokenize with `tokenizer/vocab.txt` the way the build host did. Usage is at the top "
+            "of each file.",
+            "",
+        ]
+    return lines
 
 
 @dataclass(frozen=True)
@@ -115,20 +175,79 @@ def package_target(shared: Shared, ship: Shipment) -> BuildResult:
         model_file, io, extra = _device_model(shared, ship, tmp)
         check = fidelity_on(model_file, inputs, ref_out, fp32.task)
         manifest = _manifest(shared, ship, model_file, io, check, len(ref_out))
+        tokenizer_dir = _tokenizer_files(shared, tmp)
+        generated = _app_files(manifest, ship.profile, tokenizer_dir, name, model_file)
         write_bundle(
             tmp / name,
             model_file,
-            fp32.tokenizer_dir,
+            tokenizer_dir,
             {"inputs": inputs, "outputs": {fp32.primary_output: ref_out}},
             manifest,
             extra,
             _readme(name, manifest),
+            generated,
         )
         if shared.sign_key is not None:
             sign_bundle(tmp / name, shared.sign_key)
         write_tar(tmp / name, tmp / f"{name}.tar.gz")
         folder, tarball = publish(tmp, out_root, name, shared.config.force)
     return BuildResult(ship.profile.name, folder, tarball, manifest, fp32.path)
+
+
+def _tokenizer_files(shared: Shared, tmp: Path) -> Path:
+    """The export's tokenizer files, plus tokenizer.json when only a fast tokenizer has it.
+
+    edgepack_runtime.py needs tokenizer.json; an export that wrote only vocab.txt still loaded a
+    fast tokenizer on the host, whose own serialisation gives the same ids.
+    """
+    import shutil
+
+    folder = tmp / "tokenizer"
+    shutil.copytree(shared.fp32.tokenizer_dir, folder)
+    backend = getattr(shared.tokenizer, "backend_tokenizer", None)
+    if not (folder / "tokenizer.json").is_file() and backend is not None:
+        backend.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+def _runtime_io(model_file: Path) -> dict[str, Any]:
+    """Inputs and outputs as onnxruntime sees the final model file.
+
+    The .ort converter resolves dimensions the exported graph left symbolic (e.g. the embedding
+    size), so the app sources state what the shipped model really declares.
+    """
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
+    dtypes = {"tensor(float)": "float32", "tensor(int64)": "int64", "tensor(int32)": "int32"}
+    return {
+        kind: [
+            {"name": t.name, "dtype": dtypes.get(t.type, t.type), "shape": list(t.shape)}
+            for t in tensors
+        ]
+        for kind, tensors in (("inputs", session.get_inputs()), ("outputs", session.get_outputs()))
+    }
+
+
+def _app_files(
+    manifest: dict[str, Any],
+    profile: TargetProfile,
+    tokenizer_dir: Path,
+    name: str,
+    model_file: Path,
+) -> dict[str, str]:
+    """Kotlin and Swift sources for .ort bundles; records what the bundle offers an app."""
+    files, why = {}, "not a mobile (.ort) bundle"
+    if profile.section("format")["model"] == "ort":
+        io = {**manifest["io"], **_runtime_io(model_file)}
+        files, why = render_app_sources({**manifest, "io": io}, tokenizer_dir, name)
+    manifest["app"] = {
+        "python": "edgepack_runtime.py",
+        "tokenizers": tokenizers_version(),
+        "mobile": sorted(files),
+        "mobile_skipped": None if files else why,
+    }
+    return files
 
 
 def _device_model(

@@ -1,4 +1,5 @@
-"""Wheels for ``--with-runtime``: onnxruntime and numpy for the device, so a bundle installs offline.
+"""Wheels for ``--with-runtime``: onnxruntime, numpy and tokenizers for the device, so a bundle
+installs offline (tokenizers is what the bundle's edgepack_runtime.py tokenizes with).
 
 A board on a closed network gets the bundle, then ``pip install --no-index --find-links wheels
 -r requirements.txt``. The host's pip downloads the wheels for the device's platform tags and
@@ -23,6 +24,9 @@ from typing import Any
 from edgepack.errors import UserError
 
 PIP_TIMEOUT_S = 1800
+# tokenizers' last release for Python 3.8 (later wheels are cp39-abi3); it read a bundle's
+# tokenizer.json and gave transformers' ids on all 827 sample texts.
+TOKENIZERS_PY38 = "0.20.3"
 # pip's retry warnings when it cannot reach its index; the final ERROR line alone ("No matching
 # distribution") would wrongly suggest the version or platform is bad.
 UNREACHABLE = re.compile(
@@ -31,16 +35,31 @@ UNREACHABLE = re.compile(
 )
 
 
+def host_tokenizers() -> str:
+    """The build host's tokenizers version: the device gets the release its ids were checked with."""
+    from importlib import metadata
+
+    return metadata.version("tokenizers")
+
+
 def pip_download_command(
-    platforms: list[str], python_version: str, dest: Path, onnxruntime_version: str
+    platforms: list[str],
+    python_version: str,
+    dest: Path,
+    onnxruntime_version: str,
+    tokenizers_version: str | None = None,
 ) -> list[str]:
     """The exact pip command, kept separate so it can be shown and checked without running it."""
     platform_args = [arg for tag in platforms for arg in ("--platform", tag)]
+    if tokenizers_version is None:
+        old_python = tuple(int(p) for p in python_version.split(".")[:2]) < (3, 9)
+        tokenizers_version = TOKENIZERS_PY38 if old_python else host_tokenizers()
+    tokenizers = f"tokenizers=={tokenizers_version}"
     return [
         sys.executable, "-m", "pip", "download", "--disable-pip-version-check",
         "--progress-bar", "off", "--only-binary=:all:", *platform_args,
         "--python-version", python_version, "--implementation", "cp",
-        "-d", str(dest), f"onnxruntime=={onnxruntime_version}", "numpy",
+        "-d", str(dest), f"onnxruntime=={onnxruntime_version}", "numpy", tokenizers,
     ]  # fmt: skip
 
 
@@ -77,7 +96,7 @@ def _pip_error(output: str) -> str:
 def download_runtime(
     profile_device: dict[str, Any], dest: Path, onnxruntime_version: str
 ) -> list[str]:
-    """Download onnxruntime==V, numpy and their dependencies as wheels for the device.
+    """Download onnxruntime==V, numpy, the host's tokenizers and their dependencies as wheels.
 
     Returns the sorted file names of the wheels now in ``dest`` (pip skips ones already there).
     Raises UserError when the profile has no pip platforms (phones: their runtime is an app

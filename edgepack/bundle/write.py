@@ -26,11 +26,12 @@ from typing import Any
 import numpy as np
 
 from edgepack.bundle.manifest import bundle_files, write_manifest, write_sums
+from edgepack.bundle.wheels import TOKENIZERS_PY38
 from edgepack.errors import UserError
 
 HARNESS_DIR = Path(__file__).resolve().parent.parent / "harness"
-HARNESS_FILES = ("bench.py", "run.sh")
-EXECUTABLE = ("run.sh", "bench.py", "bench_android.sh")
+HARNESS_FILES = ("bench.py", "run.sh", "edgepack_runtime.py")
+EXECUTABLE = ("run.sh", "bench.py", "bench_android.sh", "edgepack_runtime.py")
 TMP_PREFIX = ".edgepack-tmp-"
 # Failures of the destination, not of edgepack: a full disk, quota, read-only or forbidden folder.
 WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG)
@@ -229,6 +230,25 @@ def to_ort_format(onnx_path: Path, out_dir: Path, fmt: dict[str, Any]) -> tuple[
     return ort_file, configs[0]
 
 
+def render_app_sources(
+    manifest: dict[str, Any], tokenizer_dir: Path, name: str
+) -> tuple[dict[str, str], str]:
+    """Kotlin and Swift sources for a mobile bundle (harness/mobile.py), or ({}, why none)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("edgepack_mobile", HARNESS_DIR / "mobile.py")
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module.render(manifest, tokenizer_dir, name)
+
+
+def tokenizers_version() -> str:
+    """The host's HF tokenizers, which the device's must match or follow (requirements.txt)."""
+    from importlib import metadata
+
+    return metadata.version("tokenizers")
+
+
 def write_bundle(
     folder: Path,
     model_file: Path,
@@ -237,11 +257,18 @@ def write_bundle(
     manifest: dict[str, Any],
     extra_files: dict[str, Path],
     device_readme: str,
+    generated: dict[str, str] | None = None,
 ) -> None:
-    """Lay out one bundle folder; the caller decides what goes in the manifest."""
+    """Lay out one bundle folder; the caller decides what goes in the manifest.
+
+    ``generated`` maps bundle-relative paths to text written as is (the app sources).
+    """
     folder.mkdir()
     shutil.copy2(model_file, folder / manifest["model"]["file"])
     shutil.copytree(tokenizer_dir, folder / "tokenizer")
+    for rel, text in (generated or {}).items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_text(text, encoding="utf-8")
     (folder / "reference").mkdir()
     save_npz(folder / "reference" / "inputs.npz", reference["inputs"])
     save_npz(folder / "reference" / "outputs_fp32.npz", reference["outputs"])
@@ -257,7 +284,10 @@ def write_bundle(
             (folder / name).chmod(0o755)
     (folder / "requirements.txt").write_text(
         "# Only these run on the device; pin to the versions the bundle was checked with.\n"
-        f"onnxruntime>={manifest['versions']['onnxruntime']}\nnumpy\n",
+        f"onnxruntime>={manifest['versions']['onnxruntime']}\nnumpy\n"
+        "# edgepack_runtime.py tokenizes with it; bench.py does not need it.\n"
+        f'tokenizers>={tokenizers_version()}; python_version >= "3.9"\n'
+        f'tokenizers>={TOKENIZERS_PY38}; python_version < "3.9"\n',
         encoding="utf-8",
     )
     (folder / "README.md").write_text(device_readme, encoding="utf-8")

@@ -44,7 +44,8 @@ from edgepack.errors import UserError
 QEMU_NAMES = ("qemu-aarch64-static", "qemu-aarch64")
 QEMU_PACKAGE = "qemu-user-static"
 # Bump when the sysroot's layout or contents change, so old caches are not reused.
-LAYOUT_VERSION = "1"
+# 2: HF tokenizers added, for the bundles' edgepack_runtime.py.
+LAYOUT_VERSION = "2"
 # Debian bookworm's glibc is 2.36, so every manylinux tag up to 2_28 (onnxruntime's) fits.
 PIP_PLATFORMS = ("manylinux_2_28_aarch64", "manylinux_2_17_aarch64", "manylinux2014_aarch64")
 # Packages the apt dependency closure names that a Python interpreter never loads (package
@@ -124,7 +125,7 @@ def _cached_sysroot(cache: Path | None, onnxruntime_version: str | None = None) 
 
 
 def read_sysroot_info(sysroot: Path) -> dict[str, Any]:
-    """What a finished sysroot holds: python, onnxruntime and numpy versions, packages."""
+    """What a finished sysroot holds: python, onnxruntime, numpy and tokenizers versions, packages."""
     try:
         return json.loads((sysroot / MARKER).read_text())
     except (OSError, ValueError):
@@ -160,13 +161,14 @@ def ensure_sysroot(
         root = work / "root"
         say(f"building the aarch64 sysroot in {final} (first run only)")
         python, packages = _install_debian_python(work / "apt", work / "debs", root)
-        say(f"installing aarch64 wheels: onnxruntime=={ort}, numpy")
+        say(f"installing aarch64 wheels: onnxruntime=={ort}, numpy, tokenizers")
         _install_wheels(root / SITE, python, ort)
         _write_cpuinfo(root)
         info = {
             "python": python,
             "onnxruntime": _wheel_version(root / SITE, "onnxruntime"),
             "numpy": _wheel_version(root / SITE, "numpy"),
+            "tokenizers": _wheel_version(root / SITE, "tokenizers"),
             "debian_packages": packages,
             "layout_version": LAYOUT_VERSION,
         }
@@ -251,12 +253,17 @@ def _install_debian_python(state: Path, debs: Path, root: Path) -> tuple[str, li
 
 
 def _install_wheels(site: Path, python: str, onnxruntime_version: str) -> None:
-    """The host's pip, with its configured index, fetches the aarch64 wheels into ``site``."""
+    """The host's pip, with its configured index, fetches the aarch64 wheels into ``site``.
+
+    tokenizers is the host's release (bundles' edgepack_runtime.py tokenizes with it), so an
+    emulated check compares the same tokenizer code compiled for aarch64.
+    """
     platforms = [arg for tag in PIP_PLATFORMS for arg in ("--platform", tag)]
     _run_tool(
         [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
          "--target", str(site), *platforms, "--only-binary=:all:", "--python-version", python,
-         "--implementation", "cp", f"onnxruntime=={onnxruntime_version}", "numpy"],
+         "--implementation", "cp", f"onnxruntime=={onnxruntime_version}", "numpy",
+         f"tokenizers=={_host_version('tokenizers')}"],
         "pip install (aarch64 wheels)",
     )  # fmt: skip
 
@@ -286,7 +293,10 @@ def _guest_command(qemu: str, sysroot: Path, python: str, args: list[str]) -> li
 
 
 def _smoke_test(qemu: str, root: Path, python: str) -> None:
-    code = "import platform, onnxruntime; print(platform.machine(), onnxruntime.__version__)"
+    code = (
+        "import platform, onnxruntime, tokenizers; "
+        "print(platform.machine(), onnxruntime.__version__)"
+    )
     proc = subprocess.run(
         _guest_command(qemu, root, python, ["-c", code]),
         env=_guest_env(root),
@@ -296,7 +306,7 @@ def _smoke_test(qemu: str, root: Path, python: str) -> None:
     )
     if proc.returncode != 0 or not proc.stdout.startswith("aarch64 "):
         raise RuntimeError(
-            f"the new aarch64 sysroot cannot import onnxruntime (exit {proc.returncode}): "
+            f"the new aarch64 sysroot cannot import onnxruntime and tokenizers (exit {proc.returncode}): "
             f"{_last_line(proc.stderr + proc.stdout)}"
         )
 

@@ -1,0 +1,397 @@
+#!/usr/bin/env python3
+"""Use an edgepack bundle from an app: text in, embeddings, labels or tagged tokens out.
+
+This file is copied verbatim into every bundle, next to bench.py. It needs only onnxruntime,
+numpy and Hugging Face ``tokenizers`` (all in the bundle's requirements.txt), never edgepack,
+transformers or torch, and runs on Python 3.8+. It tokenizes with the bundle's own
+tokenizer/tokenizer.json, so its ids equal those transformers gave the model on the build host.
+
+In Python (the bundle folder on sys.path, or copy this file next to your code)::
+
+    from edgepack_runtime import Model
+    model = Model("/path/to/bundle")            # default: the folder this file is in
+    vectors = model.embed(["where is my order?"])   # (n, d) float32; feature-extraction
+    model.classify(["great phone"])             # [{"label", "score", "scores"}]; classifiers
+    model.tag(["Ada lives in Paris"])           # [[{"token", "start", "end", "label", "score"}]]
+
+From a shell, in the bundle folder (JSON on stdout)::
+
+    python3 -m edgepack_runtime embed "where is my order?" "track a parcel"
+    python3 -m edgepack_runtime search --file faq.txt "where is my order?" --top 3
+    python3 /path/to/bundle/edgepack_runtime.py classify "great phone"
+
+What each task returns:
+
+- feature-extraction: ``embed`` gives one float32 vector per text. A sentence-transformers export
+  already pools and L2-normalises (output ``sentence_embedding``); a plain encoder's
+  ``last_hidden_state`` is mean-pooled over the attention mask here (``normalize=True`` adds
+  L2 normalisation).
+- text-classification: ``classify`` gives softmax probabilities over the manifest's labels.
+- token-classification: ``tag`` gives one entry per token (special tokens left out) with its
+  text, character offsets into the input, label and probability.
+
+Batches are padded to their longest text (texts are sorted by length first, so little padding is
+wasted), or to the model's fixed [batch, seq_len] when the bundle pins its input shapes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from pathlib import Path, PurePosixPath
+from typing import Any, Dict, Iterable, List, Optional, Sequence
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+TOKENIZER_FILE = PurePosixPath("tokenizer", "tokenizer.json")
+DTYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
+DEFAULT_BATCH = 32
+TASK_METHODS = {
+    "feature-extraction": "embed",
+    "text-classification": "classify",
+    "token-classification": "tag",
+}
+
+
+def _leave_no_bytecode(cached: Optional[str]) -> None:
+    """Remove the __pycache__ entry importing this file just wrote into the bundle.
+
+    Python writes it before this code runs; left there, it is a file SHA256SUMS does not list,
+    and bench.py's integrity check would refuse the bundle from then on. Only inside a bundle
+    (beside SHA256SUMS); a copy of this file in an app's own folder keeps its cache.
+    """
+    if not cached or not (HERE / "SHA256SUMS").is_file():
+        return
+    path = Path(cached)
+    if path.parent.name != "__pycache__" or path.parent.parent.resolve() != HERE:
+        return
+    for remove in (path.unlink, path.parent.rmdir):  # the folder only when nothing else is in it
+        with contextlib.suppress(OSError):
+            remove()
+
+
+_leave_no_bytecode(globals().get("__cached__"))
+
+
+class BundleError(Exception):
+    """The bundle cannot be used as asked; the message says why and what to do."""
+
+
+def _load_tokenizer(bundle: Path, max_length: int) -> Any:
+    path = bundle.joinpath(*TOKENIZER_FILE.parts)
+    if not path.is_file():
+        found = sorted(p.name for p in (bundle / "tokenizer").glob("*"))
+        raise BundleError(
+            "{} has no {} (it holds: {}); the runtime needs the fast tokenizer's tokenizer.json. "
+            "Rebuild the bundle with a fast (Rust) tokenizer, or write one on a host with "
+            "transformers: AutoTokenizer.from_pretrained(folder).save_pretrained(folder)".format(
+                bundle, TOKENIZER_FILE, ", ".join(found) or "nothing"
+            )
+        )
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise BundleError(
+            "the runtime needs Hugging Face tokenizers: pip install -r requirements.txt"
+        ) from None
+    tokenizer = Tokenizer.from_file(str(path))
+    padding = tokenizer.padding or {}
+    # The shipped file pads every text to a fixed length; batches here pad to their longest.
+    tokenizer.no_padding()
+    tokenizer.enable_truncation(max_length)
+    return tokenizer, padding.get("pad_id")
+
+
+def _pad_id(tokenizer: Any, from_file: Optional[int]) -> int:
+    if from_file is not None:
+        return int(from_file)
+    for token in ("[PAD]", "<pad>", "<|endoftext|>"):
+        found = tokenizer.token_to_id(token)
+        if found is not None:
+            return int(found)
+    return 0
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
+    exp = np.exp(shifted)
+    return (exp / exp.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
+class Model:
+    """One bundle's model and tokenizer, ready for ``embed``, ``classify`` or ``tag``.
+
+    ``threads`` sets onnxruntime's intra-op threads (default: onnxruntime's choice);
+    ``providers`` its execution providers (default: CPU).
+    """
+
+    def __init__(
+        self,
+        bundle_dir: Any = None,
+        threads: Optional[int] = None,
+        providers: Optional[Sequence[str]] = None,
+    ) -> None:
+        self.bundle = Path(bundle_dir) if bundle_dir is not None else HERE
+        try:
+            with open(str(self.bundle / "manifest.json"), encoding="utf-8") as handle:
+                self.manifest = json.load(handle)  # type: Dict[str, Any]
+        except (OSError, ValueError) as exc:
+            raise BundleError("{} is not a readable bundle: {}".format(self.bundle, exc)) from None
+        self.task = str(self.manifest.get("task", ""))
+        self.primary_output = str(self.manifest["io"]["primary_output"])
+        self.labels = self.manifest.get("labels")  # type: Optional[List[str]]
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = int(threads)
+        rel = PurePosixPath(str(self.manifest["model"]["file"]))
+        if rel.is_absolute() or ".." in rel.parts:
+            raise BundleError("manifest.json names model file {}, outside the bundle".format(rel))
+        self.session = ort.InferenceSession(
+            str(self.bundle.joinpath(*rel.parts)),
+            options,
+            providers=list(providers or ["CPUExecutionProvider"]),
+        )
+        self.inputs = [(i.name, i.type, list(i.shape)) for i in self.session.get_inputs()]
+        shape = self.inputs[0][2]
+        self.fixed_batch = shape[0] if isinstance(shape[0], int) else None
+        self.fixed_len = shape[1] if len(shape) > 1 and isinstance(shape[1], int) else None
+        self.max_length = int(self.manifest.get("harness", {}).get("seq_len") or 512)
+        if self.fixed_len:
+            self.max_length = min(self.max_length, self.fixed_len)
+        self.tokenizer, pad = _load_tokenizer(self.bundle, self.max_length)
+        self.pad_id = _pad_id(self.tokenizer, pad)
+
+    # --- tokenization and batching -------------------------------------------------------------
+
+    def tokenize(self, texts: Iterable[str]) -> List[Any]:
+        """``tokenizers.Encoding`` per text, truncated to the model's length, not padded."""
+        texts = _as_list(texts)
+        return self.tokenizer.encode_batch(texts) if texts else []
+
+    def _feeds(self, encodings: Sequence[Any]) -> Dict[str, np.ndarray]:
+        """Model inputs for one batch, padded to its longest text (or the fixed shape)."""
+        rows = len(encodings)
+        length = self.fixed_len or max(len(e.ids) for e in encodings)
+        batch = max(rows, self.fixed_batch or 0)
+        columns = {
+            "input_ids": np.full((batch, length), self.pad_id, dtype=np.int64),
+            "attention_mask": np.zeros((batch, length), dtype=np.int64),
+            "token_type_ids": np.zeros((batch, length), dtype=np.int64),
+        }
+        for row in range(batch):
+            # Rows beyond the texts only fill a fixed batch; they repeat the first text.
+            enc = encodings[row if row < rows else 0]
+            n = len(enc.ids)
+            columns["input_ids"][row, :n] = enc.ids
+            columns["attention_mask"][row, :n] = enc.attention_mask
+            columns["token_type_ids"][row, :n] = enc.type_ids
+        feeds = {}
+        for name, dtype, _shape in self.inputs:
+            if name not in columns:
+                raise BundleError(
+                    "the model wants input {!r}; the runtime gives only {}".format(
+                        name, ", ".join(sorted(columns))
+                    )
+                )
+            feeds[name] = columns[name].astype(DTYPES.get(dtype, np.int64))
+        return feeds
+
+    def _batches(self, texts: Sequence[str], batch_size: int) -> Iterable[Any]:
+        """(indices, encodings, outputs) per batch; similar lengths share a batch."""
+        encodings = self.tokenize(texts)
+        order = sorted(range(len(encodings)), key=lambda i: len(encodings[i].ids))
+        size = self.fixed_batch or max(1, int(batch_size))
+        for start in range(0, len(order), size):
+            index = order[start : start + size]
+            chunk = [encodings[i] for i in index]
+            feeds = self._feeds(chunk)
+            out = self.session.run([self.primary_output], feeds)[0][: len(chunk)]
+            yield index, chunk, feeds, out
+
+    def _need(self, method: str) -> None:
+        wanted = TASK_METHODS.get(self.task)
+        if wanted != method:
+            raise BundleError(
+                "this bundle's model is {!r}: use {}() , not {}()".format(
+                    self.task, wanted or "a raw session", method
+                )
+            )
+
+    # --- tasks ---------------------------------------------------------------------------------
+
+    def embed(
+        self, texts: Iterable[str], batch_size: int = DEFAULT_BATCH, normalize: bool = False
+    ) -> np.ndarray:
+        """(n, d) float32: the model's sentence embedding, or its mean-pooled token states."""
+        self._need("embed")
+        texts = _as_list(texts)
+        result = None  # type: Optional[np.ndarray]
+        for index, _chunk, feeds, out in self._batches(texts, batch_size):
+            if out.ndim == 3:
+                mask = feeds["attention_mask"][: len(index), :, None].astype(np.float32)
+                out = (out * mask).sum(axis=1) / np.maximum(mask.sum(axis=1), 1e-9)
+            if result is None:
+                result = np.zeros((len(texts), out.shape[-1]), dtype=np.float32)
+            result[index] = out
+        if result is None:
+            return np.zeros((0, 0), dtype=np.float32)
+        if normalize:
+            result /= np.maximum(np.linalg.norm(result, axis=1, keepdims=True), 1e-12)
+        return result
+
+    def _label(self, index: int) -> str:
+        if self.labels and 0 <= index < len(self.labels):
+            return str(self.labels[index])
+        return "LABEL_{}".format(index)
+
+    def classify(self, texts: Iterable[str], batch_size: int = DEFAULT_BATCH) -> List[Dict]:
+        """Per text: the best label, its probability and every label's probability."""
+        self._need("classify")
+        texts = _as_list(texts)
+        results = [None] * len(texts)  # type: List[Any]
+        for index, _chunk, _feeds, logits in self._batches(texts, batch_size):
+            for i, probs in zip(index, _softmax(logits)):  # noqa: B905 (zip has no strict on 3.8)
+                best = int(np.argmax(probs))
+                results[i] = {
+                    "label": self._label(best),
+                    "score": float(probs[best]),
+                    "scores": {self._label(k): float(p) for k, p in enumerate(probs)},
+                }
+        return results
+
+    def tag(self, texts: Iterable[str], batch_size: int = DEFAULT_BATCH) -> List[List[Dict]]:
+        """Per text, per token (special tokens left out): token, char offsets, label, score."""
+        self._need("tag")
+        texts = _as_list(texts)
+        results = [None] * len(texts)  # type: List[Any]
+        for index, chunk, _feeds, logits in self._batches(texts, batch_size):
+            for i, enc, rows in zip(index, chunk, logits):  # noqa: B905
+                probs = _softmax(rows[: len(enc.ids)])
+                tokens = []
+                for t, (token, (start, end)) in enumerate(zip(enc.tokens, enc.offsets)):  # noqa: B905
+                    if enc.special_tokens_mask[t]:
+                        continue
+                    best = int(np.argmax(probs[t]))
+                    tokens.append(
+                        {
+                            "token": token,
+                            "start": int(start),
+                            "end": int(end),
+                            "label": self._label(best),
+                            "score": float(probs[t][best]),
+                        }
+                    )
+                results[i] = tokens
+        return results
+
+    def search(self, query: str, lines: Sequence[str], top: int = 5) -> List[Dict]:
+        """``lines`` ranked by cosine similarity to ``query``, best first."""
+        vectors = self.embed([*lines, query], normalize=True)
+        scores = vectors[:-1] @ vectors[-1]
+        best = np.argsort(-scores, kind="stable")[: max(0, int(top))]
+        return [{"line": int(i) + 1, "score": float(scores[i]), "text": lines[i]} for i in best]
+
+
+def _as_list(texts: Any) -> List[str]:
+    if isinstance(texts, str):
+        texts = [texts]
+    texts = list(texts)
+    bad = [type(t).__name__ for t in texts if not isinstance(t, str)]
+    if bad:
+        raise BundleError("texts must be strings, got {}".format(bad[0]))
+    return texts
+
+
+_DEFAULT = {}  # type: Dict[str, Model]
+
+
+def load(bundle_dir: Any = None) -> Model:
+    """The Model of ``bundle_dir`` (default: this file's folder), loaded once per process."""
+    key = str(Path(bundle_dir).resolve() if bundle_dir is not None else HERE)
+    if key not in _DEFAULT:
+        _DEFAULT[key] = Model(key)
+    return _DEFAULT[key]
+
+
+def embed(texts: Iterable[str], bundle_dir: Any = None, **options: Any) -> np.ndarray:
+    return load(bundle_dir).embed(texts, **options)
+
+
+def classify(texts: Iterable[str], bundle_dir: Any = None, **options: Any) -> List[Dict]:
+    return load(bundle_dir).classify(texts, **options)
+
+
+def tag(texts: Iterable[str], bundle_dir: Any = None, **options: Any) -> List[List[Dict]]:
+    return load(bundle_dir).tag(texts, **options)
+
+
+# --- command line ------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edgepack_runtime",
+        description="Run this edgepack bundle's model on texts; prints JSON.",
+    )
+    parser.add_argument("--bundle", default=str(HERE), help="bundle folder (default: this one)")
+    parser.add_argument("--threads", type=int, default=None, help="intra-op threads")
+    sub = parser.add_subparsers(dest="command")
+    sub.required = True
+    for name, what in (
+        ("embed", "one vector per text (feature-extraction bundles)"),
+        ("classify", "label and probabilities per text (text-classification bundles)"),
+        ("tag", "label per token (token-classification bundles)"),
+        ("tokenize", "token ids and tokens, as the model sees them"),
+    ):
+        cmd = sub.add_parser(name, help=what)
+        cmd.add_argument("texts", nargs="*", help="texts (or --file)")
+        cmd.add_argument("--file", help="read texts from this file, one per line")
+    search = sub.add_parser("search", help="rank the lines of a file by similarity to a query")
+    search.add_argument("query")
+    search.add_argument("--file", required=True, help="text file, one candidate per line")
+    search.add_argument("--top", type=int, default=5)
+    return parser
+
+
+def _read_lines(path: str) -> List[str]:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return [line.rstrip("\r\n") for line in handle if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BundleError("cannot read {}: {}".format(path, exc)) from None
+
+
+def _run_command(args: argparse.Namespace) -> Any:
+    model = Model(args.bundle, threads=args.threads)
+    if args.command == "search":
+        return model.search(args.query, _read_lines(args.file), args.top)
+    texts = list(args.texts) + (_read_lines(args.file) if args.file else [])
+    if not texts:
+        raise BundleError("give texts as arguments or --file")
+    if args.command == "embed":
+        vectors = model.embed(texts)
+        return {"dim": int(vectors.shape[1]), "embeddings": vectors.tolist()}
+    if args.command == "tokenize":
+        return [{"ids": e.ids, "tokens": e.tokens} for e in model.tokenize(texts)]
+    return getattr(model, args.command)(texts)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        result = _run_command(args)
+    except BundleError as exc:
+        print("edgepack_runtime: {}".format(exc), file=sys.stderr)
+        return 2
+    json.dump(result, sys.stdout, ensure_ascii=False)
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
