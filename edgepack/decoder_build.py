@@ -69,7 +69,9 @@ def _quantized(fp32: OnnxModel, precision: str) -> OnnxModel:
     return cached("weight-only", settings.record(), fp32.digest, OnnxModel, make)[0]
 
 
-def build_decoder(config: BuildConfig, model: HFModel, progress: Progress) -> list[BuildResult]:
+def build_decoder(
+    config: BuildConfig, model: HFModel, progress: Progress, sign_key: Path | None = None
+) -> list[BuildResult]:
     """One bundle per target; fails (UserError) past the perplexity tolerance, before writing."""
     from transformers import AutoTokenizer
 
@@ -106,6 +108,7 @@ def build_decoder(config: BuildConfig, model: HFModel, progress: Progress) -> li
                 reference,
                 manifest,
                 config.force,
+                sign_key,
             )
         results.append(BuildResult(profile.name, folder, tar, manifest, fp32.path))
     return results

@@ -117,11 +117,9 @@ def build(
         check_sign_key(sign_key)
     with quiet_libraries():
         if (decoder := _generative(config, progress)) is not None:
-            if sign_key is not None:
-                raise UserError("--sign-key is not supported for decoder bundles yet.")
             from edgepack.decoder_build import build_decoder
 
-            return build_decoder(config, decoder, progress)
+            return build_decoder(config, decoder, progress, sign_key)
         shared, texts, original = _prepare(config, progress)
         shared = replace(shared, sign_key=sign_key)
         profiles = resolve_targets(config.target)

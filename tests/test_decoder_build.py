@@ -110,3 +110,68 @@ def test_perplexity_tolerance_fails_the_build(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"int4 perplexity is .* above fp32's, past --max-drop"):
         build(config, Progress(quiet=True))
     assert not (tmp_path / "dist" / "m-arm64").exists()
+
+
+def test_the_decoder_harness_applies_the_bundle_rules(
+    built: tuple[Path, dict], tmp_path: Path
+) -> None:
+    """The same integrity check as the encoder harness (bundle_check.py ships in every bundle)."""
+    import hashlib
+    import shutil
+
+    from edgepack.bundle.manifest import write_sums
+
+    copy = tmp_path / "b"
+    shutil.copytree(built[0], copy)
+    data = bytearray((copy / "model.onnx").read_bytes())
+    data[-3] ^= 0x01
+    (copy / "model.onnx").write_bytes(bytes(data))
+    write_sums(copy)  # SHA256SUMS agrees again: only the manifest's model.sha256 can tell
+    assert hashlib.sha256(bytes(data)).hexdigest() in (copy / "SHA256SUMS").read_text()
+    run = subprocess.run(
+        [sys.executable, "-I", str(copy / "bench.py"), "--check-only"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 2 and "manifest.json model.sha256" in run.stderr, run.stderr
+    (copy / "extra.txt").write_text("added\n")
+    run = subprocess.run(
+        [str(copy / "run.sh"), "--check-only", "--no-verify"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**__import__("os").environ, "PYTHON": sys.executable},
+    )
+    assert run.returncode in (0, 1), run.stderr  # --no-verify: the checks are skipped
+
+
+def test_a_signed_decoder_bundle_verifies(tmp_path: Path) -> None:
+    pytest.importorskip("model_signing", reason="pip install 'edgepack[sign]'")
+    subprocess.run(
+        ["openssl", "ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "k.pem"],
+        cwd=tmp_path,
+        check=True,
+    )
+    subprocess.run(["openssl", "ec", "-in", "k.pem", "-pubout", "-out", "p.pem"], cwd=tmp_path,
+                   check=True, capture_output=True)  # fmt: skip
+    folder = make_tiny_decoder(tmp_path / "m", "llama")
+    texts = write_texts(tmp_path / "texts.txt", 40)
+    config = BuildConfig(
+        model=str(folder),
+        calibration=str(texts),
+        heldout=str(texts),
+        target="cpu",
+        precision="int8",
+        out=str(tmp_path / "dist"),
+        max_drop=0.2,
+    )
+    (result,) = build(config, Progress(quiet=True), tmp_path / "k.pem")
+    assert (result.folder / "bundle.sig").is_file()
+    assert verify_bundle(result.folder, tmp_path / "p.pem") >= 6
+    run = subprocess.run(
+        [sys.executable, str(result.folder / "bench.py"), "--check-only", "--public-key",
+         str(tmp_path / "p.pem"), "--require-signature"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr

@@ -19,6 +19,7 @@ BENCH = HARNESS / "bench.py"
 
 
 bench = load_harness_module("bench")
+check = load_harness_module("bundle_check")
 converter = load_harness_module("perf_test_to_json")
 DATA = Path(__file__).parent / "data"
 
@@ -175,8 +176,8 @@ def test_sums_naming_a_path_outside_the_bundle_are_refused(tmp_path):
     bundle = full_bundle(tmp_path)
     with open(bundle / "SHA256SUMS", "a") as handle:
         handle.write("0" * 64 + "  ../outside.txt\n")
-    with pytest.raises(bench.HarnessError, match="outside the bundle"):
-        bench.read_sums(bundle)
+    with pytest.raises(check.HarnessError, match="outside the bundle"):
+        check.read_sums(bundle)
     with pytest.raises(bench.HarnessError, match="outside the bundle"):
         bench.verify_bundle(bundle)
 
@@ -284,10 +285,10 @@ STDLIB = set(getattr(sys, "stdlib_module_names", ())) | {"__future__"}
 
 
 def test_harness_imports_only_stdlib_numpy_onnxruntime():
-    """model_signing is the one optional import: bench.py imports it inside a function, only
-    when --public-key is given."""
+    """model_signing is the one optional import: bundle_check.py imports it inside a function,
+    only when --public-key is given. bundle_check is the harnesses' shared sibling module."""
     assert STDLIB, "needs Python 3.10+ for sys.stdlib_module_names"
-    for script in ("bench.py", "perf_test_to_json.py"):
+    for script in ("bench.py", "bench_llm.py", "bundle_check.py", "perf_test_to_json.py"):
         tree = ast.parse((HARNESS / script).read_text())
         roots, top_level = set(), set()
         for node in ast.walk(tree):
@@ -301,15 +302,18 @@ def test_harness_imports_only_stdlib_numpy_onnxruntime():
             roots |= names
             if node in tree.body:
                 top_level |= names
-        allowed = STDLIB | ({"numpy", "onnxruntime", "model_signing"} if script == "bench.py"
-                            else set())  # fmt: skip
+        allowed = STDLIB | {
+            "bench.py": {"numpy", "onnxruntime", "bundle_check"},
+            "bench_llm.py": {"numpy", "onnxruntime", "bundle_check"},
+            "bundle_check.py": {"model_signing"},
+        }.get(script, set())
         assert roots - allowed == set(), f"{script} imports {roots - allowed}"
         assert "edgepack" not in roots
         assert "model_signing" not in top_level, f"{script} imports model_signing eagerly"
 
 
 def test_harness_parses_as_python_38():
-    for script in ("bench.py", "perf_test_to_json.py"):
+    for script in ("bench.py", "bench_llm.py", "bundle_check.py", "perf_test_to_json.py"):
         source = (HARNESS / script).read_text()
         ast.parse(source, feature_version=(3, 8))
         for newer in (".removeprefix(", ".removesuffix(", "math.lcm", "functools.cache("):
@@ -320,7 +324,7 @@ def test_write_sums_matches_sha256sum_format(bundle):
     lines = (bundle / "SHA256SUMS").read_text().splitlines()
     names = [line.split("  ", 1)[1] for line in lines]
     assert names == sorted(names) and "SHA256SUMS" not in names
-    assert list(bench.read_sums(bundle)) == names
+    assert list(check.read_sums(bundle)) == names
     assert bench.verify_bundle(bundle)["model"]["file"] == "model.onnx"
     write_sums(bundle)  # idempotent
     assert (bundle / "SHA256SUMS").read_text().splitlines() == lines

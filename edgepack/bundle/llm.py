@@ -11,17 +11,18 @@ from pathlib import Path
 from typing import Any
 
 from edgepack.bundle.manifest import write_manifest, write_sums
+from edgepack.bundle.sign import sign_bundle
 from edgepack.bundle.write import publish, staging, write_tar
 
 HARNESS = Path(__file__).resolve().parent.parent / "harness" / "bench_llm.py"
+CHECK = HARNESS.with_name("bundle_check.py")  # the integrity rules every bundle's harness runs
 REFERENCE = "reference.json"
 # run.sh of a decoder bundle: checks the greedy continuations against the host's, then measures.
 RUN_SH = """#!/bin/sh
 # Verifies SHA256SUMS, checks greedy continuations against the build host's, measures TTFT,
 # decode tokens/s, peak RSS and the KV cache at the context length. Arguments go to bench.py.
 set -eu
-cd "$(dirname "$0")"
-exec python3 bench.py "$@"
+exec "${PYTHON:-python3}" "$(dirname "$0")/bench.py" "$@"
 """
 
 
@@ -56,6 +57,7 @@ def package_decoder(
     reference: dict[str, Any],
     manifest: dict[str, Any],
     force: bool,
+    sign_key: Path | None = None,
 ) -> tuple[Path, Path]:
     """Write ``<out_root>/<name>`` and its .tar.gz atomically; returns (folder, tarball)."""
     manifest["reference"] = {"inputs": REFERENCE, "outputs": REFERENCE}
@@ -65,11 +67,14 @@ def package_decoder(
         shutil.copy2(model_path, folder / "model.onnx")
         shutil.copytree(tokenizer_dir, folder / "tokenizer")
         shutil.copy2(HARNESS, folder / "bench.py")
+        shutil.copy2(CHECK, folder / "bundle_check.py")
         (folder / "run.sh").write_text(RUN_SH, encoding="utf-8")
         (folder / "run.sh").chmod(0o755)
         (folder / REFERENCE).write_text(json.dumps(reference, indent=1) + "\n", encoding="utf-8")
         (folder / "README.md").write_text(_readme(name, manifest), encoding="utf-8")
         write_manifest(folder, manifest)
         write_sums(folder)
+        if sign_key is not None:
+            sign_bundle(folder, sign_key)
         write_tar(folder, tmp / f"{name}.tar.gz")
         return publish(tmp, out_root, name, force)

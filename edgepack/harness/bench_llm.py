@@ -8,15 +8,21 @@ bytes at the profile's context length.
 """
 
 import argparse
-import hashlib
 import json
 import os
 import resource
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+
+# bundle_check.py ships beside this file in every bundle: the same integrity rules as the encoder
+# harness. Under `python -I` the script's folder is not on sys.path.
+sys.dont_write_bytecode = True  # a __pycache__ in the bundle would fail its own check
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bundle_check import HarnessError, verify_bundle  # noqa: E402
 
 
 def fail(message):
@@ -27,19 +33,6 @@ def fail(message):
 def read_json(path):
     with open(path, encoding="utf-8") as f:
         return json.load(f)
-
-
-def verify_sums(folder):
-    with open(os.path.join(folder, "SHA256SUMS"), encoding="utf-8") as f:
-        lines = f.read().splitlines()
-    for line in lines:
-        digest, name = line.split("  ", 1)
-        h = hashlib.sha256()
-        with open(os.path.join(folder, name), "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        if h.hexdigest() != digest:
-            fail(name + " does not match SHA256SUMS")
 
 
 def empty_past(sess):
@@ -99,8 +92,17 @@ def main():
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--check-only", action="store_true")
+    p.add_argument("--no-verify", action="store_true", help="skip the bundle checks")
+    p.add_argument("--public-key", type=Path, help="also check bundle.sig with this public key")
+    p.add_argument("--require-signature", action="store_true")
     args = p.parse_args()
-    verify_sums(here)
+    if args.require_signature and args.public_key is None:
+        fail("--require-signature needs --public-key PUB, the signer's public key")
+    if not args.no_verify:
+        try:
+            verify_bundle(Path(here), args.public_key, args.require_signature)
+        except HarnessError as exc:
+            fail(str(exc))
     manifest = read_json(os.path.join(here, "manifest.json"))
     reference = read_json(os.path.join(here, manifest["reference"]["inputs"]))
     context = int(manifest["generation"]["context_length"])
