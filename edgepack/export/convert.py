@@ -92,14 +92,32 @@ def export_onnx(model: HFModel, out_dir: Path, opset: int | None = None) -> Onnx
         copy_tokenizer_files(model.path, staging)
     else:
         _export_folder(model, staging, opset)
+    primary = family_of(model.model_type).primary_output(model.task, model.library)
+    return collect_export(model, staging, out_dir, primary, {"source_model": model.source})
+
+
+def collect_export(
+    model: HFModel,
+    staging: Path,
+    out_dir: Path,
+    primary: str,
+    records: dict[str, Any],
+    only_primary: bool = True,
+) -> OnnxModel:
+    """Move what optimum wrote in ``staging`` into the stage's folder and describe it: the graph
+    (and its external weights, for models over 2 GB), the tokenizer files, its I/O signature.
+    ``only_primary`` drops the outputs a device does not need (a decoder needs all of them: the
+    KV cache comes back as outputs)."""
     onnx_path = out_dir / "model.onnx"
     shutil.move(str(staging / "model.onnx"), onnx_path)
+    if (staging / "model.onnx_data").is_file():
+        shutil.move(str(staging / "model.onnx_data"), out_dir / "model.onnx_data")
     tokenizer_dir = out_dir / "tokenizer"
     tokenizer_dir.mkdir()
     copy_tokenizer_files(staging, tokenizer_dir)
     shutil.rmtree(staging)
-    primary = family_of(model.model_type).primary_output(model.task, model.library)
-    _keep_outputs(onnx_path, primary)
+    if only_primary:
+        _keep_outputs(onnx_path, primary)
     inputs, outputs = io_signature(onnx_path)
     return OnnxModel(
         path=onnx_path,
@@ -110,7 +128,7 @@ def export_onnx(model: HFModel, out_dir: Path, opset: int | None = None) -> Onnx
         outputs=outputs,
         primary_output=primary,
         tokenizer_dir=tokenizer_dir,
-        records={"source_model": model.source},
+        records=records,
     )
 
 

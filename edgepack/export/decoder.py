@@ -9,7 +9,6 @@ closely. Every mismatch is collected into one message.
 from __future__ import annotations
 
 import json
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -17,14 +16,13 @@ from typing import Any
 import numpy as np
 
 from edgepack import __version__
-from edgepack.artifacts import HFModel, OnnxModel, sha256_file
+from edgepack.artifacts import HFModel, OnnxModel
 from edgepack.cache import cached
 from edgepack.errors import UserError, exporter_errors
 from edgepack.evaluate import session
-from edgepack.export.convert import io_signature
+from edgepack.export.convert import collect_export
 from edgepack.families import decoder
 from edgepack.families.generate import greedy
-from edgepack.folders import copy_tokenizer_files
 
 NEW_TOKENS = 32
 # First-step logits, ONNX vs PyTorch in fp32: SmolLM2's logits span ~±30 and differ by ~1e-4 from
@@ -59,31 +57,13 @@ def export_decoder(model: HFModel, out_dir: Path, opset: int | None = None) -> O
             local_files_only=True,
             trust_remote_code=False,
         )
-    onnx_path = out_dir / "model.onnx"
-    shutil.move(str(staging / "model.onnx"), onnx_path)
-    if (staging / "model.onnx_data").is_file():
-        shutil.move(str(staging / "model.onnx_data"), out_dir / "model.onnx_data")
-    tokenizer_dir = out_dir / "tokenizer"
-    tokenizer_dir.mkdir()
-    copy_tokenizer_files(staging, tokenizer_dir)
-    shutil.rmtree(staging)
     config = json.loads((model.path / "config.json").read_text(encoding="utf-8"))
-    inputs, outputs = io_signature(onnx_path)
-    return OnnxModel(
-        path=onnx_path,
-        task=model.task,
-        precision="fp32",
-        sha256=sha256_file(onnx_path),
-        inputs=inputs,
-        outputs=outputs,
-        primary_output="logits",
-        tokenizer_dir=tokenizer_dir,
-        records={
-            "source_model": model.source,
-            "eos_token_ids": eos_ids(model.path),
-            "context_length": decoder.context_length(config),
-        },
-    )
+    records = {
+        "source_model": model.source,
+        "eos_token_ids": eos_ids(model.path),
+        "context_length": decoder.context_length(config),
+    }
+    return collect_export(model, staging, out_dir, "logits", records, only_primary=False)
 
 
 def export_decoder_cached(model: HFModel) -> tuple[OnnxModel, bool]:
