@@ -175,3 +175,38 @@ def test_a_signed_decoder_bundle_verifies(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
+
+
+def test_the_app_runtime_generates_the_reference_continuation(built: tuple[Path, dict]) -> None:
+    """edgepack_runtime.py in a decoder bundle: the greedy tokens bench.py checks, and text."""
+    folder, _ = built
+    code = (
+        "import json, sys; sys.path.insert(0, sys.argv[1]); from edgepack_runtime import Model\n"
+        "m = Model(sys.argv[1]); ref = json.load(open(sys.argv[1] + '/reference.json'))\n"
+        "got = [list(m.generate_ids(p['prompt'], len(p['continuation']))) for p in ref['prompts']]\n"
+        "print(json.dumps({'got': got, 'want': [p['continuation'] for p in ref['prompts']],\n"
+        "                  'text': m.generate('the cat', 6)}))\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code, str(folder)], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    assert result["got"] == result["want"] and all(result["want"])
+    assert isinstance(result["text"], str) and result["text"]
+    cli = subprocess.run(
+        [
+            sys.executable,
+            str(folder / "edgepack_runtime.py"),
+            "generate",
+            "the cat",
+            "--max-new-tokens",
+            "100",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert cli.returncode == 2 and "longer than the context (64)" in cli.stderr
+    assert not (folder / "__pycache__").exists()
+    assert verify_bundle(folder) >= 6  # using the runtime left the bundle as it was

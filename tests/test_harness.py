@@ -288,7 +288,13 @@ def test_harness_imports_only_stdlib_numpy_onnxruntime():
     """model_signing is the one optional import: bundle_check.py imports it inside a function,
     only when --public-key is given. bundle_check is the harnesses' shared sibling module."""
     assert STDLIB, "needs Python 3.10+ for sys.stdlib_module_names"
-    for script in ("bench.py", "bench_llm.py", "bundle_check.py", "perf_test_to_json.py"):
+    for script in (
+        "bench.py",
+        "bench_llm.py",
+        "bundle_check.py",
+        "edgepack_decode.py",
+        "perf_test_to_json.py",
+    ):
         tree = ast.parse((HARNESS / script).read_text())
         roots, top_level = set(), set()
         for node in ast.walk(tree):
@@ -304,7 +310,8 @@ def test_harness_imports_only_stdlib_numpy_onnxruntime():
                 top_level |= names
         allowed = STDLIB | {
             "bench.py": {"numpy", "onnxruntime", "bundle_check"},
-            "bench_llm.py": {"numpy", "onnxruntime", "bundle_check"},
+            "bench_llm.py": {"numpy", "onnxruntime", "bundle_check", "edgepack_decode"},
+            "edgepack_decode.py": {"numpy"},
             "bundle_check.py": {"model_signing"},
         }.get(script, set())
         assert roots - allowed == set(), f"{script} imports {roots - allowed}"
@@ -313,7 +320,13 @@ def test_harness_imports_only_stdlib_numpy_onnxruntime():
 
 
 def test_harness_parses_as_python_38():
-    for script in ("bench.py", "bench_llm.py", "bundle_check.py", "perf_test_to_json.py"):
+    for script in (
+        "bench.py",
+        "bench_llm.py",
+        "bundle_check.py",
+        "edgepack_decode.py",
+        "perf_test_to_json.py",
+    ):
         source = (HARNESS / script).read_text()
         ast.parse(source, feature_version=(3, 8))
         for newer in (".removeprefix(", ".removesuffix(", "math.lcm", "functools.cache("):

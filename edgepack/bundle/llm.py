@@ -15,7 +15,6 @@ from edgepack.bundle.sign import sign_bundle
 from edgepack.bundle.write import publish, staging, write_tar
 
 HARNESS = Path(__file__).resolve().parent.parent / "harness" / "bench_llm.py"
-CHECK = HARNESS.with_name("bundle_check.py")  # the integrity rules every bundle's harness runs
 REFERENCE = "reference.json"
 # run.sh of a decoder bundle: checks the greedy continuations against the host's, then measures.
 RUN_SH = """#!/bin/sh
@@ -24,6 +23,10 @@ RUN_SH = """#!/bin/sh
 set -eu
 exec "${PYTHON:-python3}" "$(dirname "$0")/bench.py" "$@"
 """
+
+
+# bench.py needs onnxruntime and numpy; edgepack_runtime.py tokenizes with tokenizers.
+REQUIREMENTS = "onnxruntime\nnumpy\ntokenizers\n"
 
 
 def _readme(name: str, manifest: dict[str, Any]) -> str:
@@ -41,9 +44,14 @@ def _readme(name: str, manifest: dict[str, Any]) -> str:
             f"{fid.get('top1_agreement', float('nan')):.3f}",
             "",
             "```sh",
-            "pip install numpy onnxruntime",
-            "./run.sh --json ../result.json --threads 1",
+            "pip install -r requirements.txt",
+            "./run.sh --json ../result.json --threads 1   # check + TTFT, tokens/s, peak RSS",
+            "python3 edgepack_runtime.py generate 'The capital of France is' --max-new-tokens 32",
             "```",
+            "",
+            "From Python (the bundle folder on sys.path): `from edgepack_runtime import Model`, then",
+            "`Model(folder).generate(prompt, max_new_tokens)` or `.stream(...)` for the pieces as",
+            "they are decoded (greedy, KV cache, stops at the end-of-sequence token).",
             "",
         ]
     )
@@ -67,11 +75,13 @@ def package_decoder(
         shutil.copy2(model_path, folder / "model.onnx")
         shutil.copytree(tokenizer_dir, folder / "tokenizer")
         shutil.copy2(HARNESS, folder / "bench.py")
-        shutil.copy2(CHECK, folder / "bundle_check.py")
+        for shared in ("bundle_check.py", "edgepack_decode.py", "edgepack_runtime.py"):
+            shutil.copy2(HARNESS.with_name(shared), folder / shared)
         (folder / "run.sh").write_text(RUN_SH, encoding="utf-8")
         (folder / "run.sh").chmod(0o755)
         (folder / REFERENCE).write_text(json.dumps(reference, indent=1) + "\n", encoding="utf-8")
         (folder / "README.md").write_text(_readme(name, manifest), encoding="utf-8")
+        (folder / "requirements.txt").write_text(REQUIREMENTS, encoding="utf-8")
         write_manifest(folder, manifest)
         write_sums(folder)
         if sign_key is not None:

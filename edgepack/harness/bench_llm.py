@@ -23,6 +23,7 @@ import onnxruntime as ort
 sys.dont_write_bytecode = True  # a __pycache__ in the bundle would fail its own check
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bundle_check import HarnessError, verify_bundle  # noqa: E402
+from edgepack_decode import empty_past, greedy, step  # noqa: E402
 
 
 def fail(message):
@@ -33,46 +34,6 @@ def fail(message):
 def read_json(path):
     with open(path, encoding="utf-8") as f:
         return json.load(f)
-
-
-def empty_past(sess):
-    past = {}
-    for i in sess.get_inputs():
-        if i.name.startswith("past_key_values."):
-            dims = [d if isinstance(d, int) else 0 for d in i.shape]
-            dims[0] = 1
-            past[i.name] = np.zeros(dims, dtype=np.float32)
-    return past
-
-
-def step(sess, ids, past, start):
-    names = set(i.name for i in sess.get_inputs())
-    feeds = dict(past)
-    feeds["input_ids"] = np.asarray([ids], dtype=np.int64)
-    feeds["attention_mask"] = np.ones((1, start + len(ids)), dtype=np.int64)
-    if "position_ids" in names:
-        feeds["position_ids"] = np.arange(start, start + len(ids), dtype=np.int64)[None]
-    outputs = [o.name for o in sess.get_outputs()]
-    values = sess.run(outputs, {k: v for k, v in feeds.items() if k in names})
-    result = dict(zip(outputs, values))  # noqa: B905 (strict= needs 3.10; the harness runs on 3.8)
-    new_past = {}
-    for k, v in result.items():
-        if k.startswith("present."):
-            new_past["past_key_values." + k[len("present.") :]] = v
-    return result["logits"][0], new_past
-
-
-def greedy(sess, prompt, n, eos):
-    logits, past = step(sess, list(prompt), empty_past(sess), 0)
-    out, pos = [], len(prompt)
-    while len(out) < n:
-        token = int(np.argmax(logits[-1]))
-        out.append(token)
-        if token in eos or len(out) == n:
-            break
-        logits, past = step(sess, [token], past, pos)
-        pos += 1
-    return out
 
 
 def kv_bytes(sess, context):

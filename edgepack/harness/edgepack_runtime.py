@@ -42,7 +42,7 @@ import json
 import os
 import sys
 from pathlib import Path, PurePosixPath
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence
 
 import numpy as np
 
@@ -54,6 +54,7 @@ TASK_METHODS = {
     "feature-extraction": "embed",
     "text-classification": "classify",
     "token-classification": "tag",
+    "text-generation": "generate",
 }
 
 
@@ -142,7 +143,7 @@ class Model:
         except (OSError, ValueError) as exc:
             raise BundleError("{} is not a readable bundle: {}".format(self.bundle, exc)) from None
         self.task = str(self.manifest.get("task", ""))
-        self.primary_output = str(self.manifest["io"]["primary_output"])
+        self.primary_output = str(self.manifest.get("io", {}).get("primary_output", "logits"))
         self.labels = self.manifest.get("labels")  # type: Optional[List[str]]
         import onnxruntime as ort
 
@@ -161,7 +162,13 @@ class Model:
         shape = self.inputs[0][2]
         self.fixed_batch = shape[0] if isinstance(shape[0], int) else None
         self.fixed_len = shape[1] if len(shape) > 1 and isinstance(shape[1], int) else None
-        self.max_length = int(self.manifest.get("harness", {}).get("seq_len") or 512)
+        generation = self.manifest.get("generation") or {}
+        self.eos = set(int(i) for i in generation.get("eos_token_ids", []))
+        self.max_length = int(
+            generation.get("context_length")
+            or self.manifest.get("harness", {}).get("seq_len")
+            or 512
+        )
         if self.fixed_len:
             self.max_length = min(self.max_length, self.fixed_len)
         self.tokenizer, pad = _load_tokenizer(self.bundle, self.max_length)
@@ -290,12 +297,49 @@ class Model:
                 results[i] = tokens
         return results
 
+    def generate(self, prompt: str, max_new_tokens: int = 64) -> str:
+        """The greedy continuation of ``prompt`` (text-generation bundles), stopping at EOS."""
+        return "".join(self.stream(prompt, max_new_tokens))
+
+    def stream(self, prompt: str, max_new_tokens: int = 64) -> Iterator[str]:
+        """The same continuation as text pieces, each as soon as its token is decoded."""
+        ids, text = [], ""  # type: List[int], str
+        for token in self.generate_ids(self.tokenizer.encode(prompt).ids, max_new_tokens):
+            ids.append(token)
+            now = self.tokenizer.decode(ids)
+            if now.startswith(text):  # a piece may end inside a multi-byte character
+                yield now[len(text) :]
+                text = now
+
+    def generate_ids(self, prompt_ids: Sequence[int], max_new_tokens: int) -> Iterator[int]:
+        """Greedy token ids after ``prompt_ids``, with the KV cache; the EOS token ends it."""
+        self._need("generate")
+        if len(prompt_ids) + max_new_tokens > self.max_length:
+            raise BundleError(
+                "a prompt of {} tokens plus {} new ones is longer than the context ({})".format(
+                    len(prompt_ids), max_new_tokens, self.max_length
+                )
+            )
+        decode = _sibling("edgepack_decode")
+        return decode.greedy_stream(self.session, list(prompt_ids), max_new_tokens, self.eos)
+
     def search(self, query: str, lines: Sequence[str], top: int = 5) -> List[Dict]:
         """``lines`` ranked by cosine similarity to ``query``, best first."""
         vectors = self.embed([*lines, query], normalize=True)
         scores = vectors[:-1] @ vectors[-1]
         best = np.argsort(-scores, kind="stable")[: max(0, int(top))]
         return [{"line": int(i) + 1, "score": float(scores[i]), "text": lines[i]} for i in best]
+
+
+def _sibling(name: str) -> Any:
+    """A harness module shipped beside this file, imported without leaving bytecode behind."""
+    if str(HERE) not in sys.path:
+        sys.path.insert(0, str(HERE))
+    was, sys.dont_write_bytecode = sys.dont_write_bytecode, True
+    try:
+        return __import__(name)
+    finally:
+        sys.dont_write_bytecode = was
 
 
 def _as_list(texts: Any) -> List[str]:
@@ -352,6 +396,9 @@ def _parser() -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=what)
         cmd.add_argument("texts", nargs="*", help="texts (or --file)")
         cmd.add_argument("--file", help="read texts from this file, one per line")
+    generate = sub.add_parser("generate", help="greedy continuation of a prompt (decoders)")
+    generate.add_argument("prompt")
+    generate.add_argument("--max-new-tokens", type=int, default=64)
     search = sub.add_parser("search", help="rank the lines of a file by similarity to a query")
     search.add_argument("query")
     search.add_argument("--file", required=True, help="text file, one candidate per line")
@@ -371,6 +418,8 @@ def _run_command(args: argparse.Namespace) -> Any:
     model = Model(args.bundle, threads=args.threads)
     if args.command == "search":
         return model.search(args.query, _read_lines(args.file), args.top)
+    if args.command == "generate":
+        return {"prompt": args.prompt, "text": model.generate(args.prompt, args.max_new_tokens)}
     texts = list(args.texts) + (_read_lines(args.file) if args.file else [])
     if not texts:
         raise BundleError("give texts as arguments or --file")

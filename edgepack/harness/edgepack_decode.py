@@ -1,0 +1,52 @@
+"""Greedy decoding with the KV cache of an edgepack decoder bundle's ONNX graph.
+
+Shared by the bundle's harness (bench.py) and its app runtime (edgepack_runtime.py), so what the
+device checks is what an app runs. numpy and an onnxruntime session only; Python 3.8+.
+"""
+
+import numpy as np
+
+
+def empty_past(sess):
+    past = {}
+    for i in sess.get_inputs():
+        if i.name.startswith("past_key_values."):
+            dims = [d if isinstance(d, int) else 0 for d in i.shape]
+            dims[0] = 1
+            past[i.name] = np.zeros(dims, dtype=np.float32)
+    return past
+
+
+def step(sess, ids, past, start):
+    names = set(i.name for i in sess.get_inputs())
+    feeds = dict(past)
+    feeds["input_ids"] = np.asarray([ids], dtype=np.int64)
+    feeds["attention_mask"] = np.ones((1, start + len(ids)), dtype=np.int64)
+    if "position_ids" in names:
+        feeds["position_ids"] = np.arange(start, start + len(ids), dtype=np.int64)[None]
+    outputs = [o.name for o in sess.get_outputs()]
+    values = sess.run(outputs, {k: v for k, v in feeds.items() if k in names})
+    result = dict(zip(outputs, values))  # noqa: B905 (strict= needs 3.10; the harness runs on 3.8)
+    new_past = {}
+    for k, v in result.items():
+        if k.startswith("present."):
+            new_past["past_key_values." + k[len("present.") :]] = v
+    return result["logits"][0], new_past
+
+
+def greedy_stream(sess, prompt, n, eos):
+    """Yield up to ``n`` greedy tokens after ``prompt``; an end-of-sequence token is the last."""
+    logits, past = step(sess, list(prompt), empty_past(sess), 0)
+    pos, count = len(prompt), 0
+    while count < n:
+        token = int(np.argmax(logits[-1]))
+        count += 1
+        yield token
+        if token in eos or count == n:
+            return
+        logits, past = step(sess, [token], past, pos)
+        pos += 1
+
+
+def greedy(sess, prompt, n, eos):
+    return list(greedy_stream(sess, prompt, n, eos))
