@@ -171,3 +171,31 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def texts_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_texts(tmp_path_factory.mktemp("texts") / "calib.txt", 80)
+
+
+def export_tiny_bert(folder: Path, vocab: int) -> Path:
+    """A random 2-layer BERT exported by optimum without post-processing: the graph the int8
+    recipe's unit tests quantize."""
+    import torch
+    import transformers
+    from optimum.exporters.onnx import main_export
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        vocab_size=vocab,
+        max_position_embeddings=64,
+    )
+    transformers.BertModel(cfg).eval().save_pretrained(folder / "src")
+    main_export(
+        str(folder / "src"),
+        output=str(folder / "onnx"),
+        task="feature-extraction",
+        library_name="transformers",
+        no_post_process=True,
+        do_validation=False,
+    )
+    return folder / "onnx" / "model.onnx"

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import export_tiny_bert
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -22,31 +23,7 @@ SEQ = 16
 
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    main_export = pytest.importorskip("optimum.exporters.onnx").main_export
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
-    )
-    model = transformers.BertModel(cfg).eval()
-    src = tmp_path_factory.mktemp("tiny_src")
-    model.save_pretrained(src)
-    out = tmp_path_factory.mktemp("tiny_onnx")
-    main_export(
-        str(src),
-        output=str(out),
-        task="feature-extraction",
-        library_name="transformers",
-        no_post_process=True,
-        do_validation=False,
-    )
-    return out / "model.onnx"
+    return export_tiny_bert(tmp_path_factory.mktemp("tiny"), VOCAB)
 
 
 def _batches(n: int, seed: int):

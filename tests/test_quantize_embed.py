@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import export_tiny_bert
 
 from edgepack.quantize import QuantSettings
 from edgepack.quantize.embed import (
@@ -21,30 +22,7 @@ VOCAB, SEQ, HIDDEN = 120, 16, 32
 
 @pytest.fixture(scope="module")
 def tiny_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    main_export = pytest.importorskip("optimum.exporters.onnx").main_export
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(
-        hidden_size=HIDDEN,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
-    )
-    src = tmp_path_factory.mktemp("emb_src")
-    transformers.BertModel(cfg).eval().save_pretrained(src)
-    out = tmp_path_factory.mktemp("emb_onnx")
-    main_export(
-        str(src),
-        output=str(out),
-        task="feature-extraction",
-        library_name="transformers",
-        no_post_process=True,
-        do_validation=False,
-    )
-    return out / "model.onnx"
+    return export_tiny_bert(tmp_path_factory.mktemp("emb"), VOCAB)
 
 
 def _feeds(n: int, seed: int) -> list[dict[str, np.ndarray]]:
