@@ -7,6 +7,8 @@ streams with a KV cache, quantization is weight-only, fidelity is perplexity and
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -16,17 +18,18 @@ from edgepack.cache import cached
 from edgepack.calibration import read_texts
 from edgepack.config import BuildConfig
 from edgepack.errors import UserError
-from edgepack.families.decoder_fidelity import greedy_prefix, perplexity_and_top1
+from edgepack.families.decoder_fidelity import WINDOW, greedy_prefix, perplexity_and_top1
 from edgepack.families.generate import greedy
 from edgepack.profiles import TargetProfile, resolve_targets
 from edgepack.progress import Progress
 from edgepack.quantize import WeightOnlySettings, quantize_weights
 
 PRECISIONS = ("int4", "int8", "fp32")
+LADDER = ("int4", "int8")  # what the accuracy search widens to when perplexity rises too far
+CALIBRATION_TOKENS = 4096  # for the weight-only scale search: the activations' mean squares
 PROMPTS = 4  # reference prompts: the first held-out texts, cut to PROMPT_TOKENS
 PROMPT_TOKENS = 32
 NEW_TOKENS = 32
-MAX_CONTEXT = 2048  # the KV cache the harness sizes: SmolLM2 declares 8192, far past edge needs
 # Allowed relative perplexity increase when --max-drop keeps the encoders' default (0.005, a
 # cosine drop): int4 RTN costs SmolLM2-135M ~32 % (30.5 -> 40.3) on samples/heldout.txt.
 DEFAULT_MAX_INCREASE = 0.5
@@ -35,6 +38,14 @@ DEVICE_MIN_PREFIX = 8  # greedy tokens a device must reproduce before int4 round
 
 def _tolerance(config: BuildConfig) -> float:
     return DEFAULT_MAX_INCREASE if config.max_drop == BuildConfig().max_drop else config.max_drop
+
+
+def _calibration_ids(config: BuildConfig, tokenizer: Any) -> list[int]:
+    """Calibration text as one token stream; none when the build names no calibration file."""
+    if not config.calibration:
+        return []
+    texts = read_texts(config.calibration, config.text_field).texts
+    return tokenizer("\n".join(texts), add_special_tokens=False)["input_ids"][:CALIBRATION_TOKENS]
 
 
 def _prompts(tokenizer: Any, texts: tuple[str, ...], context: int) -> list[list[int]]:
@@ -49,13 +60,21 @@ def _prompts(tokenizer: Any, texts: tuple[str, ...], context: int) -> list[list[
     return prompts
 
 
-def _quantized(fp32: OnnxModel, precision: str) -> OnnxModel:
-    """The weight-only copy behind the cache (one per precision and export)."""
+def _quantized(fp32: OnnxModel, precision: str, calibration: list[int], window: int) -> OnnxModel:
+    """The weight-only copy behind the cache (one per precision, export and calibration text)."""
+    from edgepack.quantize import activation_power
+
     settings = WeightOnlySettings(bits=4 if precision == "int4" else 8)
+    key = {
+        **settings.record(),
+        "calibration": hashlib.sha256(json.dumps(calibration).encode()).hexdigest(),
+    }
 
     def make(out: Path) -> OnnxModel:
         path = out / "model.onnx"
-        record = quantize_weights(fp32.path, path, settings)
+        importance = activation_power(fp32.path, calibration, window) if calibration else None
+        record = quantize_weights(fp32.path, path, settings, importance)
+        record["calibration_tokens"] = len(calibration)
         return OnnxModel(
             **{
                 **fp32.__dict__,
@@ -66,7 +85,47 @@ def _quantized(fp32: OnnxModel, precision: str) -> OnnxModel:
             }
         )
 
-    return cached("weight-only", settings.record(), fp32.digest, OnnxModel, make)[0]
+    return cached("weight-only", key, fp32.digest, OnnxModel, make)[0]
+
+
+def _choose(
+    config: BuildConfig,
+    fp32: OnnxModel,
+    calibration: list[int],
+    heldout: list[int],
+    context: int,
+    progress: Progress,
+) -> tuple[OnnxModel, dict[str, Any]]:
+    """The accuracy search for decoders: the requested precision, else the next wider one, until
+    held-out perplexity is within ``--max-drop`` (a relative increase) of fp32's."""
+    from edgepack.evaluate import session
+
+    precision = config.precision or "int4"
+    window = min(WINDOW, context)
+    ref, tried = session(fp32.path), []
+    for step in LADDER[LADDER.index(precision) :] if precision in LADDER else (precision,):
+        if step == "fp32":
+            candidate = fp32
+        else:
+            with progress.stage("quantize", f"{step} weight-only, blocks of 32"):
+                candidate = _quantized(fp32, step, calibration, window)
+        with progress.stage("fidelity", f"perplexity on {len(heldout)} held-out tokens"):
+            fid = perplexity_and_top1(ref, session(candidate.path), heldout, window)
+        increase = fid["perplexity"] / fid["perplexity_fp32"] - 1.0
+        fid.update(relative_perplexity_increase=increase, max_increase=_tolerance(config))
+        tried.append({"precision": step, "perplexity": fid["perplexity"], "increase": increase})
+        progress.note(
+            f"{step}: perplexity {fid['perplexity']:.2f} vs fp32 {fid['perplexity_fp32']:.2f} "
+            f"({increase:+.1%}), top-1 agreement {fid['top1_agreement']:.3f}"
+        )
+        if increase <= _tolerance(config):
+            return candidate, {**fid, "tried": tried}
+    raise UserError(
+        f"no weight-only precision keeps perplexity within --max-drop {_tolerance(config)} of "
+        f"fp32's ("
+        + ", ".join(f"{t['precision']} {t['increase']:+.1%}" for t in tried)
+        + "); raise --max-drop or use --precision fp32."
+    )
 
 
 def build_decoder(
@@ -90,12 +149,14 @@ def build_decoder(
     heldout = read_texts(config.heldout or config.calibration, config.text_field)
     with progress.stage("export", model.source):
         fp32, _ = export_decoder_cached(model)
-    context = min(fp32.records["context_length"], model.max_length, MAX_CONTEXT)
+    context = min(fp32.records["context_length"], model.max_length)
     prompts = _prompts(tokenizer, heldout.texts, context)
     with progress.stage("validate", f"greedy {NEW_TOKENS} tokens x {len(prompts)} vs PyTorch"):
         validation = validate_generation(fp32, model, prompts, NEW_TOKENS)
-    candidate = fp32 if precision == "fp32" else _quantized(fp32, precision)
-    fid, reference = _measure(config, fp32, candidate, tokenizer, heldout.texts, prompts, progress)
+    ids = tokenizer("\n".join(heldout.texts), add_special_tokens=False)["input_ids"]
+    calibration = _calibration_ids(config, tokenizer)
+    candidate, fid = _choose(config, fp32, calibration, ids, context, progress)
+    fid, reference = _measure(fp32, candidate, fid, prompts)
     results = []
     for profile in profiles:
         manifest = _manifest(config, model, fp32, candidate, profile, fid, validation, context)
@@ -115,35 +176,15 @@ def build_decoder(
 
 
 def _measure(
-    config: BuildConfig,
-    fp32: OnnxModel,
-    candidate: OnnxModel,
-    tokenizer: Any,
-    texts: tuple[str, ...],
-    prompts: list[list[int]],
-    progress: Progress,
+    fp32: OnnxModel, candidate: OnnxModel, fid: dict[str, Any], prompts: list[list[int]]
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Fidelity to fp32 (gated by the perplexity tolerance) and the bundle's reference data."""
+    """How long greedy continuations stay on fp32's path, and the bundle's reference data."""
     from edgepack.evaluate import session
 
     eos = fp32.records["eos_token_ids"]
     ref, cand = session(fp32.path), session(candidate.path)
-    with progress.stage("fidelity", f"perplexity on {len(texts)} held-out texts"):
-        ids = tokenizer("\n".join(texts), add_special_tokens=False)["input_ids"]
-        fid = perplexity_and_top1(ref, cand, ids)
-        fp32_out = [greedy(ref, p, NEW_TOKENS, eos)[0] for p in prompts]
-        fid.update(greedy_prefix(cand, prompts, fp32_out, eos))
-    increase = fid["perplexity"] / fid["perplexity_fp32"] - 1.0
-    fid.update(relative_perplexity_increase=increase, max_increase=_tolerance(config))
-    progress.note(
-        f"{candidate.precision}: perplexity {fid['perplexity']:.2f} vs fp32 "
-        f"{fid['perplexity_fp32']:.2f} ({increase:+.1%}), top-1 agreement {fid['top1_agreement']:.3f}"
-    )
-    if increase > _tolerance(config):
-        raise UserError(
-            f"{candidate.precision} perplexity is {increase:.1%} above fp32's, past --max-drop "
-            f"{_tolerance(config)}; raise --max-drop or use --precision int8/fp32."
-        )
+    fp32_out = [greedy(ref, p, NEW_TOKENS, eos)[0] for p in prompts]
+    fid = {**fid, **greedy_prefix(cand, prompts, fp32_out, eos)}
     shipped = [greedy(cand, p, NEW_TOKENS, eos)[0] for p in prompts]
     reference = {
         "prompts": [

@@ -17,7 +17,8 @@ from edgepack.families import encoder
 from edgepack.metrics import cosine_rows
 
 
-def session(path: Path, threads: int = 1) -> Any:
+def session(path: Path | bytes, threads: int = 1) -> Any:
+    """A CPU session on a file, or on a serialized model (graphs edited in memory)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -26,7 +27,8 @@ def session(path: Path, threads: int = 1) -> Any:
     options.log_severity_level = 3
     # Spinning threads fight over a shared host's cores and skew side-by-side ratios.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    model = path if isinstance(path, bytes) else str(path)
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
 def onnx_runner(path: Path, threads: int = 1) -> Callable[[dict[str, np.ndarray]], np.ndarray]:

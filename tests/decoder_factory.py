@@ -10,7 +10,7 @@ KINDS = ("llama", "qwen2", "gpt2")
 
 
 def make_tiny_decoder(folder: Path, kind: str = "llama", seed: int = 0, head: str = "lm") -> Path:
-    """Two layers, width 32, grouped-query attention where the architecture has it; ~100 tokens."""
+    """Two layers, width 64 (GPT-2: 32), grouped-query attention where the architecture has it; ~100 tokens."""
     import torch
     import transformers
 
@@ -25,8 +25,8 @@ def make_tiny_decoder(folder: Path, kind: str = "llama", seed: int = 0, head: st
         cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[kind]
         config = cls(
             vocab_size=vocab,
-            hidden_size=32,
-            intermediate_size=64,
+            hidden_size=64,  # head size 16: the smallest GroupQueryAttention takes
+            intermediate_size=128,
             num_hidden_layers=2,
             num_attention_heads=4,
             num_key_value_heads=2,
@@ -43,10 +43,11 @@ def make_tiny_decoder(folder: Path, kind: str = "llama", seed: int = 0, head: st
         model = transformers.AutoModelForCausalLM.from_config(config)
     # Random weights at the default 0.02 scale give near-uniform logits, where greedy ties make
     # fp32 kernels disagree by chance; a wider init gives decided argmaxes like a trained model.
+    std = 0.3 if kind == "gpt2" else 0.2  # the same spread of logits at twice the width
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
-                p.normal_(0, 0.3)
+                p.normal_(0, std)
     model.save_pretrained(folder, safe_serialization=True)
     return folder
 

@@ -94,6 +94,27 @@ def test_export_matches_pytorch_greedy(tiny_decoder: Path, tmp_path: Path) -> No
     assert record["max_abs_logit_diff_vs_pytorch"] < 1e-3
 
 
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])
+def test_llama_family_graphs_are_fused(tmp_path: Path, kind: str) -> None:
+    """Llama and Qwen2 are written as fused layers (one GroupQueryAttention per layer, RMSNorm with
+    the residual add); GPT-2 is traced, and the record says why."""
+    import onnx
+
+    from edgepack.export.decoder import export_decoder
+
+    model = load_model(str(make_tiny_decoder(tmp_path / "m", kind)))
+    exported = export_decoder(model, tmp_path / "x")
+    ops = [n.op_type for n in onnx.load(str(exported.path)).graph.node]
+    if kind == "gpt2":
+        assert "GroupQueryAttention" not in ops
+        assert exported.records["graph"].startswith("traced by optimum (model type 'gpt2'")
+    else:
+        assert exported.records["graph"] == "fused"
+        assert ops.count("GroupQueryAttention") == 2
+        assert ops.count("SkipSimplifiedLayerNormalization") == 4  # 3 between, 1 final
+        assert ops.count("MatMul") == 9 and "Softmax" not in ops
+
+
 def test_validation_reports_every_mismatch(tmp_path: Path) -> None:
     """The export of one model judged against another: both prompts' mismatches in one message."""
     from edgepack.export import validate_generation

@@ -21,8 +21,10 @@ from edgepack.cache import cached
 from edgepack.errors import UserError, exporter_errors
 from edgepack.evaluate import session
 from edgepack.export.convert import collect_export
+from edgepack.export.decoder_graph import GRAPH_VERSION, fusable, write_fused
 from edgepack.families import decoder
 from edgepack.families.generate import greedy
+from edgepack.folders import copy_tokenizer_files
 
 NEW_TOKENS = 32
 # First-step logits, ONNX vs PyTorch in fp32: SmolLM2's logits span ~±30 and differ by ~1e-4 from
@@ -41,11 +43,9 @@ def eos_ids(folder: Path) -> list[int]:
     return []
 
 
-def export_decoder(model: HFModel, out_dir: Path, opset: int | None = None) -> OnnxModel:
-    """Export with optimum; the generation check is a separate step (``validate_generation``)."""
+def _trace(model: HFModel, staging: Path, opset: int | None) -> None:
     from optimum.exporters.onnx import main_export
 
-    staging = out_dir / "optimum"
     with exporter_errors(f"could not export {model.source}"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         main_export(
@@ -57,17 +57,33 @@ def export_decoder(model: HFModel, out_dir: Path, opset: int | None = None) -> O
             local_files_only=True,
             trust_remote_code=False,
         )
+
+
+def export_decoder(model: HFModel, out_dir: Path, opset: int | None = None) -> OnnxModel:
+    """Llama-family checkpoints get the fused graph written from their weights; the rest are
+    traced by optimum. The generation check is a separate step (``validate_generation``)."""
     config = json.loads((model.path / "config.json").read_text(encoding="utf-8"))
+    context = min(decoder.context_length(config), decoder.MAX_CONTEXT)
+    staging = out_dir / "staging"
+    why_not = fusable(config, context)
+    if why_not is None:
+        staging.mkdir(parents=True)
+        with exporter_errors(f"could not export {model.source}"):
+            write_fused(model.path, staging / "model.onnx", context)
+        copy_tokenizer_files(model.path, staging)
+    else:
+        _trace(model, staging, opset)
     records = {
         "source_model": model.source,
         "eos_token_ids": eos_ids(model.path),
-        "context_length": decoder.context_length(config),
+        "context_length": context,
+        "graph": "fused" if why_not is None else f"traced by optimum ({why_not} is not fused)",
     }
     return collect_export(model, staging, out_dir, "logits", records, only_primary=False)
 
 
 def export_decoder_cached(model: HFModel) -> tuple[OnnxModel, bool]:
-    settings = {"edgepack": __version__, "task": decoder.EXPORT_TASK}
+    settings = {"edgepack": __version__, "task": decoder.EXPORT_TASK, "graph": GRAPH_VERSION}
     return cached("export", settings, model.digest, OnnxModel, lambda o: export_decoder(model, o))
 
 

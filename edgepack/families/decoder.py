@@ -24,6 +24,9 @@ PRIMARY_OUTPUT = {"text-generation": "logits"}
 EXPORT_TASK = "text-generation-with-past"
 PAST_PREFIX = "past_key_values."
 PRESENT_PREFIX = "present."
+# The longest context a bundle serves (KV cache and rotary tables are sized to it): SmolLM2
+# declares 8192, far past what edge devices hold.
+MAX_CONTEXT = 2048
 # Architecture suffixes of a checkpoint saved with a language-model head.
 _LM_HEADS = ("ForCausalLM", "LMHeadModel")
 

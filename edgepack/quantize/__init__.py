@@ -1,8 +1,15 @@
 """Static int8 quantization of the exported graph, inside an accuracy-aware search, behind the cache;
 weight-only int4/int8 for decoders."""
 
+from edgepack.quantize.importance import activation_power
 from edgepack.quantize.settings import QuantSettings
 from edgepack.quantize.stage import quantize_stage
 from edgepack.quantize.weight_only import WeightOnlySettings, quantize_weights
 
-__all__ = ["QuantSettings", "WeightOnlySettings", "quantize_stage", "quantize_weights"]
+__all__ = [
+    "QuantSettings",
+    "WeightOnlySettings",
+    "activation_power",
+    "quantize_stage",
+    "quantize_weights",
+]

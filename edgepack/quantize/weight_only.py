@@ -1,34 +1,40 @@
 """Weight-only quantization of an exported decoder: int4 (or int8) blocks, fp32 activations.
 
 Decoders run one token at a time, so they are bound by reading weights, not by arithmetic: storing
-the weights in 4 bits (onnxruntime's MatMulNBits, block 32) is what speeds them up. The tied
-embedding/lm_head is exported as a runtime Transpose of the embedding, which quantizers skip; it is
-untied here into its own initializer and both copies are quantized (the embedding as
-GatherBlockQuantized). On SmolLM2-135M that took decode from 41 to 71 tok/s and the file from 181
-to 103 MB (shared/notes, 1 thread, AVX512-VNNI). Only MatMul weights are quantized: GPT-2's
-Conv1D layers export as Gemm and stay fp32 (its lm_head and embedding are quantized).
+the weights in 4 bits (onnxruntime's MatMulNBits, block 32) is what speeds them up. Every MatMul
+that reads a 2-D initializer becomes one MatMulNBits; the token embedding becomes a
+GatherBlockQuantized. When the embedding and the lm_head are one tied matrix (SmolLM2, Llama 3.2,
+Qwen2.5), the embedding gathers from the lm_head's quantized bytes, so the vocabulary is stored
+once: on SmolLM2-135M that is 17.7 MB, a fifth of the int4 file. A traced export spells the tied
+head as a Transpose of the embedding, which is first given its own initializer so it is quantized
+too (untying it took decode from 41 to 71 tok/s on SmolLM2). GPT-2's Conv1D layers export as Gemm
+and stay fp32.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from edgepack.errors import UserError
+from edgepack.quantize.blockwise import SEARCH, pack, quantize_rows
 
 UNTIED = "lm_head.untied_weight"
+MS = "com.microsoft"
 
 
 @dataclass(frozen=True)
 class WeightOnlySettings:
     bits: int = 4  # 4 or 8
     block_size: int = 32  # one scale per 32 weights along the input axis
-    symmetric: bool = True  # no zero points: smaller, and what onnxruntime's fast kernels expect
     # MatMulNBits compute type: 4 = int8 activations on CPU (VNNI/dot-product kernels); 0 = fp32.
     # Level 4 decoded 25 vs 21 tok/s on SmolLM2 with a small perplexity cost, recorded per build.
     accuracy_level: int = 4
+    # "search": per-block scale search weighted by calibration activations; "rtn": max|w| / 7.
+    method: str = "search"
     untie_lm_head: bool = True
     quantize_embedding: bool = True
 
@@ -43,6 +49,8 @@ def check_settings(settings: WeightOnlySettings) -> None:
         raise UserError(f"block size must be a power of two >= 16, got {settings.block_size}.")
     if settings.accuracy_level not in (0, 1, 2, 3, 4):
         raise UserError(f"accuracy level must be 0-4, got {settings.accuracy_level}.")
+    if settings.method not in ("search", "rtn"):
+        raise UserError(f"weight-only method must be 'search' or 'rtn', got {settings.method!r}.")
 
 
 def untie_lm_head(model: Any) -> str | None:
@@ -68,66 +76,178 @@ def untie_lm_head(model: Any) -> str | None:
     return embedding
 
 
-def _token_embedding(model: Any, untied_from: str | None) -> str | None:
-    """The embedding Gather's name: the tied one, else the one reading ``input_ids`` directly."""
-    inits = {i.name for i in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type != "Gather" or node.input[0] not in inits:
+class _Rewrite:
+    """The graph being rewritten: its fp32 initializers, and what replaces them."""
+
+    def __init__(self, model: Any, settings: WeightOnlySettings) -> None:
+        from onnx import numpy_helper
+
+        self.model, self.settings = model, settings
+        self.arrays = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+        self.added: list[Any] = []
+        self.quantized: dict[str, tuple[str, str]] = {}  # fp32 weight -> (bytes, scales)
+
+    def add(self, name: str, array: np.ndarray) -> str:
+        from onnx import numpy_helper
+
+        self.added.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def quantize(
+        self, name: str, rows: np.ndarray, importance: np.ndarray | None, flat: bool = False
+    ) -> tuple[str, str]:
+        """Adds the packed bytes ([rows, blocks, blob], or [rows, bytes] when ``flat``) and scales."""
+        s = self.settings
+        search = SEARCH if s.method == "search" else (1.0,)
+        codes, scales = quantize_rows(rows, s.bits, s.block_size, importance, search)
+        packed = pack(codes, s.bits)
+        data = self.add(f"{name}_Q{s.bits}", packed.reshape(len(rows), -1) if flat else packed)
+        return data, self.add(f"{name}_scales", scales)
+
+
+def _matmuls(rw: _Rewrite, importance: dict[str, np.ndarray]) -> None:
+    from onnx import helper
+
+    s = rw.settings
+    for index, node in enumerate(rw.model.graph.node):
+        weight = rw.arrays.get(node.input[1]) if node.op_type == "MatMul" else None
+        if weight is None or weight.ndim != 2 or weight.dtype != np.float32:
             continue
-        if node.input[0] == untied_from or node.input[1] == "input_ids":
-            return node.name
+        k, n = weight.shape
+        data, scales = rw.quantize(node.input[1], weight.T, importance.get(node.input[0]))
+        rw.quantized[node.input[1]] = (data, scales)
+        rw.model.graph.node[index].CopyFrom(
+            helper.make_node(
+                "MatMulNBits",
+                [node.input[0], data, scales],
+                list(node.output),
+                name=node.name or f"/MatMulNBits_{index}",
+                domain=MS,
+                K=k,
+                N=n,
+                bits=s.bits,
+                block_size=s.block_size,
+                accuracy_level=s.accuracy_level,
+            )
+        )
+
+
+def _tied_head(rw: _Rewrite, table: np.ndarray) -> str | None:
+    """The quantized MatMul weight that is this embedding table transposed, if any."""
+    for name in rw.quantized:
+        weight = rw.arrays[name]
+        if weight.shape == table.T.shape and np.array_equal(weight.T, table):
+            return name
     return None
 
 
-def quantize_weights(src: Path, dst: Path, settings: WeightOnlySettings) -> dict[str, Any]:
-    """Write the weight-only quantized copy of ``src`` to ``dst``; returns what was done."""
-    import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import (
-        DefaultWeightOnlyQuantConfig,
-        MatMulNBitsQuantizer,
+def _shared_gather(rw: _Rewrite, node: Any, head: str, table: np.ndarray, attrs: dict) -> list[Any]:
+    """Gather rows straight from the head's MatMulNBits bytes [vocab, blocks, blob]: the scales
+    need a trailing axis there, and the gathered blocks are flattened back to rows."""
+    from onnx import helper
+
+    data, scales = rw.quantized[head]
+    blocks = table.shape[1] // rw.settings.block_size
+    shape3 = rw.add(f"{node.input[0]}_scale_shape", np.array([table.shape[0], blocks, 1]))
+    width = rw.add(f"{node.input[0]}_width", np.array([table.shape[1]]))
+    scales3, gathered = f"{scales}_3d", f"{node.output[0]}_blocks"
+    shape, ids = f"{gathered}_shape", node.input[1]
+    return [
+        helper.make_node("Reshape", [scales, shape3], [scales3], name=scales3),
+        helper.make_node("Shape", [ids], [shape + "_ids"], name=shape + "_ids"),
+        helper.make_node("Concat", [shape + "_ids", width], [shape], name=shape, axis=0),
+        helper.make_node(
+            "GatherBlockQuantized",
+            [data, ids, scales3],
+            [gathered],
+            name=gathered,
+            quantize_axis=2,
+            **attrs,
+        ),
+        helper.make_node("Reshape", [gathered, shape], list(node.output), name=node.output[0]),
+    ]
+
+
+def _embedding(rw: _Rewrite, tied: str | None) -> dict[str, Any]:
+    """Replace the token-embedding Gather (the one reading ``input_ids``, or the table an untied
+    head came from); shares the lm_head's bytes when the two are tied."""
+    from onnx import helper
+
+    s, graph = rw.settings, rw.model.graph
+    index = next(
+        (
+            i
+            for i, n in enumerate(graph.node)
+            if n.op_type == "Gather"
+            and n.input[0] in rw.arrays
+            and (n.input[1] == "input_ids" or n.input[0] == tied)
+        ),
+        None,
     )
+    if index is None or rw.arrays[graph.node[index].input[0]].shape[1] % s.block_size:
+        # (padded blocks would widen the gathered rows)
+        return {"embedding": None, "shared_with_lm_head": None}
+    node = graph.node[index]
+    table = rw.arrays[node.input[0]]
+    head = _tied_head(rw, table)
+    attrs = {"domain": MS, "bits": s.bits, "block_size": s.block_size, "gather_axis": 0}
+    if head is not None:
+        nodes = _shared_gather(rw, node, head, table, attrs)
+    else:
+        data, scales = rw.quantize(node.input[0], table, None, flat=True)
+        inputs = [data, node.input[1], scales]
+        name = node.name or "/embedding"
+        nodes = [
+            helper.make_node(
+                "GatherBlockQuantized",
+                inputs,
+                list(node.output),
+                name=name,
+                quantize_axis=1,
+                **attrs,
+            )
+        ]
+    del graph.node[index]
+    for offset, new in enumerate(nodes):
+        graph.node.insert(index + offset, new)
+    return {"embedding": node.input[0], "shared_with_lm_head": head}
+
+
+def quantize_weights(
+    src: Path,
+    dst: Path,
+    settings: WeightOnlySettings,
+    importance: dict[str, np.ndarray] | None = None,
+) -> dict[str, Any]:
+    """Write the weight-only quantized copy of ``src`` to ``dst``; returns what was done.
+
+    ``importance`` maps a MatMul's activation input to its mean square per channel (from
+    calibration); without it every channel counts the same."""
+    import onnx
 
     check_settings(settings)
     model = onnx.load(str(src))
     tied = untie_lm_head(model) if settings.untie_lm_head else None
-    # onnxruntime's GatherBlockQuantized takes 4-bit blocks only: an int8 build keeps it in fp32.
-    embed = settings.quantize_embedding and settings.bits == 4
-    gather = _token_embedding(model, tied) if embed else None
-    op_types = ("MatMul", "Gather") if gather else ("MatMul",)
-    excluded = [
-        n.name for n in model.graph.node if n.op_type == "Gather" and gather and n.name != gather
-    ]
-    config = DefaultWeightOnlyQuantConfig(
-        block_size=settings.block_size,
-        is_symmetric=settings.symmetric,
-        accuracy_level=settings.accuracy_level,
-        op_types_to_quantize=op_types,
-        quant_axes=(("MatMul", 0), ("Gather", 1)),
-        bits=settings.bits,
+    rw = _Rewrite(model, settings)
+    _matmuls(rw, importance or {})
+    embedding = (
+        _embedding(rw, tied)
+        if settings.quantize_embedding
+        else {"embedding": None, "shared_with_lm_head": None}
     )
-    quantizer = MatMulNBitsQuantizer(
-        model,
-        bits=settings.bits,
-        block_size=settings.block_size,
-        is_symmetric=settings.symmetric,
-        accuracy_level=settings.accuracy_level,
-        nodes_to_exclude=excluded,
-        op_types_to_quantize=op_types,
-        quant_axes=(("MatMul", 0), ("Gather", 1)),
-        algo_config=config,
-    )
-    logger = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
-    level = logger.level
-    logger.setLevel(logging.ERROR)  # it logs every node it skips, and opset upgrades it makes
-    try:
-        quantizer.process()
-    finally:
-        logger.setLevel(level)
-    quantizer.model.save_model_to_file(str(dst), use_external_data_format=False)
-    nodes = quantizer.model.model.graph.node
+    used = {name for n in model.graph.node for name in n.input}
+    kept = [i for i in model.graph.initializer if i.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept + [i for i in rw.added if i.name in used])
+    if not any(o.domain == MS for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid(MS, 1))
+    onnx.save(model, str(dst))
+    nodes = model.graph.node
     return {
         **settings.record(),
         "untied_from": tied,
+        "calibrated": bool(importance),
+        **embedding,
         "matmul_nbits": sum(n.op_type == "MatMulNBits" for n in nodes),
         "gather_block_quantized": sum(n.op_type == "GatherBlockQuantized" for n in nodes),
         "matmul_left_float": sum(n.op_type == "MatMul" for n in nodes),
