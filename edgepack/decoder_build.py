@@ -221,6 +221,7 @@ def _manifest(
             "bytes": candidate.path.stat().st_size,
             "precision": candidate.precision,
             "fp32_bytes": fp32.path.stat().st_size,
+            "graph": fp32.records.get("graph", "traced by optimum"),
         },
         "generation": {
             "context_length": context,

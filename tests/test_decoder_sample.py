@@ -35,10 +35,15 @@ def test_sample_llm_build_and_device_check(tmp_path: Path) -> None:
     folder = out / "SmolLM2-135M-Instruct-arm64"
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["export_validation"]["max_abs_logit_diff_vs_pytorch"] < 1e-2
-    assert manifest["model"]["bytes"] < 120e6 < manifest["model"]["fp32_bytes"]
+    # Fused graph, vocabulary stored once: 84.8 MB, under onnxruntime-genai's int4 (86.5 MB).
+    assert manifest["model"]["bytes"] < 86e6 and manifest["model"]["fp32_bytes"] > 500e6
+    assert manifest["model"]["graph"] == "fused"
+    assert manifest["quantization"]["shared_with_lm_head"] == "lm_head.weight"
+    assert manifest["quantization"]["calibrated"]
     fid = manifest["fidelity"]
-    assert 25 < fid["perplexity_fp32"] < 40 and fid["relative_perplexity_increase"] < 0.5
-    assert fid["top1_agreement"] > 0.6
+    # int4 with the searched scales: 38.4 against fp32's 30.5 (round-to-nearest: 44.2).
+    assert 25 < fid["perplexity_fp32"] < 40 and fid["relative_perplexity_increase"] < 0.3
+    assert fid["top1_agreement"] > 0.65
     run = subprocess.run(
         [sys.executable, str(folder / "bench.py"), "--new-tokens", "16"],
         capture_output=True, text=True, timeout=600,
