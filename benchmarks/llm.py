@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from benchmarks.llm_build import (
     default_workdir,
     edgepack_bundle,
     genai_int4,
+    genai_venv_note,
     optimum_fp32,
     resolve_model,
     sample_folder,
@@ -95,6 +97,7 @@ class RunInfo:
     rounds: int
     prompt_tokens: int
     new_tokens: int
+    notes: tuple[str, ...] = ()  # more bullet lines under the table
 
 
 def render(rows: list[LlmRow], info: RunInfo, command: str, seconds: float) -> str:
@@ -126,6 +129,7 @@ def render(rows: list[LlmRow], info: RunInfo, command: str, seconds: float) -> s
             "- Size: the .onnx file plus the external-data files it names (MB = 10^6 bytes).",
             "- Peak RSS: a fresh Python process per variant that loads the graph, scores one "
             "256-token window and generates; interpreter and onnxruntime included.",
+            *(f"- {note}" for note in info.notes),
             "",
         ]
     )
@@ -160,7 +164,7 @@ def _variants(
             path = genai_int4(folder, workdir)
             note = "onnxruntime-genai 0.18.0 builder, -p int4 -e cpu, accuracy_level=4"
             variants.append(LlmVariant("genai", "genai int4", path, note))
-        except (RuntimeError, OSError) as exc:
+        except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
             variants.append(LlmVariant("genai", "genai int4", None, f"not built: {exc}"))
     return variants
 
@@ -217,6 +221,7 @@ def main(
         rounds=rounds,
         prompt_tokens=len(prompt),
         new_tokens=new_tokens,
+        notes=tuple(n for n in [genai_venv_note(workdir)] if n and "genai" not in skip),
     )
     markdown = render(rows, info, command, time.perf_counter() - started)
     out = out or REPO / "benchmarks" / "results-llm.md"

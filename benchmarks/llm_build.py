@@ -106,6 +106,12 @@ def genai_pins() -> list[str]:
     ]
 
 
+def _clean_env() -> dict[str, str]:
+    """The environment minus PYTHONPATH: the builder's venv must not see this venv's packages
+    (pip would also judge edgepack's own pins against transformers 5)."""
+    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+
 def genai_venv(root: Path) -> Path:
     """The builder venv's python, made once (about a minute from the local wheel cache)."""
     venv, pins = root / "genai-venv", genai_pins()
@@ -116,13 +122,15 @@ def genai_venv(root: Path) -> Path:
     start = time.perf_counter()
     print(f"[bench-llm] creating {venv} ({' '.join(pins)})", file=sys.stderr)
     base = getattr(sys, "_base_executable", sys.executable)
-    subprocess.run([base, "-m", "venv", "--clear", str(venv)], check=True)
-    subprocess.run([str(python), "-m", "pip", "install", "-q", *pins], check=True)
+    subprocess.run([base, "-m", "venv", "--clear", str(venv)], check=True, env=_clean_env())
+    pip = [str(python), "-m", "pip", "install", "-q", *pins]
+    subprocess.run(pip, check=True, env=_clean_env())
     torch = subprocess.run(
         [str(python), "-c", "import torch; print(torch.__version__)"],
         capture_output=True,
         text=True,
         check=True,
+        env=_clean_env(),
     ).stdout.strip()
     if not torch.startswith("2.13.0") or "cu" in torch.split("+")[-1]:
         raise RuntimeError(f"{venv} got torch {torch}, not the pinned CPU 2.13.0")
@@ -130,6 +138,18 @@ def genai_venv(root: Path) -> Path:
     marker.write_text(json.dumps({"pins": pins, "torch": torch, "setup_seconds": seconds}))
     print(f"[bench-llm] genai venv ready in {seconds:.0f} s", file=sys.stderr)
     return python
+
+
+def genai_venv_note(root: Path) -> str | None:
+    """How the builder's venv was made, for the results file; None before it exists."""
+    marker = root / "genai-venv" / "edgepack-bench.json"
+    if not marker.is_file():
+        return None
+    made = json.loads(marker.read_text())
+    return (
+        f"onnxruntime-genai's builder ran in its own venv ({', '.join(made['pins'])}; torch "
+        f"{made['torch']}), made once in {made['setup_seconds']:.0f} s and reused."
+    )
 
 
 def genai_int4(folder: Path, workdir: Path) -> Path:
@@ -144,7 +164,9 @@ def genai_int4(folder: Path, workdir: Path) -> Path:
         print(f"[bench-llm] genai builder: {' '.join(command)}", file=sys.stderr)
         log = workdir / "genai-build.log"
         with log.open("w") as handle:
-            done = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, check=False)
+            done = subprocess.run(
+                command, stdout=handle, stderr=subprocess.STDOUT, check=False, env=_clean_env()
+            )
         if done.returncode != 0:
             raise RuntimeError(f"onnxruntime-genai's builder failed; see {log}")
         shutil.rmtree(out / "cache", ignore_errors=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import subprocess
 import sys
@@ -47,14 +48,64 @@ class LlmRow:
     peak_rss_mb: float | None = None
 
 
-def session(path: Path, threads: int = 1) -> Any:
-    import onnxruntime as ort
+@dataclass(frozen=True)
+class _Arg:
+    name: str
+    type: str
+    shape: list[Any]
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+class Session:
+    """An onnxruntime session whose declared inputs name a concrete head size.
+
+    genai's graph declares the past's last axis symbolic ('kv_cache_dim'); an empty past made from
+    that has head size 0, which its GroupQueryAttention rejects. The size comes from the
+    genai_config.json beside such a graph. Every variant goes through this wrapper (inputs and
+    outputs listed once), so the per-step Python overhead is the same for all rows.
+    """
+
+    def __init__(self, path: Path, threads: int = 1):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        providers = ["CPUExecutionProvider"]
+        self._sess = ort.InferenceSession(str(path), options, providers=providers)
+        head = _head_size(path)
+        self._inputs = [
+            _Arg(i.name, i.type, _concrete(i.name, i.shape, head)) for i in self._sess.get_inputs()
+        ]
+        self._outputs = self._sess.get_outputs()
+
+    def get_inputs(self) -> list[_Arg]:
+        return self._inputs
+
+    def get_outputs(self) -> list[Any]:
+        return self._outputs
+
+    def run(self, outputs: Any, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self._sess.run(outputs, feeds)
+
+
+def _head_size(path: Path) -> int | None:
+    config = path.parent / "genai_config.json"
+    if not config.is_file():
+        return None
+    return int(json.loads(config.read_text())["model"]["decoder"]["head_size"])
+
+
+def _concrete(name: str, shape: list[Any], head: int | None) -> list[Any]:
+    if name.startswith("past_key_values.") and len(shape) == 4 and not isinstance(shape[3], int):
+        if head is None:
+            raise ValueError(f"{name}: symbolic head size {shape[3]!r} and no genai_config.json")
+        return [*shape[:3], head]
+    return list(shape)
+
+
+def session(path: Path, threads: int = 1) -> Session:
+    return Session(path, threads)
 
 
 def size_mb(path: Path) -> float:
@@ -119,7 +170,10 @@ def peak_rss_mb(path: Path, prompt: list[int], new_tokens: int, threads: int = 1
     command = [sys.executable, "-m", "benchmarks.llm_measure", str(path)]
     command += ["--threads", str(threads), "--new-tokens", str(new_tokens)]
     command += ["--prompt", ",".join(map(str, prompt))]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    root = str(Path(__file__).resolve().parent.parent)  # benchmarks/ and this checkout's edgepack
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": path}
+    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     if done.returncode != 0:
         print(f"[bench-llm] peak RSS of {path} failed: {done.stderr[-500:]}", file=sys.stderr)
         return None

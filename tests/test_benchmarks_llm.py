@@ -84,3 +84,26 @@ def test_bundle_arguments_and_model_resolution(tmp_path: Path) -> None:
         resolve_model(tmp_path)  # two bundles: which one is meant?
     shutil.rmtree(tmp_path / "b")
     assert resolve_model(tmp_path) == tmp_path / "a" / "m.onnx"
+
+
+def test_a_graph_with_a_symbolic_head_size_gets_it_from_genai_config(tmp_path: Path) -> None:
+    """onnxruntime-genai's graphs declare the past's head axis symbolic ('kv_cache_dim')."""
+    import onnx
+
+    from benchmarks.llm_build import optimum_fp32
+    from benchmarks.llm_measure import generate_timed, session
+
+    fp32 = optimum_fp32(make_tiny_decoder(tmp_path / "m", "llama"), tmp_path / "work")
+    model = onnx.load(str(fp32))
+    for value in model.graph.input:
+        if value.name.startswith("past_key_values."):
+            value.type.tensor_type.shape.dim[3].dim_param = "kv_cache_dim"
+    path = tmp_path / "genai" / "model.onnx"
+    path.parent.mkdir()
+    onnx.save(model, str(path))
+    with pytest.raises(ValueError, match="kv_cache_dim"):
+        session(path)
+    config = {"model": {"decoder": {"head_size": 8}}}  # width 32 / 4 heads
+    (path.parent / "genai_config.json").write_text(json.dumps(config))
+    _, _, tokens = generate_timed(session(path), [5, 6, 7], 3)
+    assert tokens == generate_timed(session(fp32), [5, 6, 7], 3)[2]
