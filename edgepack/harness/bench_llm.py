@@ -10,6 +10,7 @@ bytes at the profile's context length.
 import argparse
 import json
 import os
+import platform
 import resource
 import sys
 import time
@@ -95,7 +96,13 @@ def main():
             "passed": all(a >= b for a, b in zip(prefixes, want)),  # noqa: B905 (Python 3.8)
             "greedy_prefix_tokens": prefixes,
             "min_prefix": need,
-        }
+        },
+        # What ran the check: an emulated aarch64 run shows up as machine "aarch64".
+        "env": {
+            "machine": platform.machine() or None,
+            "python": platform.python_version(),
+            "onnxruntime": ort.__version__,
+        },
     }
     if not args.check_only:
         prompt = (reference["prompts"][0]["prompt"] * args.prompt_tokens)[: args.prompt_tokens]
