@@ -16,7 +16,7 @@ from edgepack.cache import cached
 from edgepack.calibration import read_texts
 from edgepack.config import BuildConfig
 from edgepack.errors import UserError
-from edgepack.families.decoder_fidelity import greedy_prefix, perplexity_and_top1
+from edgepack.families.decoder_fidelity import WINDOW, greedy_prefix, perplexity_and_top1
 from edgepack.families.generate import greedy
 from edgepack.profiles import TargetProfile, resolve_targets
 from edgepack.progress import Progress
@@ -95,7 +95,9 @@ def build_decoder(
     with progress.stage("validate", f"greedy {NEW_TOKENS} tokens x {len(prompts)} vs PyTorch"):
         validation = validate_generation(fp32, model, prompts, NEW_TOKENS)
     candidate = fp32 if precision == "fp32" else _quantized(fp32, precision)
-    fid, reference = _measure(config, fp32, candidate, tokenizer, heldout.texts, prompts, progress)
+    fid, reference = _measure(
+        config, fp32, candidate, tokenizer, heldout.texts, prompts, context, progress
+    )
     results = []
     for profile in profiles:
         manifest = _manifest(config, model, fp32, candidate, profile, fid, validation, context)
@@ -121,16 +123,23 @@ def _measure(
     tokenizer: Any,
     texts: tuple[str, ...],
     prompts: list[list[int]],
+    context: int,
     progress: Progress,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Fidelity to fp32 (gated by the perplexity tolerance) and the bundle's reference data."""
+    """Fidelity to fp32 (gated by the perplexity tolerance) and the bundle's reference data.
+
+    Perplexity windows stop at the context: past it a learned position table (GPT-2's) has no
+    row, and onnxruntime fails on the out-of-range Gather.
+    """
     from edgepack.evaluate import session
 
     eos = fp32.records["eos_token_ids"]
     ref, cand = session(fp32.path), session(candidate.path)
+    window = min(WINDOW, context)
     with progress.stage("fidelity", f"perplexity on {len(texts)} held-out texts"):
         ids = tokenizer("\n".join(texts), add_special_tokens=False)["input_ids"]
-        fid = perplexity_and_top1(ref, cand, ids)
+        fid = perplexity_and_top1(ref, cand, ids, window)
+        fid["perplexity_window"] = window
         fp32_out = [greedy(ref, p, NEW_TOKENS, eos)[0] for p in prompts]
         fid.update(greedy_prefix(cand, prompts, fp32_out, eos))
     increase = fid["perplexity"] / fid["perplexity_fp32"] - 1.0

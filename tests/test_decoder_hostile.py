@@ -13,9 +13,13 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from decoder_factory import write_gguf
+from conftest import write_texts
+from decoder_factory import make_tiny_decoder, write_gguf
 
 from edgepack.cli import cli
+from edgepack.config import BuildConfig
+from edgepack.pipeline import build
+from edgepack.progress import Progress
 
 
 def _fails_with(args: list[str], out: Path, *words: str) -> str:
@@ -68,3 +72,23 @@ def test_an_unreadable_gguf_architecture_is_one_line(
 ) -> None:
     path = write_gguf(tmp_path / "odd.gguf", arch)
     _fails_with(["--model", str(path)], tmp_path / "dist", *words)
+
+
+def test_gpt2_perplexity_windows_stay_inside_its_positions(tmp_path: Path) -> None:
+    """GPT-2 learns one embedding per position: a 256-token perplexity window on a 64-token
+    context made onnxruntime fail on the position Gather, with a traceback, mid-build."""
+    model = make_tiny_decoder(tmp_path / "m", "gpt2")
+    texts = write_texts(tmp_path / "texts.txt", 40)
+    config = BuildConfig(
+        model=str(model),
+        heldout=str(texts),
+        calibration=str(texts),
+        target="arm64",
+        precision="int8",
+        out=str(tmp_path / "dist"),
+        max_drop=0.2,
+    )
+    (result,) = build(config, Progress(quiet=True))
+    fid = result.manifest["fidelity"]
+    assert fid["perplexity_window"] == result.manifest["generation"]["context_length"] == 64
+    assert fid["tokens"] > 64 and fid["relative_perplexity_increase"] < 0.2
