@@ -68,6 +68,9 @@ def main():
     manifest = read_json(os.path.join(here, "manifest.json"))
     reference = read_json(os.path.join(here, manifest["reference"]["inputs"]))
     context = int(manifest["generation"]["context_length"])
+    for flag, value in (("--prompt-tokens", args.prompt_tokens), ("--new-tokens", args.new_tokens)):
+        if value < 1:
+            fail("%s must be at least 1, got %d" % (flag, value))
     if args.prompt_tokens + args.new_tokens > context:
         fail(
             "a prompt of %d tokens plus %d new ones is longer than the context (%d)"
