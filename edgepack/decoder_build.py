@@ -18,9 +18,10 @@ from edgepack.cache import cached
 from edgepack.calibration import read_texts
 from edgepack.config import BuildConfig
 from edgepack.errors import UserError
+from edgepack.families import decoder
 from edgepack.families.decoder_fidelity import WINDOW, greedy_prefix, perplexity_and_top1
 from edgepack.families.generate import greedy
-from edgepack.profiles import TargetProfile, resolve_targets
+from edgepack.profiles import TargetProfile, list_targets, resolve_targets
 from edgepack.progress import Progress
 from edgepack.quantize import WeightOnlySettings, quantize_weights
 
@@ -58,6 +59,24 @@ def _prompts(tokenizer: Any, texts: tuple[str, ...], context: int) -> list[list[
             f"model's context ({context})."
         )
     return prompts
+
+
+def _targets(spec: str, progress: Progress) -> list[TargetProfile]:
+    """The profiles a decoder bundle can serve: a named misfit is refused, ``all`` skips them."""
+    profiles, fit = resolve_targets(spec), []
+    for profile in profiles:
+        reason = decoder.profile_misfit(profile.data)
+        if reason is None:
+            fit.append(profile)
+        elif spec != "all":
+            usable = [p.name for p in list_targets() if decoder.profile_misfit(p.data) is None]
+            raise UserError(
+                f"target {profile.name!r} cannot serve a decoder: {reason}. "
+                f"Decoder targets: {', '.join(usable)}."
+            )
+        else:
+            progress.note(f"{profile.name}: skipped, a decoder cannot use it ({reason})")
+    return fit
 
 
 def _quantized(fp32: OnnxModel, precision: str, calibration: list[int], window: int) -> OnnxModel:
@@ -112,7 +131,11 @@ def _choose(
         with progress.stage("fidelity", f"perplexity on {len(heldout)} held-out tokens"):
             fid = perplexity_and_top1(ref, session(candidate.path), heldout, window)
         increase = fid["perplexity"] / fid["perplexity_fp32"] - 1.0
-        fid.update(relative_perplexity_increase=increase, max_increase=_tolerance(config))
+        fid.update(
+            relative_perplexity_increase=increase,
+            max_increase=_tolerance(config),
+            perplexity_window=window,
+        )
         tried.append({"precision": step, "perplexity": fid["perplexity"], "increase": increase})
         progress.note(
             f"{step}: perplexity {fid['perplexity']:.2f} vs fp32 {fid['perplexity_fp32']:.2f} "
@@ -139,7 +162,7 @@ def build_decoder(
 
     out, name = Path(config.out), config.name or display_name(model)
     check_out_root(out)
-    profiles = resolve_targets(config.target)
+    profiles = _targets(config.target, progress)
     for profile in profiles:
         check_destination(out, f"{name}-{profile.name}", config.force)
     precision = config.precision or "int4"

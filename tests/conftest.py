@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -199,3 +200,31 @@ def export_tiny_bert(folder: Path, vocab: int) -> Path:
         do_validation=False,
     )
     return folder / "onnx" / "model.onnx"
+
+
+SYSROOT_CACHE = Path(
+    os.environ.get("EDGEPACK_SYSROOT_CACHE")
+    or Path.home() / ".cache" / "edgepack" / "aarch64-sysroot"
+)
+# Messages from apt or pip that mean the registry is out of reach, not that edgepack is wrong.
+UNREACHABLE = re.compile(
+    r"resolve|unreachable|timed? ?out|failed to fetch|connection|network", re.IGNORECASE
+)
+
+
+@pytest.fixture(scope="session")
+def sysroot() -> Path:
+    """The cached aarch64 sysroot for emulated checks, built on first use; a skip, naming what to
+    install, where qemu or the package registry is out of reach."""
+    from edgepack.device import emulate
+    from edgepack.errors import UserError
+
+    reason = emulate.emulator_available(SYSROOT_CACHE)
+    if reason:
+        pytest.skip(f"no aarch64 emulation here: {reason}")
+    try:
+        return emulate.ensure_sysroot(SYSROOT_CACHE)
+    except UserError as exc:
+        if UNREACHABLE.search(str(exc)):
+            pytest.skip(f"package registry unreachable, cannot build the aarch64 sysroot: {exc}")
+        raise

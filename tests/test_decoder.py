@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from decoder_factory import KINDS, make_tiny_decoder, prompts_for
+from decoder_factory import KINDS, make_tiny_decoder, prompts_for, write_gguf
 
 from edgepack.errors import UserError
 from edgepack.families import decoder, encoder, family_of, is_generative
@@ -49,31 +49,17 @@ def test_decoder_with_an_encoder_task_is_refused(tiny_decoder: Path) -> None:
         load_model(str(tiny_decoder), task="text-classification")
 
 
-def _write_gguf(path: Path, arch: str) -> Path:
-    import gguf
-    import numpy as np
-
-    writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_block_count(1)
-    writer.add_tensor("token_embd.weight", np.ones((64, 16), dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
-
-
 def test_gguf_not_gguf_truncated_and_unknown_arch(tmp_path: Path) -> None:
     fake = tmp_path / "fake.gguf"
     fake.write_bytes(b"PK\x03\x04" + b"\0" * 64)
     with pytest.raises(UserError, match="not a GGUF file"):
         load_model(str(fake))
-    whole = _write_gguf(tmp_path / "whole.gguf", "llama").read_bytes()
+    whole = write_gguf(tmp_path / "whole.gguf", "llama").read_bytes()
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(whole[: len(whole) // 2])
     with pytest.raises(UserError, match=r"cut\.gguf is truncated or corrupt"):
         load_model(str(cut))
-    _write_gguf(tmp_path / "other.gguf", "rwkv6")
+    write_gguf(tmp_path / "other.gguf", "rwkv6")
     with pytest.raises(UserError, match="architecture 'rwkv6' is not supported; supported: llama"):
         load_model(str(tmp_path / "other.gguf"))
 

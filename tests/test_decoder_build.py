@@ -232,3 +232,47 @@ def test_the_app_runtime_generates_the_reference_continuation(built: tuple[Path,
     assert cli.returncode == 2 and "longer than the context (64)" in cli.stderr
     assert not (folder / "__pycache__").exists()
     assert verify_bundle(folder) >= 6  # using the runtime left the bundle as it was
+
+
+def test_a_prompt_that_does_not_fit_is_refused_at_its_real_length(
+    built: tuple[Path, dict],
+) -> None:
+    """The runtime used to cut a long prompt to the context before measuring it, so it named the
+    cut length (64) and, with no new tokens asked, continued a prompt it had silently shortened.
+    An empty prompt and non-positive bench.py sizes reached onnxruntime as a Reshape failure."""
+    folder, _ = built
+    runtime = str(folder / "edgepack_runtime.py")
+    long = " ".join(["cat"] * 70)
+    for max_new in ("4", "0"):
+        run = subprocess.run(
+            [sys.executable, runtime, "generate", long, "--max-new-tokens", max_new],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert run.returncode == 2, run.stderr
+        assert "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1
+        assert f"a prompt of 72 tokens plus {max_new} new ones is longer than the context (64)" in (
+            run.stderr
+        )
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); from edgepack_runtime import Model, BundleError\n"
+        "m = Model(sys.argv[1])\n"
+        "for ids, n in (([], 4), ([5, 6], -1)):\n"
+        "    try:\n        m.generate_ids(ids, n)\n    except BundleError as exc:\n        print(exc)\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code, str(folder)], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == [
+        "the prompt has no tokens; a decoder needs at least one to continue",
+        "max_new_tokens must be 0 or more, got -1",
+    ]
+    for flag in ("--prompt-tokens", "--new-tokens"):
+        run = subprocess.run(
+            [sys.executable, str(folder / "bench.py"), flag, "0"],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert run.returncode == 2 and f"error: {flag} must be at least 1, got 0" in run.stderr
+        assert "Traceback" not in run.stderr
+    assert not (folder / "__pycache__").exists()
+    assert verify_bundle(folder) >= 6

@@ -23,16 +23,22 @@ pytestmark = [
 ]
 
 
-def test_sample_llm_build_and_device_check(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def sample_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The sample's arm64 bundle, built once by the CLI for the host and the emulated checks."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    out = tmp_path / "dist"
+    out = tmp_path_factory.mktemp("llm-sample") / "dist"
     build = subprocess.run(
         [sys.executable, "-m", "edgepack.cli", "build", "--config", str(ROOT / "samples/llm.toml"),
          "--target", "arm64", "--out", str(out)],
         capture_output=True, text=True, env=env, timeout=900,
     )  # fmt: skip
     assert build.returncode == 0, build.stderr[-2000:]
-    folder = out / "SmolLM2-135M-Instruct-arm64"
+    return out / "SmolLM2-135M-Instruct-arm64"
+
+
+def test_sample_llm_build_and_device_check(sample_bundle: Path) -> None:
+    folder = sample_bundle
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["export_validation"]["max_abs_logit_diff_vs_pytorch"] < 1e-2
     # Fused graph, vocabulary stored once: 84.8 MB, under onnxruntime-genai's int4 (86.5 MB).
@@ -51,3 +57,22 @@ def test_sample_llm_build_and_device_check(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout)
     assert result["check"]["passed"] and result["perf"]["decode_tokens_per_s"] > 1
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason=(
+        "MatMulNBits at accuracy_level 4 quantizes activations to int8 differently on aarch64: "
+        "first-step logits differ from x86's by up to 1.3 (6e-5 at accuracy_level 1), greedy "
+        "prefixes [4, 0, 13, 32] against the 8 each the check needs"
+    ),
+)
+def test_sample_llm_check_on_emulated_aarch64(sysroot: Path, sample_bundle: Path) -> None:
+    """The check a Raspberry Pi 5 would run (~1.5 min under qemu): greedy continuations of the
+    four reference prompts against the build host's, on the aarch64 onnxruntime wheel."""
+    from edgepack.device import emulate
+
+    check = emulate.verify_emulated(sample_bundle, sysroot)
+    assert check["machine"] == "aarch64" and len(check["greedy_prefix_tokens"]) == 4
+    assert check["passed"], check

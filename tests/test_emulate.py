@@ -7,39 +7,16 @@ builds it (about a minute, ~210 MB, needs the package registries).
 
 from __future__ import annotations
 
-import os
-import re
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 from bundle_factory import make_bundle
+from conftest import SYSROOT_CACHE
 
 from edgepack.device import emulate
 from edgepack.errors import UserError
-
-SYSROOT_CACHE = Path(
-    os.environ.get("EDGEPACK_SYSROOT_CACHE")
-    or Path.home() / ".cache" / "edgepack" / "aarch64-sysroot"
-)
-# Messages from apt or pip that mean the registry is out of reach, not that edgepack is wrong.
-UNREACHABLE = re.compile(
-    r"resolve|unreachable|timed? ?out|failed to fetch|connection|network", re.IGNORECASE
-)
-
-
-@pytest.fixture(scope="module")
-def sysroot() -> Path:
-    reason = emulate.emulator_available(SYSROOT_CACHE)
-    if reason:
-        pytest.skip(f"no aarch64 emulation here: {reason}")
-    try:
-        return emulate.ensure_sysroot(SYSROOT_CACHE)
-    except UserError as exc:
-        if UNREACHABLE.search(str(exc)):
-            pytest.skip(f"package registry unreachable, cannot build the aarch64 sysroot: {exc}")
-        raise
 
 
 @pytest.mark.slow

@@ -21,6 +21,9 @@ Usage::
     from edgepack.device.emulate import emulator_available, verify_emulated
     if (reason := emulator_available()) is None:
         check = verify_emulated(Path("out/minilm-arm64"))   # {"passed": True, "min_cosine": ...}
+
+A decoder bundle's bench.py runs with ``--check-only``: its greedy continuations against the
+build host's, no timing (emulated timings mean nothing).
 """
 
 from __future__ import annotations
@@ -362,17 +365,31 @@ def run_harness_emulated(
         return json.loads(report.read_text())
 
 
+def _check_args(bundle: Path) -> list[str]:
+    """bench.py's flags for its accuracy check alone; the two harnesses take different ones.
+
+    An unreadable manifest gets the encoder's flags: bench.py's own integrity check then refuses
+    the bundle with its one line (exit 2), which is the message worth showing.
+    """
+    try:
+        family = json.loads((bundle / "manifest.json").read_text(encoding="utf-8")).get("family")
+    except (OSError, ValueError, AttributeError):
+        family = None
+    return ["--check-only"] if family == "decoder" else ["--warmup", "0", "--runs", "1"]
+
+
 def verify_emulated(
     bundle: Path, sysroot: Path | None = None, timeout: float = RUN_TIMEOUT_S
 ) -> dict[str, Any]:
     """Run only the bundle's accuracy check on emulated aarch64; returns the report's ``check``.
 
-    The dict is bench.py's ``check`` (passed, max_abs_diff, min_cosine, threshold, skipped) plus
-    ``machine``, the guest's ``platform.machine()`` ("aarch64"), so callers can show what ran.
+    The dict is bench.py's ``check`` - for an encoder passed, max_abs_diff, min_cosine, threshold,
+    skipped; for a decoder (manifest family "decoder") passed, greedy_prefix_tokens, min_prefix -
+    plus ``machine``, the guest's ``platform.machine()`` ("aarch64"), so callers can show what ran.
     """
     if not bundle.is_dir():
         raise UserError(f"bundle folder {bundle} does not exist.")
-    report = run_harness_emulated(bundle, ["--warmup", "0", "--runs", "1"], sysroot, timeout)
+    report = run_harness_emulated(bundle, _check_args(bundle), sysroot, timeout)
     check = dict(report["check"])
     check["machine"] = report.get("env", {}).get("machine")
     return check

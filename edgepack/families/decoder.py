@@ -73,3 +73,26 @@ def context_length(config: dict[str, Any]) -> int:
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value
     return 2048
+
+
+def profile_misfit(profile: dict[str, Any]) -> str | None:
+    """Why a target profile cannot serve a decoder bundle, or None when it can.
+
+    A decoder bundle's harness and runtime run onnxruntime's CPU provider only: its weight-only
+    kernels (MatMulNBits, GatherBlockQuantized) are contrib ops the NNAPI, CoreML and XNNPACK
+    providers do not take, and its KV cache grows by one position per generated token, which a
+    graph pinned to [batch, seq_len] cannot hold.
+    """
+    harness, form = profile.get("harness", {}), profile.get("format", {})
+    if form.get("fixed_shape"):
+        return (
+            f"it pins inputs to [{harness.get('batch', 1)}, {harness.get('seq_len')}] and a "
+            "decoder's KV cache grows with every token"
+        )
+    provider = harness.get("execution_provider", "cpu")
+    if provider != "cpu":
+        return (
+            f"its {provider} execution provider runs none of the decoder's weight-only kernels "
+            "(MatMulNBits, GatherBlockQuantized); decoders run on the CPU provider"
+        )
+    return None

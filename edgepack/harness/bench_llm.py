@@ -10,6 +10,7 @@ bytes at the profile's context length.
 import argparse
 import json
 import os
+import platform
 import resource
 import sys
 import time
@@ -67,6 +68,9 @@ def main():
     manifest = read_json(os.path.join(here, "manifest.json"))
     reference = read_json(os.path.join(here, manifest["reference"]["inputs"]))
     context = int(manifest["generation"]["context_length"])
+    for flag, value in (("--prompt-tokens", args.prompt_tokens), ("--new-tokens", args.new_tokens)):
+        if value < 1:
+            fail("%s must be at least 1, got %d" % (flag, value))
     if args.prompt_tokens + args.new_tokens > context:
         fail(
             "a prompt of %d tokens plus %d new ones is longer than the context (%d)"
@@ -95,7 +99,13 @@ def main():
             "passed": all(a >= b for a, b in zip(prefixes, want)),  # noqa: B905 (Python 3.8)
             "greedy_prefix_tokens": prefixes,
             "min_prefix": need,
-        }
+        },
+        # What ran the check: an emulated aarch64 run shows up as machine "aarch64".
+        "env": {
+            "machine": platform.machine() or None,
+            "python": platform.python_version(),
+            "onnxruntime": ort.__version__,
+        },
     }
     if not args.check_only:
         prompt = (reference["prompts"][0]["prompt"] * args.prompt_tokens)[: args.prompt_tokens]

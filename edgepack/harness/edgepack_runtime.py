@@ -173,6 +173,10 @@ class Model:
             self.max_length = min(self.max_length, self.fixed_len)
         self.tokenizer, pad = _load_tokenizer(self.bundle, self.max_length)
         self.pad_id = _pad_id(self.tokenizer, pad)
+        if self.task == "text-generation":
+            # A prompt cut to the context would be continued as if it were whole, and the KV
+            # cache would overflow the graph's positions; generate_ids refuses it, at its length.
+            self.tokenizer.no_truncation()
 
     # --- tokenization and batching -------------------------------------------------------------
 
@@ -314,6 +318,10 @@ class Model:
     def generate_ids(self, prompt_ids: Sequence[int], max_new_tokens: int) -> Iterator[int]:
         """Greedy token ids after ``prompt_ids``, with the KV cache; the EOS token ends it."""
         self._need("generate")
+        if not prompt_ids:
+            raise BundleError("the prompt has no tokens; a decoder needs at least one to continue")
+        if max_new_tokens < 0:
+            raise BundleError("max_new_tokens must be 0 or more, got {}".format(max_new_tokens))
         if len(prompt_ids) + max_new_tokens > self.max_length:
             raise BundleError(
                 "a prompt of {} tokens plus {} new ones is longer than the context ({})".format(

@@ -31,14 +31,25 @@ def read_architecture(path: Path) -> str:
         from gguf import GGUFReader
 
         reader = GGUFReader(str(path))
+        if "general.architecture" not in reader.fields:
+            raise UserError(f"{path} names no general.architecture, so it is not a model GGUF.")
         field = reader.fields["general.architecture"]
         arch = bytes(field.parts[field.data[0]]).decode("utf-8")
     except ImportError:
         raise UserError("reading .gguf files needs the gguf package (pip install gguf).") from None
     except (ValueError, KeyError, IndexError, OSError, UnicodeDecodeError) as exc:
-        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{path} is truncated or corrupt: {first}") from None
+        raise UserError(f"{path} is truncated or corrupt: {_summary(exc)}") from None
     return arch
+
+
+def _summary(exc: BaseException) -> str:
+    """An exception as one short line; torch's "Error(s) in loading state_dict for X:" says what
+    failed only on its next line, so a first line ending in a colon takes the second along."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    text = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]
+    return text if len(text) <= 240 else text[:237] + "..."
 
 
 def _supported() -> tuple[str, ...]:
@@ -75,8 +86,7 @@ def _convert(path: Path, arch: str, digest: str, out: Path) -> HFModel:
         )
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
-        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"transformers could not load {path}: {first}") from None
+        raise UserError(f"transformers could not load {path}: {_summary(exc)}") from None
     folder = out / "model"
     model.save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))
