@@ -59,15 +59,6 @@ def test_sample_llm_build_and_device_check(sample_bundle: Path) -> None:
     assert result["check"]["passed"] and result["perf"]["decode_tokens_per_s"] > 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "MatMulNBits at accuracy_level 4 quantizes activations to int8 differently on aarch64: "
-        "first-step logits differ from x86's by up to 1.3 (6e-5 at accuracy_level 1), greedy "
-        "prefixes [4, 0, 13, 32] against the 8 each the check needs"
-    ),
-)
 def test_sample_llm_check_on_emulated_aarch64(sysroot: Path, sample_bundle: Path) -> None:
     """The check a Raspberry Pi 5 would run (~1.5 min under qemu): greedy continuations of the
     four reference prompts against the build host's, on the aarch64 onnxruntime wheel."""
@@ -76,3 +67,6 @@ def test_sample_llm_check_on_emulated_aarch64(sysroot: Path, sample_bundle: Path
     check = emulate.verify_emulated(sample_bundle, sysroot)
     assert check["machine"] == "aarch64" and len(check["greedy_prefix_tokens"]) == 4
     assert check["passed"], check
+    # int8 activations round differently on ARM: free greedy paths part from x86's at near-ties
+    # (measured prefixes [4, 0, 13, 32]), but fed x86's tokens the picks agree.
+    assert check["agreement"] >= check["min_agreement"] == 0.9

@@ -132,10 +132,10 @@ def verify(bundle: Path, emulate: bool, public_key: Path | None, require_signatu
         from edgepack.device import verify_emulated
 
         check = verify_emulated(folder)
-    if "greedy_prefix_tokens" in check:  # a decoder: greedy tokens equal to the host's
+    if "agreement" in check:  # a decoder: next tokens, fed the host's, equal to the host's
         figures = (
-            f"greedy prefix tokens {check['greedy_prefix_tokens']} "
-            f"(each needs {check.get('min_prefix')})"
+            f"next-token agreement {check['agreement']} (needs {check.get('min_agreement')}), "
+            f"greedy prefix tokens {check['greedy_prefix_tokens']}"
         )
     else:
         figures = f"min cosine {check.get('min_cosine')}, max abs diff {check.get('max_abs_diff')}"

@@ -384,8 +384,8 @@ def verify_emulated(
     """Run only the bundle's accuracy check on emulated aarch64; returns the report's ``check``.
 
     The dict is bench.py's ``check`` - for an encoder passed, max_abs_diff, min_cosine, threshold,
-    skipped; for a decoder (manifest family "decoder") passed, greedy_prefix_tokens, min_prefix -
-    plus ``machine``, the guest's ``platform.machine()`` ("aarch64"), so callers can show what ran.
+    skipped; for a decoder (manifest family "decoder") passed, agreement, min_agreement, tokens,
+    greedy_prefix_tokens - plus ``machine``, the guest's ``platform.machine()`` ("aarch64"), so callers can show what ran.
     """
     if not bundle.is_dir():
         raise UserError(f"bundle folder {bundle} does not exist.")

@@ -71,6 +71,15 @@ def greedy(
     return out, first
 
 
+def teacher_forced(session: Any, prompt: Sequence[int], continuation: Sequence[int]) -> list[int]:
+    """The graph's argmax after each token of ``prompt + continuation[:-1]``, in one pass (the
+    device check's measure: see harness/bench_llm.py)."""
+    if not continuation:
+        return []
+    logits, _ = step(session, [*prompt, *continuation[:-1]], empty_past(session), 0)
+    return [int(t) for t in logits[len(prompt) - 1 :].argmax(axis=-1)]
+
+
 def windows(ids: Sequence[int], size: int) -> list[list[int]]:
     """Non-overlapping chunks of a token stream, each scored fresh (no carried context)."""
     return [list(ids[i : i + size]) for i in range(0, len(ids), size) if len(ids[i : i + size]) > 1]

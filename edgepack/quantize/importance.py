@@ -41,6 +41,8 @@ def activation_power(path: Path, ids: Sequence[int], window: int = WINDOW) -> di
     """Mean x² per channel of each weight MatMul's input over ``ids``, in windows no longer than
     the model's context."""
     sess, names = _probe(path)
+    if not names:  # (onnxruntime reads an empty list as "every output")
+        return {}
     sums: dict[str, np.ndarray] = {}
     count = 0
     for chunk in windows(ids, window)[: MAX_WINDOWS * WINDOW // window]:
