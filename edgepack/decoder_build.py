@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +19,23 @@ from edgepack.cache import cached
 from edgepack.calibration import read_texts
 from edgepack.config import BuildConfig
 from edgepack.errors import UserError
+from edgepack.evaluate import session
 from edgepack.families import decoder
-from edgepack.families.decoder_fidelity import WINDOW, greedy_prefix, perplexity_and_top1
-from edgepack.families.generate import greedy, teacher_forced
+from edgepack.families.decoder_fidelity import (
+    WINDOW,
+    forced_agreement,
+    greedy_prefix,
+    perplexity_and_top1,
+)
+from edgepack.families.generate import greedy
 from edgepack.profiles import TargetProfile, list_targets, resolve_targets
 from edgepack.progress import Progress
 from edgepack.quantize import WeightOnlySettings, quantize_weights
 
 PRECISIONS = ("int4", "int8", "fp32")
+# What a profile without a [decoder] section gets (targets/*.toml explains the choice).
+DEFAULT_PRECISION, DEFAULT_ACCURACY_LEVEL = "int4", 4
+Setting = tuple[str, int | None]  # (precision, MatMulNBits accuracy level; None for fp32)
 LADDER = ("int4", "int8")  # what the accuracy search widens to when perplexity rises too far
 CALIBRATION_TOKENS = 4096  # for the weight-only scale search: the activations' mean squares
 PROMPTS = 4  # reference prompts: the first held-out texts, cut to PROMPT_TOKENS
@@ -84,11 +94,26 @@ def _targets(spec: str, progress: Progress) -> list[TargetProfile]:
     return fit
 
 
-def _quantized(fp32: OnnxModel, precision: str, calibration: list[int], window: int) -> OnnxModel:
-    """The weight-only copy behind the cache (one per precision, export and calibration text)."""
+def _setting(config: BuildConfig, profile: TargetProfile) -> Setting:
+    """The weight-only setting a target asks for: ``--precision`` over its ``[decoder]`` section.
+
+    fp32 has no MatMulNBits, so its accuracy level is None: every fp32 target is one setting.
+    """
+    section = profile.section("decoder")
+    precision = config.precision or str(section.get("precision", DEFAULT_PRECISION))
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision {precision} does not fit a decoder; use one of {PRECISIONS}.")
+    level = int(section.get("accuracy_level", DEFAULT_ACCURACY_LEVEL))
+    return precision, None if precision == "fp32" else level
+
+
+def _quantized(
+    fp32: OnnxModel, precision: str, level: int, calibration: list[int], window: int
+) -> OnnxModel:
+    """The weight-only copy behind the cache (one per setting, export and calibration text)."""
     from edgepack.quantize import activation_power
 
-    settings = WeightOnlySettings(bits=4 if precision == "int4" else 8)
+    settings = WeightOnlySettings(bits=4 if precision == "int4" else 8, accuracy_level=level)
     key = {
         **settings.record(),
         "calibration": hashlib.sha256(json.dumps(calibration).encode()).hexdigest(),
@@ -115,39 +140,47 @@ def _quantized(fp32: OnnxModel, precision: str, calibration: list[int], window: 
 def _choose(
     config: BuildConfig,
     fp32: OnnxModel,
-    calibration: list[int],
-    heldout: list[int],
-    context: int,
+    setting: Setting,
+    data: tuple[list[int], list[int], int],
     progress: Progress,
+    steps: dict[Setting, tuple[OnnxModel, dict[str, Any]]],
 ) -> tuple[OnnxModel, dict[str, Any]]:
     """The accuracy search for decoders: the requested precision, else the next wider one, until
-    held-out perplexity is within ``--max-drop`` (a relative increase) of fp32's."""
-    from edgepack.evaluate import session
+    held-out perplexity is within ``--max-drop`` (a relative increase) of fp32's.
 
-    precision = config.precision or "int4"
+    ``data`` is (calibration ids, held-out ids, context). ``steps`` keeps each quantized model
+    and its perplexity for the whole build, so targets sharing a step never quantize or measure
+    it twice.
+    """
+    calibration, heldout, context = data
+    precision, level = setting
     window = min(WINDOW, context)
-    ref, tried = session(fp32.path), []
+    tried = []
     for step in LADDER[LADDER.index(precision) :] if precision in LADDER else (precision,):
-        if step == "fp32":
-            candidate = fp32
-        else:
-            with progress.stage("quantize", f"{step} weight-only, blocks of 32"):
-                candidate = _quantized(fp32, step, calibration, window)
-        with progress.stage("fidelity", f"perplexity on {len(heldout)} held-out tokens"):
-            fid = perplexity_and_top1(ref, session(candidate.path), heldout, window)
-        increase = fid["perplexity"] / fid["perplexity_fp32"] - 1.0
-        fid.update(
-            relative_perplexity_increase=increase,
-            max_increase=_tolerance(config),
-            perplexity_window=window,
-        )
+        key = (step, None if step == "fp32" else level)
+        if key not in steps:
+            if step == "fp32":
+                candidate = fp32
+            else:
+                with progress.stage("quantize", f"{step} weight-only, accuracy level {level}"):
+                    candidate = _quantized(fp32, step, int(level or 0), calibration, window)
+            with progress.stage("fidelity", f"perplexity on {len(heldout)} held-out tokens"):
+                fid = perplexity_and_top1(
+                    session(fp32.path), session(candidate.path), heldout, window
+                )
+            fid["relative_perplexity_increase"] = fid["perplexity"] / fid["perplexity_fp32"] - 1.0
+            fid["perplexity_window"] = window
+            steps[key] = candidate, fid
+            progress.note(
+                f"{step} (accuracy level {key[1]}): perplexity {fid['perplexity']:.2f} vs fp32 "
+                f"{fid['perplexity_fp32']:.2f} ({fid['relative_perplexity_increase']:+.1%}), "
+                f"top-1 agreement {fid['top1_agreement']:.3f}"
+            )
+        candidate, fid = steps[key]
+        increase = fid["relative_perplexity_increase"]
         tried.append({"precision": step, "perplexity": fid["perplexity"], "increase": increase})
-        progress.note(
-            f"{step}: perplexity {fid['perplexity']:.2f} vs fp32 {fid['perplexity_fp32']:.2f} "
-            f"({increase:+.1%}), top-1 agreement {fid['top1_agreement']:.3f}"
-        )
         if increase <= _tolerance(config):
-            return candidate, {**fid, "tried": tried}
+            return candidate, {**fid, "max_increase": _tolerance(config), "tried": tried}
     raise UserError(
         f"no weight-only precision keeps perplexity within --max-drop {_tolerance(config)} of "
         f"fp32's ("
@@ -159,7 +192,8 @@ def _choose(
 def build_decoder(
     config: BuildConfig, model: HFModel, progress: Progress, sign_key: Path | None = None
 ) -> list[BuildResult]:
-    """One bundle per target; fails (UserError) past the perplexity tolerance, before writing."""
+    """One bundle per target, quantized once per distinct weight-only setting among them; fails
+    (UserError) past the perplexity tolerance, before writing."""
     from transformers import AutoTokenizer
 
     from edgepack.export import export_decoder_cached, validate_generation
@@ -170,9 +204,7 @@ def build_decoder(
     profiles = _targets(config.target, progress)
     for profile in profiles:
         check_destination(out, f"{name}-{profile.name}", config.force)
-    precision = config.precision or "int4"
-    if precision not in PRECISIONS:
-        raise UserError(f"--precision {precision} does not fit a decoder; use one of {PRECISIONS}.")
+    settings = {profile.name: _setting(config, profile) for profile in profiles}
     tokenizer = AutoTokenizer.from_pretrained(str(model.path), local_files_only=True)
     heldout = read_texts(config.heldout or config.calibration, config.text_field)
     with progress.stage("export", model.source):
@@ -182,12 +214,20 @@ def build_decoder(
     with progress.stage("validate", f"greedy {NEW_TOKENS} tokens x {len(prompts)} vs PyTorch"):
         validation = validate_generation(fp32, model, prompts, NEW_TOKENS)
     ids = tokenizer("\n".join(heldout.texts), add_special_tokens=False)["input_ids"]
-    calibration = _calibration_ids(config, tokenizer)
-    candidate, fid = _choose(config, fp32, calibration, ids, context, progress)
-    fid, reference = _measure(fp32, candidate, fid, prompts)
+    data = (_calibration_ids(config, tokenizer), ids, context)
+    eos = fp32.records["eos_token_ids"]
+    fp32_out = [greedy(session(fp32.path), p, NEW_TOKENS, eos)[0] for p in prompts]
+    steps: dict[Setting, tuple[OnnxModel, dict[str, Any]]] = {}
+    chosen = {}
+    for setting in dict.fromkeys(settings.values()):
+        candidate, fid = _choose(config, fp32, setting, data, progress, steps)
+        chosen[setting] = (candidate, *_measure(candidate, fid, prompts, fp32_out, eos))
     results = []
     for profile in profiles:
+        setting = settings[profile.name]
+        candidate, fid, reference = chosen[setting]
         manifest = _manifest(config, model, fp32, candidate, profile, fid, validation, context)
+        manifest["decoder"] = _setting_record(config, profile, setting, candidate, fid)
         with progress.stage("package", profile.name):
             folder, tar = package_decoder(
                 out,
@@ -198,27 +238,25 @@ def build_decoder(
                 manifest,
                 config.force,
                 sign_key,
+                fmt=profile.section("format"),
+                check=_host_check(reference, eos),
             )
         results.append(BuildResult(profile.name, folder, tar, manifest, fp32.path))
     return results
 
 
 def _measure(
-    fp32: OnnxModel, candidate: OnnxModel, fid: dict[str, Any], prompts: list[list[int]]
+    candidate: OnnxModel,
+    fid: dict[str, Any],
+    prompts: list[list[int]],
+    fp32_out: list[list[int]],
+    eos: list[int],
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """How long greedy continuations stay on fp32's path, and the bundle's reference data."""
-    from edgepack.evaluate import session
-
-    eos = fp32.records["eos_token_ids"]
-    ref, cand = session(fp32.path), session(candidate.path)
-    fp32_out = [greedy(ref, p, NEW_TOKENS, eos)[0] for p in prompts]
+    cand = session(candidate.path)
     fid = {**fid, **greedy_prefix(cand, prompts, fp32_out, eos)}
     shipped = [greedy(cand, p, NEW_TOKENS, eos)[0] for p in prompts]
-    forced = [teacher_forced(cand, p, c) for p, c in zip(prompts, shipped, strict=True)]
-    agree = sum(
-        a == b for f, c in zip(forced, shipped, strict=True) for a, b in zip(f, c, strict=True)
-    )
-    fid["host_agreement"] = agree / max(1, sum(len(c) for c in shipped))
+    fid["host_agreement"] = forced_agreement(cand, prompts, shipped)
     reference = {
         "prompts": [
             {"prompt": p, "continuation": s, "fp32_continuation": f}
@@ -226,6 +264,50 @@ def _measure(
         ]
     }
     return fid, reference
+
+
+def _host_check(reference: dict[str, Any], eos: list[int]) -> Callable[[Path], dict[str, Any]]:
+    """The device check run on the build host against the file as shipped: a format conversion
+    (.ort, optimized at conversion time) must not move it off the reference."""
+
+    def check(model_file: Path) -> dict[str, Any]:
+        prompts = [p["prompt"] for p in reference["prompts"]]
+        want = [p["continuation"] for p in reference["prompts"]]
+        sess = session(model_file)
+        agreement = forced_agreement(sess, prompts, want)
+        if agreement < DEVICE_MIN_AGREEMENT:
+            raise UserError(
+                f"{model_file.name} on this host picks the reference's next token at only "
+                f"{agreement:.1%} of positions (the device check needs "
+                f'{DEVICE_MIN_AGREEMENT:.0%}); build for a profile with [format] model = "onnx".'
+            )
+        prefix = greedy_prefix(sess, prompts, want, eos)["greedy_prefix_tokens"]
+        return {"host_agreement": agreement, "host_greedy_prefix_tokens": prefix}
+
+    return check
+
+
+def _setting_record(
+    config: BuildConfig,
+    profile: TargetProfile,
+    setting: Setting,
+    candidate: OnnxModel,
+    fid: dict[str, Any],
+) -> dict[str, Any]:
+    """The weight-only setting this target asked for, where it came from, and what it cost."""
+    source = "--precision" if config.precision else "profile"
+    if not config.precision and "precision" not in profile.section("decoder"):
+        source = "default"
+    return {
+        "precision": setting[0],
+        "precision_from": source,
+        "accuracy_level": setting[1],
+        "shipped_precision": candidate.precision,
+        "perplexity": fid["perplexity"],
+        "perplexity_fp32": fid["perplexity_fp32"],
+        "relative_perplexity_increase": fid["relative_perplexity_increase"],
+        "top1_agreement": fid["top1_agreement"],
+    }
 
 
 def _manifest(
@@ -238,6 +320,9 @@ def _manifest(
     validation: dict[str, Any],
     context: int,
 ) -> dict[str, Any]:
+    """Everything but the shipped file's name, sum and size, which packaging adds after any
+    format conversion."""
+    fmt = profile.section("format")
     return {
         "task": model.task,
         "family": "decoder",
@@ -245,14 +330,17 @@ def _manifest(
         "target": {
             "name": profile.name,
             "description": profile.description,
-            "format": {"model": "onnx"},
+            "format": {
+                k: v
+                for k, v in fmt.items()
+                if k in ("model", "ort_optimization_style", "ort_target_platform")
+            },
             "runtime": {"package": "onnxruntime"},
         },
         "model": {
-            "file": "model.onnx",
-            "sha256": candidate.sha256,
-            "bytes": candidate.path.stat().st_size,
             "precision": candidate.precision,
+            "onnx_sha256": candidate.sha256,
+            "onnx_bytes": candidate.path.stat().st_size,
             "fp32_bytes": fp32.path.stat().st_size,
             "graph": fp32.records.get("graph", "traced by optimum"),
         },

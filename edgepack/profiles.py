@@ -69,7 +69,15 @@ SCHEMA: dict[str, dict[str, Spec] | Spec] = {
         "package": (str, True, None),
         "install": (str, False, None),
     },
+    # Generative decoders only (weight-only quantization); a profile without it serves decoders
+    # with the defaults, int4 at accuracy level 4.
+    "decoder": {
+        "precision": (str, False, ("int4", "int8", "fp32")),
+        # MatMulNBits compute type: 4 = int8 activations (the CPU's dot-product kernels), 0 = fp32.
+        "accuracy_level": (int, False, (0, 1, 2, 3, 4)),
+    },
 }
+OPTIONAL_SECTIONS = frozenset({"decoder"})
 
 
 @dataclass(frozen=True)
@@ -105,6 +113,8 @@ def _check(data: dict[str, Any], schema: dict[str, Any], where: str, source: str
             raise UserError(f"{source}: unknown key {where}{key!r}. {choices_hint(key, schema)}")
     for key, spec in schema.items():
         if isinstance(spec, dict):
+            if key not in data and key in OPTIONAL_SECTIONS:
+                continue
             if key not in data:
                 raise UserError(f"{source}: missing section [{where}{key}].")
             if not isinstance(data[key], dict):
@@ -125,7 +135,7 @@ def _check(data: dict[str, Any], schema: dict[str, Any], where: str, source: str
                 f"{source}: {where}{key} = {value!r} is not allowed. "
                 f"{choices_hint(str(value), map(str, allowed))}"
             )
-        if typ is int and value <= 0:
+        if typ is int and allowed is None and value <= 0:
             raise UserError(f"{source}: {where}{key} must be positive, got {value}.")
 
 

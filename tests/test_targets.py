@@ -68,3 +68,18 @@ def test_user_written_profile_file_works(tmp_path: Path) -> None:
 def test_missing_profile_file() -> None:
     with pytest.raises(UserError, match="does not exist"):
         load_target("nowhere/custom.toml")
+
+
+def test_decoder_section_is_optional_and_checked() -> None:
+    """Profiles that serve decoders state their weight-only setting; the fixed-shape variants
+    (NNAPI, CoreML) have none, and a bad value fails with one line."""
+    served = {p.name: p.section("decoder") for p in list_targets() if p.section("decoder")}
+    assert {"arm64", "cpu", "cpu-vnni", "android", "ios"} <= set(served)
+    assert all(s == {"precision": "int4", "accuracy_level": 4} for s in served.values())
+    assert load_target("android-nnapi").section("decoder") == {}
+    fp32 = parse_profile(GOOD.replace("accuracy_level = 4", "accuracy_level = 0"), "c.toml")
+    assert fp32.section("decoder")["accuracy_level"] == 0
+    with pytest.raises(UserError, match=r"decoder\.accuracy_level = 5 is not allowed"):
+        parse_profile(GOOD.replace("accuracy_level = 4", "accuracy_level = 5"), "c.toml")
+    with pytest.raises(UserError, match=r"decoder\.precision = 'int2' is not allowed.*int4"):
+        parse_profile(GOOD.replace('precision = "int4"', 'precision = "int2"'), "c.toml")

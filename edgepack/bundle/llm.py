@@ -7,15 +7,20 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from edgepack.artifacts import sha256_file
 from edgepack.bundle.manifest import write_manifest, write_sums
 from edgepack.bundle.sign import sign_bundle
-from edgepack.bundle.write import publish, staging, write_tar
+from edgepack.bundle.write import publish, staging, to_ort_format, write_tar
 
 HARNESS = Path(__file__).resolve().parent.parent / "harness" / "bench_llm.py"
 REFERENCE = "reference.json"
+# The converter's list of operators and types the model uses: what a reduced (minimal) onnxruntime
+# build must include; the encoder bundles ship it under the same name.
+OPERATOR_CONFIG = "required_operators_and_types.config"
 # run.sh of a decoder bundle: checks the greedy continuations against the host's, then measures.
 RUN_SH = """#!/bin/sh
 # Verifies SHA256SUMS, checks greedy continuations against the build host's, measures TTFT,
@@ -38,7 +43,12 @@ def _readme(name: str, manifest: dict[str, Any]) -> str:
             f"{manifest['model']['precision']} text-generation model for "
             f"**{manifest['target']['name']}**, built by edgepack from `{manifest['source']['model']}`.",
             "",
-            f"- Model file: `{manifest['model']['file']}` ({manifest['model']['bytes'] / 1e6:.1f} MB)",
+            f"- Model file: `{manifest['model']['file']}` ({manifest['model']['bytes'] / 1e6:.1f} MB)"
+            + (
+                f"; operators for a reduced onnxruntime build: `{OPERATOR_CONFIG}`"
+                if manifest["model"].get("operator_config")
+                else ""
+            ),
             f"- Held-out perplexity {fid.get('perplexity', float('nan')):.2f} "
             f"(fp32 {fid.get('perplexity_fp32', float('nan')):.2f}), next-token top-1 agreement "
             f"{fid.get('top1_agreement', float('nan')):.3f}",
@@ -57,6 +67,14 @@ def _readme(name: str, manifest: dict[str, Any]) -> str:
     )
 
 
+def _device_model(model_path: Path, tmp: Path, fmt: dict[str, Any]) -> tuple[Path, Path | None]:
+    """The model in the profile's format (as the encoder bundles convert it) and, for .ort, the
+    operator config."""
+    if fmt.get("model") == "ort":
+        return to_ort_format(model_path, tmp, fmt)
+    return model_path, None
+
+
 def package_decoder(
     out_root: Path,
     name: str,
@@ -66,13 +84,32 @@ def package_decoder(
     manifest: dict[str, Any],
     force: bool,
     sign_key: Path | None = None,
+    *,
+    fmt: dict[str, Any] | None = None,
+    check: Callable[[Path], dict[str, Any]] | None = None,
 ) -> tuple[Path, Path]:
-    """Write ``<out_root>/<name>`` and its .tar.gz atomically; returns (folder, tarball)."""
+    """Write ``<out_root>/<name>`` and its .tar.gz atomically; returns (folder, tarball).
+
+    ``fmt`` is the profile's [format] section; ``check`` runs on the converted model file before
+    anything is written (it raises to stop the bundle) and its figures go in manifest ``check``.
+    """
     manifest["reference"] = {"inputs": REFERENCE, "outputs": REFERENCE}
     with staging(out_root, name) as tmp:
+        model_file, op_config = _device_model(model_path, tmp, fmt or {"model": "onnx"})
+        manifest["model"] = {
+            "file": "model.ort" if model_file.suffix == ".ort" else "model.onnx",
+            "sha256": sha256_file(model_file),
+            "bytes": model_file.stat().st_size,
+            **manifest["model"],
+            "operator_config": OPERATOR_CONFIG if op_config is not None else None,
+        }
+        if check is not None:
+            manifest["check"] = {**manifest.get("check", {}), **check(model_file)}
         folder = tmp / name
         folder.mkdir()
-        shutil.copy2(model_path, folder / "model.onnx")
+        shutil.copy2(model_file, folder / manifest["model"]["file"])
+        if op_config is not None:
+            shutil.copy2(op_config, folder / OPERATOR_CONFIG)
         shutil.copytree(tokenizer_dir, folder / "tokenizer")
         shutil.copy2(HARNESS, folder / "bench.py")
         for shared in ("bundle_check.py", "edgepack_decode.py", "edgepack_runtime.py"):

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from edgepack.families.generate import greedy, token_scores, windows
+from edgepack.families.generate import greedy, teacher_forced, token_scores, windows
 
 # Perplexity windows: 256 tokens, non-overlapping, each scored fresh (the notes' anchors use the
 # same, so figures compare across builds and with the benchmark table).
@@ -56,6 +56,19 @@ def greedy_prefix(
         "greedy_prefix_mean": float(np.mean(lengths)) if lengths else 0.0,
         "greedy_new_tokens": max((len(w) for w in references), default=0),
     }
+
+
+def forced_agreement(
+    candidate: Any, prompts: list[list[int]], continuations: list[list[int]]
+) -> float:
+    """Share of positions where, fed each prompt and continuation, the graph's next-token argmax
+    is the continuation's token: the device check's measure (harness/bench_llm.py)."""
+    agree = total = 0
+    for prompt, want in zip(prompts, continuations, strict=True):
+        got = teacher_forced(candidate, prompt, want)
+        agree += sum(a == b for a, b in zip(got, want, strict=True))
+        total += len(want)
+    return agree / total if total else 1.0
 
 
 def relative_increase(figures: dict[str, float]) -> float:
