@@ -98,7 +98,7 @@ def test_llama_family_graphs_are_fused(tmp_path: Path, kind: str) -> None:
         assert exported.records["graph"] == "fused"
         assert ops.count("GroupQueryAttention") == 2
         assert ops.count("SkipSimplifiedLayerNormalization") == 4  # 3 between, 1 final
-        assert ops.count("MatMul") == 9 and "Softmax" not in ops
+        assert ops.count("MatMul") == 11 and "Softmax" not in ops
 
 
 def test_validation_reports_every_mismatch(tmp_path: Path) -> None:

@@ -41,7 +41,7 @@ def test_bundle_contract(built: tuple[Path, dict]) -> None:
     folder, manifest = built
     assert verify_bundle(folder, None, False) >= 6
     assert manifest["model"]["precision"] == "int8"
-    assert manifest["quantization"]["matmul_nbits"] == 9  # 2 x (qkv, o, gate_up, down) + head
+    assert manifest["quantization"]["matmul_nbits"] == 11  # 2 x (qkv, o, gate, up, down) + head
     assert manifest["export_validation"]["greedy_tokens_matched"] > 0
     fid = manifest["fidelity"]
     assert fid["relative_perplexity_increase"] < 0.2 and fid["top1_agreement"] > 0.9

@@ -60,8 +60,8 @@ def test_int4_fused_graph_stores_the_tied_vocabulary_once(llama_export: tuple[Pa
     out = fp32.with_name("int4.onnx")
     record = quantize_weights(fp32, out, WeightOnlySettings(bits=4))
     ops = _ops(out)
-    # 2 layers x (qkv, o, gate_up, down) + the lm_head; no float MatMul left.
-    assert ops.get("MatMulNBits") == 9 == record["matmul_nbits"]
+    # 2 layers x (qkv, o, gate, up, down) + the lm_head; no float MatMul left.
+    assert ops.get("MatMulNBits") == 11 == record["matmul_nbits"]
     assert record["matmul_left_float"] == 0
     assert ops.get("GatherBlockQuantized") == 1
     assert record["shared_with_lm_head"] == "lm_head.weight"
@@ -121,7 +121,7 @@ def test_int8_stays_on_the_fp32_path(llama_export: tuple[Path, Path]) -> None:
     folder, fp32 = llama_export
     out = fp32.with_name("int8.onnx")
     record = quantize_weights(fp32, out, WeightOnlySettings(bits=8))
-    assert record["matmul_nbits"] == 9 and record["gather_block_quantized"] == 1
+    assert record["matmul_nbits"] == 11 and record["gather_block_quantized"] == 1
     ref, cand = session(fp32), session(out)
     prompts = prompts_for(folder)
     references = [greedy(ref, p, 16, [3])[0] for p in prompts]
