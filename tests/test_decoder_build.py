@@ -117,9 +117,10 @@ def test_the_accuracy_search_widens_int4_to_int8(tmp_path: Path) -> None:
 
 
 def test_perplexity_tolerance_fails_the_build(tmp_path: Path) -> None:
-    """Past the widest step the build fails with every try in one line. Seed 2's int8 costs
-    +0.7 %, 70x the tolerance (int8 noise moves a random model's perplexity either way)."""
-    folder = make_tiny_decoder(tmp_path / "m", "llama", seed=2)
+    """Past the widest step the build fails with every try in one line. Seed 0's int8 costs
+    +0.26 %, 26x the tolerance (int8 noise moves a random model's perplexity either way: seeds
+    2 and 4 improve it)."""
+    folder = make_tiny_decoder(tmp_path / "m", "llama", seed=0)
     texts = write_texts(tmp_path / "texts.txt", 40)
     config = BuildConfig(
         model=str(folder),

@@ -196,6 +196,32 @@ def test_onnxruntime_computes_with_the_weights_we_quantized(tmp_path: Path, bits
     quantize_weights(tmp_path / "m.onnx", tmp_path / "q.onnx", settings)
     x = rng.normal(size=(3, 80)).astype(np.float32)
     got = session(tmp_path / "q.onnx").run(None, {"x": x})[0]
-    codes, scales = quantize_rows(weight.T, bits, 32)
+    codes, scales = quantize_rows(weight.T, bits, settings.block_size)
     np.testing.assert_allclose(got, x @ dequantize(codes, scales, bits, 80).T, atol=1e-4)
     assert np.abs(got - x @ weight).max() > 1e-3  # and it is quantized, not the float weights
+
+
+def test_channel_scales_fold_without_changing_the_fp32_function(
+    llama_export: tuple[Path, Path],
+) -> None:
+    """The AWQ-style scales move into the RMSNorm weights and the up projections: before any
+    rounding the graph computes the same logits, and some groups really were scaled."""
+    import onnx
+
+    from edgepack.quantize import activation_power
+    from edgepack.quantize.weight_only import fold_channel_scales
+
+    folder, fp32 = llama_export
+    ids = [t for p in prompts_for(folder) for t in p] * 4
+    importance = activation_power(fp32, ids, window=32)
+    model = onnx.load(str(fp32))
+    alphas = fold_channel_scales(model, importance, WeightOnlySettings())
+    # 2 layers x (qkv after the input norm, gate/up after the second norm, down after up).
+    assert len(alphas) == 6 and any(a > 0 for a in alphas.values())
+    sess, folded = session(fp32), session(model.SerializeToString())
+    feeds = {"input_ids": np.array([ids[:12]]), "attention_mask": np.ones((1, 12), np.int64)}
+    want = sess.run(["logits"], {**feeds, **empty_past(sess)})[0]
+    got = folded.run(["logits"], {**feeds, **empty_past(folded)})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    changed = [i.name for i in model.graph.initializer if "layernorm" in i.name]
+    assert changed  # the norm weights are still there, now carrying 1/s
