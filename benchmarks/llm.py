@@ -4,6 +4,7 @@ usage:
     python -m benchmarks.llm                                  # builds samples/llm.toml itself
     python -m benchmarks.llm --bundle new=/tmp/out --bundle old=/tmp/old-out/X-arm64
     python -m benchmarks.llm --skip genai --rounds 9
+    python -m benchmarks.llm --algorithms rtn,gptq,hqq,edgepack-rtn   # + int4 algorithm rows
 
 Same machine, same prompts, one process, one thread: perplexity on two held-out texts, time to
 first token for a 32-token prompt and greedy decode speed, in interleaved rounds; peak RSS from a
@@ -23,6 +24,12 @@ from pathlib import Path
 
 import click
 
+from benchmarks.llm_algorithms import (
+    ALGORITHMS,
+    algorithm_note,
+    algorithm_variants,
+    parse_algorithms,
+)
 from benchmarks.llm_build import (
     REPO,
     default_workdir,
@@ -188,6 +195,13 @@ def _variants(
     "--skip", multiple=True, type=click.Choice(["fp32", "genai"]), help="Leave a row out."
 )
 @click.option("--no-rss", is_flag=True, help="Skip the peak-RSS processes.")
+@click.option(
+    "--algorithms",
+    default="",
+    metavar="A,B",
+    help="Extra int4 rows from edgepack's fp32 export, one per algorithm: "
+    f"{', '.join(ALGORITHMS)} (benchmarks/llm_algorithms.py). Default: none.",
+)
 def main(
     bundles: tuple[str, ...],
     workdir: Path | None,
@@ -198,6 +212,7 @@ def main(
     new_tokens: int,
     skip: tuple[str, ...],
     no_rss: bool,
+    algorithms: str,
 ) -> None:
     """Build (or reuse) every variant, measure them side by side, write and print the table."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -206,11 +221,21 @@ def main(
     command = shlex.join(["python", "-m", "benchmarks.llm", *sys.argv[1:]])
     workdir = workdir or default_workdir()
     workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        names = parse_algorithms(algorithms)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--algorithms") from exc
     variants = _variants(_bundles(bundles), workdir, skip)
 
     from transformers import AutoTokenizer
 
+    from edgepack.decoder_build import CALIBRATION_TOKENS
+
     tokenizer = AutoTokenizer.from_pretrained(str(sample_folder()), local_files_only=True)
+    calibration = SAMPLES / "calibration.txt"
+    extra = algorithm_variants(names, workdir, tokenizer, calibration, CALIBRATION_TOKENS)
+    at = next((i for i, v in enumerate(variants) if v.key == "genai"), len(variants))
+    variants[at:at] = extra  # beside edgepack's rows, genai stays last
     streams = texts(tokenizer)
     prompt = streams[0][:prompt_tokens]
     load = os.getloadavg()[0]
@@ -227,7 +252,11 @@ def main(
         rounds=rounds,
         prompt_tokens=len(prompt),
         new_tokens=new_tokens,
-        notes=(load_note, *(n for n in [genai_venv_note(workdir)] if n and "genai" not in skip)),
+        notes=(
+            load_note,
+            *(n for n in [genai_venv_note(workdir)] if n and "genai" not in skip),
+            *(n for n in [algorithm_note(names)] if n),
+        ),
     )
     markdown = render(rows, info, command, time.perf_counter() - started)
     out = out or REPO / "benchmarks" / "results-llm.md"
