@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from conftest import write_tokenizer
+from conftest import write_texts, write_tokenizer
 
 KINDS = ("llama", "qwen2", "gpt2")
 
@@ -73,3 +74,31 @@ def write_gguf(path: Path, arch: str) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def tiny_decoder_config(root: Path, kind: str = "llama", seed: int = 0, **overrides: Any) -> Any:
+    """A build of a tiny decoder with 40 texts as calibration and held-out set. int8 by default:
+    on random weights int4 parts from fp32's greedy path at once, int8 stays on it."""
+    from edgepack.config import BuildConfig
+
+    texts = write_texts(root / "texts.txt", 40)
+    settings = {
+        "model": str(make_tiny_decoder(root / "m", kind, seed=seed)),
+        "calibration": str(texts),
+        "heldout": str(texts),
+        "target": "arm64",
+        "precision": "int8",
+        "out": str(root / "dist"),
+        "max_drop": 0.2,
+        **overrides,
+    }
+    return BuildConfig(**settings)
+
+
+def build_tiny_decoder(root: Path, kind: str = "llama", seed: int = 0, **overrides: Any) -> Any:
+    """The one bundle ``tiny_decoder_config`` builds (its BuildResult)."""
+    from edgepack.pipeline import build
+    from edgepack.progress import Progress
+
+    (result,) = build(tiny_decoder_config(root, kind, seed, **overrides), Progress(quiet=True))
+    return result

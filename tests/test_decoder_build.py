@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import write_texts
-from decoder_factory import make_tiny_decoder
+from decoder_factory import build_tiny_decoder, make_tiny_decoder, tiny_decoder_config
 
 from edgepack.bundle import verify_bundle
 from edgepack.config import BuildConfig
@@ -21,19 +21,7 @@ from edgepack.progress import Progress
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    root = tmp_path_factory.mktemp("llm-build")
-    folder = make_tiny_decoder(root / "m", "llama")
-    texts = write_texts(root / "texts.txt", 40)
-    config = BuildConfig(
-        model=str(folder),
-        calibration=str(texts),
-        heldout=str(texts),
-        target="arm64",
-        precision="int8",
-        out=str(root / "dist"),
-        max_drop=0.2,
-    )
-    (result,) = build(config, Progress(quiet=True))
+    result = build_tiny_decoder(tmp_path_factory.mktemp("llm-build"))
     return result.folder, result.manifest
 
 
@@ -99,17 +87,7 @@ def test_harness_fails_on_a_changed_reference(built: tuple[Path, dict], tmp_path
 def test_the_accuracy_search_widens_int4_to_int8(tmp_path: Path) -> None:
     """int4 costs a random model far more perplexity than 2 %: the search moves on to int8 and
     records both tries."""
-    folder = make_tiny_decoder(tmp_path / "m", "llama")
-    texts = write_texts(tmp_path / "texts.txt", 40)
-    config = BuildConfig(
-        model=str(folder),
-        heldout=str(texts),
-        calibration=str(texts),
-        precision="int4",
-        out=str(tmp_path / "dist"),
-        max_drop=0.02,
-    )
-    (result,) = build(config, Progress(quiet=True))
+    result = build_tiny_decoder(tmp_path, precision="int4", max_drop=0.02)
     tried = result.manifest["fidelity"]["tried"]
     assert [t["precision"] for t in tried] == ["int4", "int8"]
     assert tried[0]["increase"] > 0.02 >= tried[1]["increase"]
@@ -120,16 +98,7 @@ def test_perplexity_tolerance_fails_the_build(tmp_path: Path) -> None:
     """Past the widest step the build fails with every try in one line. Seed 0's int8 costs
     +0.26 %, 26x the tolerance (int8 noise moves a random model's perplexity either way: seeds
     2 and 4 improve it)."""
-    folder = make_tiny_decoder(tmp_path / "m", "llama", seed=0)
-    texts = write_texts(tmp_path / "texts.txt", 40)
-    config = BuildConfig(
-        model=str(folder),
-        heldout=str(texts),
-        calibration=str(texts),
-        precision="int4",
-        out=str(tmp_path / "dist"),
-        max_drop=0.0001,
-    )
+    config = tiny_decoder_config(tmp_path, seed=0, precision="int4", max_drop=0.0001)
     with pytest.raises(UserError, match=r"no weight-only precision .* \(int4 \+.*%, int8 \+.*%\)"):
         build(config, Progress(quiet=True))
     assert not (tmp_path / "dist" / "m-arm64").exists()

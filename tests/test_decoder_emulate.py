@@ -13,33 +13,17 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import write_texts
-from decoder_factory import make_tiny_decoder
+from decoder_factory import build_tiny_decoder
 
 from edgepack.bundle.manifest import write_sums
 from edgepack.cli import cli
-from edgepack.config import BuildConfig
 from edgepack.device import emulate
 from edgepack.errors import UserError
-from edgepack.pipeline import build
-from edgepack.progress import Progress
 
 
 @pytest.fixture(scope="module")
 def decoder_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("llm-emulate")
-    texts = write_texts(root / "texts.txt", 40)
-    config = BuildConfig(
-        model=str(make_tiny_decoder(root / "m", "llama")),
-        calibration=str(texts),
-        heldout=str(texts),
-        target="arm64",
-        precision="int8",
-        out=str(root / "dist"),
-        max_drop=0.2,
-    )
-    (result,) = build(config, Progress(quiet=True))
-    return result.folder
+    return build_tiny_decoder(tmp_path_factory.mktemp("llm-emulate")).folder
 
 
 def test_decoder_check_passes_on_emulated_aarch64(sysroot: Path, decoder_bundle: Path) -> None:

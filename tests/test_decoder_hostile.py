@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from conftest import write_texts
-from decoder_factory import make_tiny_decoder, write_gguf
+from decoder_factory import build_tiny_decoder, make_tiny_decoder, write_gguf
 
 from edgepack.cli import cli
 from edgepack.config import BuildConfig
@@ -156,18 +156,7 @@ def test_a_context_shorter_than_prompt_and_continuation_is_refused(tmp_path: Pat
 def test_gpt2_perplexity_windows_stay_inside_its_positions(tmp_path: Path) -> None:
     """GPT-2 learns one embedding per position: a 256-token perplexity window on a 64-token
     context made onnxruntime fail on the position Gather, with a traceback, mid-build."""
-    model = make_tiny_decoder(tmp_path / "m", "gpt2")
-    texts = write_texts(tmp_path / "texts.txt", 40)
-    config = BuildConfig(
-        model=str(model),
-        heldout=str(texts),
-        calibration=str(texts),
-        target="arm64",
-        precision="int8",
-        out=str(tmp_path / "dist"),
-        max_drop=0.2,
-    )
-    (result,) = build(config, Progress(quiet=True))
+    result = build_tiny_decoder(tmp_path, "gpt2")
     fid = result.manifest["fidelity"]
     assert fid["perplexity_window"] == result.manifest["generation"]["context_length"] == 64
     assert fid["tokens"] > 64 and fid["relative_perplexity_increase"] < 0.2

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from conftest import write_texts
-from decoder_factory import make_tiny_decoder
+from decoder_factory import build_tiny_decoder, make_tiny_decoder
 
 from edgepack import decoder_build
 from edgepack.bundle import verify_bundle
@@ -105,19 +105,7 @@ def test_one_quantization_per_distinct_setting(
 @pytest.fixture(scope="module")
 def android(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     """int8: on random weights int4 greedy parts from fp32 at once; int8 stays on its path."""
-    root = tmp_path_factory.mktemp("llm-android")
-    folder = make_tiny_decoder(root / "m", "llama")
-    texts = write_texts(root / "texts.txt", 40)
-    config = BuildConfig(
-        model=str(folder),
-        calibration=str(texts),
-        heldout=str(texts),
-        target="android",
-        precision="int8",
-        out=str(root / "dist"),
-        max_drop=0.2,
-    )
-    (result,) = build(config, Progress(quiet=True))
+    result = build_tiny_decoder(tmp_path_factory.mktemp("llm-android"), target="android")
     return result.folder, result.manifest
 
 
