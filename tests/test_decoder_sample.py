@@ -41,15 +41,16 @@ def test_sample_llm_build_and_device_check(sample_bundle: Path) -> None:
     folder = sample_bundle
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["export_validation"]["max_abs_logit_diff_vs_pytorch"] < 1e-2
-    # Fused graph, vocabulary stored once: 84.8 MB, under onnxruntime-genai's int4 (86.5 MB).
-    assert manifest["model"]["bytes"] < 86e6 and manifest["model"]["fp32_bytes"] > 500e6
+    # Fused graph, vocabulary stored once: 78.2 MB, under onnxruntime-genai's int4 (86.5 MB).
+    assert manifest["model"]["bytes"] < 80e6 and manifest["model"]["fp32_bytes"] > 500e6
     assert manifest["model"]["graph"] == "fused"
     assert manifest["quantization"]["shared_with_lm_head"] == "lm_head.weight"
     assert manifest["quantization"]["calibrated"]
     fid = manifest["fidelity"]
-    # int4 with the searched scales: 38.4 against fp32's 30.5 (round-to-nearest: 44.2).
-    assert 25 < fid["perplexity_fp32"] < 40 and fid["relative_perplexity_increase"] < 0.3
-    assert fid["top1_agreement"] > 0.65
+    # int4 (awq + searched scales, blocks 64/32): 39.40 against fp32's 30.53 (+29 %); the same
+    # format rounded to nearest: 46.52 (+52 %); onnxruntime-genai's builder: 40.34 (+32 %).
+    assert 25 < fid["perplexity_fp32"] < 40 and fid["relative_perplexity_increase"] < 0.35
+    assert fid["top1_agreement"] > 0.68
     run = subprocess.run(
         [sys.executable, str(folder / "bench.py"), "--new-tokens", "16"],
         capture_output=True, text=True, timeout=600,
