@@ -39,7 +39,7 @@ def test_algorithm_rows_build_and_measure(fused: tuple[Path, list[int]], tmp_pat
         path, record = build_algorithm(name, src, ids, tmp_path, window=64)
         assert time.perf_counter() - start < 10, f"{name} is too slow for this test"
         records[name] = record
-        assert record["matmul_nbits"] == 9 and record["matmul_left_float"] == 0  # lm_head too
+        assert record["matmul_nbits"] == 11 and record["matmul_left_float"] == 0  # lm_head too
         variants.append(LlmVariant(name, name, path, _note(name, record)))
     assert records["gptq"]["calibration_tokens"] == 256  # 4 full windows of 64, tail dropped
     assert records["rtn"]["embedding"] == "int4 GatherBlockQuantized"
