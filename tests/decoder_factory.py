@@ -81,6 +81,7 @@ def tiny_decoder_config(root: Path, kind: str = "llama", seed: int = 0, **overri
     on random weights int4 parts from fp32's greedy path at once, int8 stays on it."""
     from edgepack.config import BuildConfig
 
+    root.mkdir(parents=True, exist_ok=True)
     texts = write_texts(root / "texts.txt", 40)
     settings = {
         "model": str(make_tiny_decoder(root / "m", kind, seed=seed)),

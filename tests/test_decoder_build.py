@@ -249,3 +249,17 @@ def test_a_prompt_that_does_not_fit_is_refused_at_its_real_length(
         assert "Traceback" not in run.stderr
     assert not (folder / "__pycache__").exists()
     assert verify_bundle(folder) >= 6
+
+
+def test_a_rebuild_reuses_the_greedy_validation(tmp_path: Path) -> None:
+    """The check against PyTorch is kept with the export: building the same checkpoint again adds
+    no validation entry and records the same figures."""
+    from edgepack.cache import cache_root
+
+    first = build_tiny_decoder(tmp_path / "a", seed=3)
+    entries = sorted((cache_root() / "validate").iterdir())
+    second = build_tiny_decoder(tmp_path / "b", seed=3)
+    assert sorted((cache_root() / "validate").iterdir()) == entries
+    validation = first.manifest["export_validation"]
+    assert validation == second.manifest["export_validation"]
+    assert validation["greedy_tokens_matched"] > 0
