@@ -145,9 +145,10 @@ def _quantized(
 
 
 def _validated(fp32: OnnxModel, model: HFModel, prompts: list[list[int]]) -> dict[str, Any]:
-    """The export's greedy check against PyTorch, behind the cache: it is a third of a rebuild's
-    time on SmolLM2 (49 s) and depends only on the graph, the prompts and the checkpoint. A
-    failed check raises and is not kept."""
+    """The export's greedy check against PyTorch, behind the cache: it loads the checkpoint in
+    PyTorch and decodes every prompt twice (SmolLM2: 10 s on a quiet host, 49 s on a busy one),
+    and depends only on the graph, the prompts and the checkpoint. A failed check raises and is
+    not kept."""
     from edgepack.export import validate_generation
 
     def make(out: Path) -> OnnxModel:
