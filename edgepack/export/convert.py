@@ -64,7 +64,11 @@ def labels_of(folder: Path) -> list[str] | None:
     return [str(id2label[k]) for k in sorted(id2label, key=int)]
 
 
-def _export_folder(model: HFModel, staging: Path, opset: int | None) -> None:
+def optimum_export(
+    model: HFModel, staging: Path, opset: int | None, task: str | None = None
+) -> None:
+    """optimum's exporter, offline and quiet, into ``staging``; ``task`` overrides the model's
+    (decoders export ``text-generation-with-past``)."""
     from optimum.exporters.onnx import main_export
 
     with exporter_errors(f"could not export {model.source}"), warnings.catch_warnings():
@@ -72,7 +76,7 @@ def _export_folder(model: HFModel, staging: Path, opset: int | None) -> None:
         main_export(
             str(model.path),
             output=str(staging),
-            task=model.task,
+            task=task or model.task,
             library_name=model.library,
             opset=opset,
             do_validation=False,
@@ -91,7 +95,7 @@ def export_onnx(model: HFModel, out_dir: Path, opset: int | None = None) -> Onnx
         export_pruned(model.path, staging, model.task, model.library)
         copy_tokenizer_files(model.path, staging)
     else:
-        _export_folder(model, staging, opset)
+        optimum_export(model, staging, opset)
     primary = family_of(model.model_type).primary_output(model.task, model.library)
     return collect_export(model, staging, out_dir, primary, {"source_model": model.source})
 

@@ -20,7 +20,7 @@ from edgepack.artifacts import HFModel, OnnxModel
 from edgepack.cache import cached
 from edgepack.errors import UserError, exporter_errors
 from edgepack.evaluate import session
-from edgepack.export.convert import collect_export
+from edgepack.export.convert import collect_export, optimum_export
 from edgepack.export.decoder_graph import GRAPH_VERSION, fusable, write_fused
 from edgepack.families import decoder
 from edgepack.families.generate import greedy
@@ -43,22 +43,6 @@ def eos_ids(folder: Path) -> list[int]:
     return []
 
 
-def _trace(model: HFModel, staging: Path, opset: int | None) -> None:
-    from optimum.exporters.onnx import main_export
-
-    with exporter_errors(f"could not export {model.source}"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        main_export(
-            str(model.path),
-            output=str(staging),
-            task=decoder.EXPORT_TASK,
-            opset=opset,
-            do_validation=False,
-            local_files_only=True,
-            trust_remote_code=False,
-        )
-
-
 def export_decoder(model: HFModel, out_dir: Path, opset: int | None = None) -> OnnxModel:
     """Llama-family checkpoints get the fused graph written from their weights; the rest are
     traced by optimum. The generation check is a separate step (``validate_generation``)."""
@@ -72,7 +56,7 @@ def export_decoder(model: HFModel, out_dir: Path, opset: int | None = None) -> O
             write_fused(model.path, staging / "model.onnx", context)
         copy_tokenizer_files(model.path, staging)
     else:
-        _trace(model, staging, opset)
+        optimum_export(model, staging, opset, decoder.EXPORT_TASK)
     records = {
         "source_model": model.source,
         "eos_token_ids": eos_ids(model.path),

@@ -31,10 +31,11 @@ def empty_past(session: Any) -> dict[str, np.ndarray]:
     return past
 
 
-def step(
+def step_feeds(
     session: Any, ids: Sequence[int], past: dict[str, np.ndarray], start: int
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """One forward pass over ``ids`` after ``start`` cached positions: (logits [n, vocab], new past)."""
+) -> dict[str, np.ndarray]:
+    """The inputs of one pass over ``ids`` after ``start`` cached positions, as the graph names
+    them (``position_ids`` only where it has one)."""
     n = len(ids)
     names = {i.name for i in session.get_inputs()}
     feeds = {
@@ -44,8 +45,15 @@ def step(
     }
     if "position_ids" in names:
         feeds["position_ids"] = np.arange(start, start + n, dtype=np.int64)[None]
+    return {k: v for k, v in feeds.items() if k in names}
+
+
+def step(
+    session: Any, ids: Sequence[int], past: dict[str, np.ndarray], start: int
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """One forward pass over ``ids`` after ``start`` cached positions: (logits [n, vocab], new past)."""
     outputs = [o.name for o in session.get_outputs()]
-    values = session.run(outputs, {k: v for k, v in feeds.items() if k in names})
+    values = session.run(outputs, step_feeds(session, ids, past, start))
     result = dict(zip(outputs, values, strict=True))
     new_past = {past_name(k): v for k, v in result.items() if k.startswith(PRESENT_PREFIX)}
     return result["logits"][0], new_past

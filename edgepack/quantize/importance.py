@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from edgepack.families.generate import empty_past, windows
+from edgepack.families.generate import empty_past, step_feeds, windows
 
 WINDOW = 256
 MAX_WINDOWS = 16  # 4,096 tokens: the statistics are stable well before (SmolLM2: < 1 % change)
@@ -46,14 +46,7 @@ def activation_power(path: Path, ids: Sequence[int], window: int = WINDOW) -> di
     sums: dict[str, np.ndarray] = {}
     count = 0
     for chunk in windows(ids, window)[: MAX_WINDOWS * WINDOW // window]:
-        feeds = {
-            "input_ids": np.asarray([chunk], dtype=np.int64),
-            "attention_mask": np.ones((1, len(chunk)), dtype=np.int64),
-            **empty_past(sess),
-        }
-        if "position_ids" in {i.name for i in sess.get_inputs()}:
-            feeds["position_ids"] = np.arange(len(chunk), dtype=np.int64)[None]
-        values = sess.run(names, feeds)
+        values = sess.run(names, step_feeds(sess, chunk, empty_past(sess), 0))
         for name, value in zip(names, values, strict=True):
             flat = value.reshape(-1, value.shape[-1]).astype(np.float64)
             sums[name] = sums.get(name, 0.0) + np.square(flat).sum(axis=0)
