@@ -146,7 +146,7 @@ def _quantized(
 
 def _validated(fp32: OnnxModel, model: HFModel, prompts: list[list[int]]) -> dict[str, Any]:
     """The export's greedy check against PyTorch, behind the cache: it loads the checkpoint in
-    PyTorch and decodes every prompt twice (SmolLM2: 10 s on a quiet host, 49 s on a busy one),
+    PyTorch, decodes every prompt with the graph and runs one PyTorch pass over each continuation,
     and depends only on the graph, the prompts and the checkpoint. A failed check raises and is
     not kept."""
     from edgepack.export import validate_generation
@@ -155,7 +155,12 @@ def _validated(fp32: OnnxModel, model: HFModel, prompts: list[list[int]]) -> dic
         record = validate_generation(fp32, model, prompts, NEW_TOKENS)
         return OnnxModel(**{**fp32.__dict__, "records": {**fp32.records, "validation": record}})
 
-    settings = {"edgepack": __version__, "prompts": prompts, "new_tokens": NEW_TOKENS}
+    settings = {
+        "edgepack": __version__,
+        "prompts": prompts,
+        "new_tokens": NEW_TOKENS,
+        "method": "teacher-forced",
+    }
     digest = hashlib.sha256(f"{fp32.digest}:{model.digest}".encode()).hexdigest()
     validated, _ = cached("validate", settings, digest, OnnxModel, make)
     return validated.records["validation"]

@@ -78,6 +78,20 @@ def test_export_matches_pytorch_greedy(tiny_decoder: Path, tmp_path: Path) -> No
     record = validate_generation(onnx_model, model, prompts, new_tokens=32)
     assert record["greedy_tokens_matched"] > len(prompts)
     assert record["max_abs_logit_diff_vs_pytorch"] < 1e-3
+    # The check is teacher-forced (one forward pass per prompt); PyTorch's own generate agrees.
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from edgepack.evaluate import session
+    from edgepack.families.generate import greedy
+
+    net = AutoModelForCausalLM.from_pretrained(str(tiny_decoder), dtype=torch.float32).eval()
+    sess = session(onnx_model.path, threads=1)
+    for prompt in prompts:
+        ids = torch.tensor([prompt])
+        out = net.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32,
+                           do_sample=False, eos_token_id=3, pad_token_id=3)  # fmt: skip
+        assert greedy(sess, prompt, 32, [3])[0] == out[0, len(prompt) :].tolist()
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])

@@ -4,7 +4,7 @@ from edgepack.export.check import validate
 from edgepack.export.convert import export_cached, export_onnx, io_signature, labels_of
 from edgepack.export.decoder import (
     export_decoder_cached,
-    torch_greedy,
+    torch_logits,
     validate_generation,
 )
 
@@ -14,7 +14,7 @@ __all__ = [
     "export_onnx",
     "io_signature",
     "labels_of",
-    "torch_greedy",
+    "torch_logits",
     "validate",
     "validate_generation",
 ]
