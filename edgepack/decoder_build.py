@@ -249,11 +249,11 @@ def build_decoder(
     context = min(fp32.records["context_length"], model.max_length)
     prompts = _prompts(tokenizer, heldout.texts, context)
     with progress.stage("validate", f"greedy {NEW_TOKENS} tokens x {len(prompts)} vs PyTorch"):
-        validation = _validated(fp32, model, prompts)
+        validation = dict(_validated(fp32, model, prompts))
+    fp32_out = validation.pop("continuations")
     ids = tokenizer("\n".join(heldout.texts), add_special_tokens=False)["input_ids"]
     data = (_calibration_ids(config, tokenizer), ids, context)
     eos = fp32.records["eos_token_ids"]
-    fp32_out = [greedy(session(fp32.path), p, NEW_TOKENS, eos)[0] for p in prompts]
     steps: dict[Setting, tuple[OnnxModel, dict[str, Any]]] = {}
     chosen = {}
     for setting in dict.fromkeys(settings.values()):

@@ -135,4 +135,6 @@ def validate_generation(
         "max_abs_logit_diff_vs_pytorch": max(diffs) if diffs else 0.0,
         "atol": LOGIT_ATOL,
         "method": "teacher-forced argmax",
+        # The graph's own greedy continuations: the build's fp32 reference path, not recomputed.
+        "continuations": [got for got, _ in runs],
     }
