@@ -225,3 +225,31 @@ def test_channel_scales_fold_without_changing_the_fp32_function(
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     changed = [i.name for i in model.graph.initializer if "layernorm" in i.name]
     assert changed  # the norm weights are still there, now carrying 1/s
+
+
+def test_scale_search_equals_the_plain_formula() -> None:
+    """The buffered search keeps the result of the plain per-factor formula, bit for bit."""
+    from edgepack.quantize.blockwise import SEARCH, quantize_rows
+
+    rng = np.random.default_rng(0)
+    weight = (rng.standard_normal((300, 200)) * rng.gamma(1.0, 1.0, 200)).astype(np.float32)
+    weight[3, :64] = 0.0  # an all-zero block
+    importance = rng.gamma(1.0, 1.0, 200).astype(np.float32)
+    for bits in (4, 8):
+        codes, scales = quantize_rows(weight, bits, 64, importance)
+        w = np.pad(weight, ((0, 0), (0, 56))).reshape(300, 4, 64)
+        imp = np.pad(importance, (0, 56)).reshape(1, 4, 64)
+        top, bottom = 2 ** (bits - 1) - 1, -(2 ** (bits - 1))
+        amax = np.abs(w).max(axis=-1, keepdims=True)
+        amax[amax == 0] = 1.0
+        errors = []
+        for factor in SEARCH:
+            scale = amax / (top * factor)
+            q = np.clip(np.rint(w / scale), bottom, top)
+            errors.append(((np.square(q * scale - w) * imp).sum(axis=-1), scale[..., 0]))
+        err = np.stack([e for e, _ in errors])
+        choice = err.argmin(axis=0)[None]  # the first least error, as the search's strict <
+        want = np.take_along_axis(np.stack([s for _, s in errors]), choice, axis=0)[0]
+        want_codes = np.clip(np.rint(w / want[..., None]), bottom, top) - bottom
+        assert np.array_equal(scales, want.astype(np.float32))
+        assert np.array_equal(codes, want_codes.astype(np.uint8))
