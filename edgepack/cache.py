@@ -69,7 +69,8 @@ def cached(
     """Run ``make(out_dir)`` unless an equal run finished before; returns (record, was_cached).
 
     ``enabled=False`` recomputes and replaces the entry. A build that finds another one making the
-    same key waits (silently: the caller shows progress) and returns its record as cached.
+    same key waits, saying for whom, and returns its record as cached (see the module docstring
+    for when it gives up).
     """
     key = stage_key(stage, settings, input_digest)
     stage_dir = cache_root() / stage
