@@ -5,26 +5,49 @@ concurrent builds (two terminals, a CI matrix), so an entry is built in a privat
 beside its final one and published by one atomic rename, with ``artifact.json`` written last: a
 folder at the final name always holds a complete entry. A per-key lock makes a second build of the
 same key wait for the first and reuse its result instead of computing it again.
+
+The lock is flock(2) on ``<stage>/<key>.lock``: the kernel releases it when its holder dies,
+however it dies, so a killed build never blocks another. The holder writes who it is into the
+file and touches it every HEARTBEAT seconds; a waiter prints who it waits for, and gives up
+(UserError) once the holder has shown no heartbeat for EDGEPACK_LOCK_TIMEOUT seconds, i.e. it is
+stopped (Ctrl-Z, SIGSTOP) or hung: a holder that is working is waited for however long its stage
+takes. The holder removes the lock file before unlocking it, so lock files do not pile up; a
+waiter that then gets the removed file sees it is no longer the one at the path and locks that
+one instead, which keeps one holder per key.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import fcntl
 import hashlib
+import json
+import math
 import os
 import secrets
 import shutil
-from collections.abc import Callable
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, TypeVar
 
-from filelock import FileLock, Timeout
-
 from edgepack.artifacts import HFModel, OnnxModel, canonical_json, load_record, save_record
+from edgepack.errors import UserError
 
 R = TypeVar("R", HFModel, OnnxModel)
 TMP_PREFIX = ".tmp-"  # ".tmp-<key>-<pid>-<random>": globbed by _clean_stale, never a key (hex)
+LOCK_TIMEOUT_ENV = "EDGEPACK_LOCK_TIMEOUT"
+# Seconds without a heartbeat before a waiting build gives up. A working holder touches its lock
+# file every HEARTBEAT seconds from a thread, which a long C call holding the GIL (serializing a
+# large ONNX model takes seconds) can delay; five minutes of silence means stopped or hung, and is
+# still short enough that a CI job waiting on a stopped build fails well before its own timeout.
+DEFAULT_LOCK_TIMEOUT = 300.0
+HEARTBEAT = 1.0
+REPORT_EVERY = 30.0  # seconds between "waiting for ..." lines
 
 
 def cache_root() -> Path:
@@ -46,7 +69,8 @@ def cached(
     """Run ``make(out_dir)`` unless an equal run finished before; returns (record, was_cached).
 
     ``enabled=False`` recomputes and replaces the entry. A build that finds another one making the
-    same key waits (silently: the caller shows progress) and returns its record as cached.
+    same key waits, saying for whom, and returns its record as cached (see the module docstring
+    for when it gives up).
     """
     key = stage_key(stage, settings, input_digest)
     stage_dir = cache_root() / stage
@@ -54,7 +78,7 @@ def cached(
     if enabled and (hit := _load(cls, final)) is not None:  # published entries never change
         return hit, True
     stage_dir.mkdir(parents=True, exist_ok=True)
-    with FileLock(stage_dir / f"{key}.lock"):
+    with _key_lock(stage_dir, key, stage):
         _clean_stale(stage_dir, key)
         if enabled and (hit := _load(cls, final)) is not None:  # made while we waited
             return hit, True
@@ -136,7 +160,8 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _clean_stale(stage_dir: Path, key: str) -> None:
-    """Remove temporary folders of builds that were killed (SIGKILL, power loss).
+    """Remove temporary folders of builds that were killed (SIGKILL, power loss), and their lock
+    files.
 
     Called holding ``key``'s lock, so this key's temporary folders are all stale. Another key's is
     removed only if its pid is dead *and* its lock is free: a live build in another pid namespace
@@ -147,6 +172,150 @@ def _clean_stale(stage_dir: Path, key: str) -> None:
         pid = rest.split("-", 1)[0]
         if other == key:
             shutil.rmtree(tmp, ignore_errors=True)
-        elif pid.isdigit() and not _pid_alive(int(pid)):
-            with contextlib.suppress(Timeout), FileLock(stage_dir / f"{other}.lock", timeout=0):
-                shutil.rmtree(tmp, ignore_errors=True)
+        elif (
+            pid.isdigit()
+            and not _pid_alive(int(pid))
+            and (fd := _try_lock(stage_dir / f"{other}.lock")) is not None
+        ):
+            shutil.rmtree(tmp, ignore_errors=True)
+            _release(fd, stage_dir / f"{other}.lock")
+    for lock in stage_dir.glob("*.lock"):  # left by killed holders; a held one stays
+        if lock.stem != key and (fd := _try_lock(lock)) is not None:
+            _release(fd, lock)
+
+
+def lock_timeout() -> float:
+    """EDGEPACK_LOCK_TIMEOUT in seconds, or the default when it is unset."""
+    raw = os.environ.get(LOCK_TIMEOUT_ENV, "").strip()
+    if not raw:
+        return DEFAULT_LOCK_TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise UserError(
+            f"{LOCK_TIMEOUT_ENV}={raw!r} is not a number of seconds; give one such as 600, "
+            f"or unset it for the default {DEFAULT_LOCK_TIMEOUT:.0f}."
+        )
+    return value
+
+
+def _flock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _at_path(fd: int, path: Path) -> bool:
+    """Whether ``path`` still names the file open as ``fd`` (a holder may have removed it)."""
+    try:
+        named, held = os.stat(path), os.fstat(fd)
+    except FileNotFoundError:
+        return False
+    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
+
+
+def _try_lock(path: Path) -> int | None:
+    """The lock on ``path`` if it is free right now, else None."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    if _flock(fd) and _at_path(fd, path):
+        return fd
+    os.close(fd)
+    return None
+
+
+def _release(fd: int, path: Path) -> None:
+    """Remove the lock file, then unlock it (closing does): see the module docstring."""
+    try:
+        if _at_path(fd, path):
+            path.unlink(missing_ok=True)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def _key_lock(stage_dir: Path, key: str, stage: str) -> Iterator[None]:
+    """Hold ``key``'s lock, saying who holds it and touching it while the block runs."""
+    path, timeout, wait = stage_dir / f"{key}.lock", lock_timeout(), None
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            while not _flock(fd):
+                wait = wait or _Wait(stage, key, timeout)
+                wait.check(fd)
+            if _at_path(fd, path):
+                break
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)  # removed by its last holder while this build waited: lock the new file
+    stop = threading.Event()
+    beat = threading.Thread(target=_heartbeat, args=(fd, stop), daemon=True)
+    try:
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(holder).encode(), 0)
+        beat.start()
+        yield
+    finally:
+        stop.set()
+        if beat.is_alive():
+            beat.join()
+        _release(fd, path)
+
+
+def _heartbeat(fd: int, stop: threading.Event) -> None:
+    while not stop.wait(HEARTBEAT):
+        with suppress(OSError):
+            os.utime(fd)
+
+
+class _Wait:
+    """Waiting for another build's lock: who holds it, since when, and whether it still beats."""
+
+    def __init__(self, stage: str, key: str, timeout: float) -> None:
+        self.stage, self.key, self.timeout = stage, key, timeout
+        self.start = self.beat_at = time.monotonic()
+        self.beat, self.reported, self.pause = -1, -math.inf, 0.05
+
+    def check(self, fd: int) -> None:
+        """Sleep a little; print who holds the lock now and then; give up on a silent holder."""
+        now = time.monotonic()
+        if (mtime := os.fstat(fd).st_mtime_ns) != self.beat:
+            self.beat, self.beat_at = mtime, now
+        holder, pid = _describe(fd)
+        if now - self.beat_at >= self.timeout:
+            raise UserError(
+                f"gave up waiting for the {self.stage} cache entry {self.key[:12]}: the build "
+                f"holding it ({holder}) has shown no sign of progress for "
+                f"{now - self.beat_at:.0f} s ({LOCK_TIMEOUT_ENV}={self.timeout:g}); resume it "
+                f"(kill -CONT {pid}) or end it, then build again, or raise {LOCK_TIMEOUT_ENV}."
+            )
+        if now - self.reported >= REPORT_EVERY:
+            self.reported = now
+            print(
+                f"  waiting for the {self.stage} cache entry {self.key[:12]}, which another "
+                f"build is making ({holder}); waited {now - self.start:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
+        time.sleep(self.pause)
+        self.pause = min(self.pause * 2, 0.5)
+
+
+def _describe(fd: int) -> str:
+    """ "pid N on HOST since HH:MM:SS[, stopped]" from what the holder wrote into its lock file."""
+    try:
+        holder = json.loads(os.pread(fd, 4096, 0))
+        pid, host, since = int(holder["pid"]), str(holder["host"]), float(holder["since"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "it has not said who it is yet"
+    text = f"pid {pid} on {host} since {time.strftime('%H:%M:%S', time.localtime(since))}"
+    if host == socket.gethostname():
+        with suppress(OSError, IndexError):
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            text += ", stopped" if state in ("T", "t") else ""
+    return text, str(pid)

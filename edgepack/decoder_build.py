@@ -15,7 +15,14 @@ from typing import Any
 
 from edgepack import __version__
 from edgepack.artifacts import HFModel, OnnxModel, sha256_file
-from edgepack.bundle import BuildResult, check_destination, check_out_root, package_decoder
+from edgepack.bundle import (
+    BuildResult,
+    Outbox,
+    check_destination,
+    check_out_root,
+    package_decoder,
+    published,
+)
 from edgepack.cache import cached
 from edgepack.calibration import read_texts
 from edgepack.config import BuildConfig
@@ -260,26 +267,27 @@ def build_decoder(
         candidate, fid = _choose(config, fp32, setting, data, progress, steps)
         chosen[setting] = (candidate, *_measure(candidate, fid, prompts, fp32_out, eos))
     results = []
-    for profile in profiles:
-        setting = settings[profile.name]
-        candidate, fid, reference = chosen[setting]
-        manifest = _manifest(config, model, fp32, candidate, profile, fid, validation, context)
-        manifest["decoder"] = _setting_record(config, profile, setting, candidate, fid)
-        with progress.stage("package", profile.name):
-            folder, tar = package_decoder(
-                out,
-                f"{name}-{profile.name}",
-                candidate.path,
-                candidate.tokenizer_dir,
-                reference,
-                manifest,
-                config.force,
-                sign_key,
-                fmt=profile.section("format"),
-                check=_host_check(reference, eos),
-            )
-        results.append(BuildResult(profile.name, folder, tar, manifest, fp32.path))
-    return results
+    with Outbox(out, config.force) as box:  # published together at the end: bundle/outbox.py
+        for profile in profiles:
+            setting = settings[profile.name]
+            candidate, fid, reference = chosen[setting]
+            manifest = _manifest(config, model, fp32, candidate, profile, fid, validation, context)
+            manifest["decoder"] = _setting_record(config, profile, setting, candidate, fid)
+            with progress.stage("package", profile.name):
+                folder, tar = package_decoder(
+                    box,
+                    f"{name}-{profile.name}",
+                    candidate.path,
+                    candidate.tokenizer_dir,
+                    reference,
+                    manifest,
+                    sign_key,
+                    fmt=profile.section("format"),
+                    check=_host_check(reference, eos),
+                )
+            results.append(BuildResult(profile.name, folder, tar, manifest, fp32.path))
+        moved = box.publish()
+    return published(results, moved)
 
 
 def _measure(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -22,6 +23,17 @@ class ToleranceNotMet(Exception):
     """The accuracy tolerance was not met; the best model found was kept."""
 
     exit_code = 3
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM, with what the build had put in the output folder when it came.
+
+    A KeyboardInterrupt, so every cleanup that handles Ctrl-C handles SIGTERM the same way.
+    """
+
+    def __init__(self, signum: int = 2, published: Iterable[Path] = ()) -> None:
+        super().__init__(signum)
+        self.signum, self.published = signum, tuple(published)
 
 
 class BundleTampered(UserError):

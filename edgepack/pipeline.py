@@ -16,7 +16,7 @@ import numpy as np
 
 from edgepack import __version__
 from edgepack.artifacts import HFModel, OnnxModel, canonical_json
-from edgepack.bundle import WRITE_ERRORS, BuildResult, Shared, Shipment, package_target
+from edgepack.bundle import BuildResult, Outbox, Shared, Shipment, package_target, published
 from edgepack.cache import cached
 from edgepack.calibration import TextSet, batches, build_texts, check_lengths, encode, read_texts
 from edgepack.config import BuildConfig
@@ -107,7 +107,8 @@ class _Measured:
 def build(
     config: BuildConfig, progress: Progress, sign_key: Path | None = None
 ) -> list[BuildResult]:
-    """Build one bundle per target named by ``config.target``, then the summary and the report.
+    """Build one bundle per target named by ``config.target``, then the summary and the report;
+    all of them are published together at the end (bundle/outbox.py says why).
 
     ``sign_key`` signs every bundle; it is not part of the config, so no manifest names the key.
     """
@@ -125,13 +126,17 @@ def build(
         profiles = resolve_targets(config.target)
         measured = _Measured()
         results = []
-        for profile in profiles:
-            ship = _ship(shared, texts, profile, measured, progress)
-            with progress.stage("package", profile.name):
-                results.append(package_target(shared, ship))
-        original_fp32 = _original_export(original, shared.model, progress)
-    finish(results, progress, Path(config.out), original_fp32)
-    return results
+        out = Path(config.out)
+        with Outbox(out, config.force) as box:
+            for profile in profiles:
+                ship = _ship(shared, texts, profile, measured, progress)
+                with progress.stage("package", profile.name):
+                    results.append(package_target(shared, ship, box))
+            original_fp32 = _original_export(original, shared.model, progress)
+            finish(results, progress, box, original_fp32)
+            moved = box.publish()
+    progress.note(f"report: {out / 'report.md'} and {out / 'report.html'}")
+    return published(results, moved)
 
 
 def _generative(config: BuildConfig, progress: Progress) -> HFModel | None:
@@ -247,24 +252,17 @@ def _original_export(original: HFModel, model: HFModel, progress: Progress) -> P
 
 
 def finish(
-    results: list[BuildResult], progress: Progress, out: Path, original: Path | None = None
+    results: list[BuildResult], progress: Progress, box: Outbox, original: Path | None = None
 ) -> None:
-    """Host latency beside fp32 (and the original model), the summary table and the report."""
+    """Host latency beside fp32 (and the original model), the summary table, and the report,
+    written into ``box`` to be published with the bundles."""
     from edgepack.report import write_report
     from edgepack.summary import measure_latency, print_summary
 
     latency = measure_latency(results, progress, original)
     print_summary(results, latency, progress)
-    try:
-        md, page = write_report(results, latency, dict(progress.timings), out)
-    except OSError as exc:
-        if exc.errno not in WRITE_ERRORS:
-            raise
-        raise UserError(
-            f"could not write the build report into {out}: {exc.strerror or exc}; the bundles "
-            "themselves are complete."
-        ) from None
-    progress.note(f"report: {md} and {page}")
+    with box.report_folder() as folder:
+        write_report(results, latency, dict(progress.timings), folder)
 
 
 def raise_if_tolerance_missed(results: list[BuildResult]) -> None:

@@ -119,7 +119,7 @@ def full_disk(tmp_path: Path):
 def test_a_full_disk_while_writing_the_report_leaves_no_half_report(
     tiny_st: Path, texts_file: Path, tmp_path: Path, full_disk: Path
 ) -> None:
-    from edgepack.bundle import read_manifest
+    from edgepack.bundle import Outbox, read_manifest
     from edgepack.bundle.target import BuildResult
     from edgepack.errors import UserError
     from edgepack.pipeline import finish
@@ -130,7 +130,10 @@ def test_a_full_disk_while_writing_the_report_leaves_no_half_report(
     folder = tmp_path / "dist" / f"{tiny_st.name}-cpu"
     model = folder / "model.onnx"
     result = BuildResult("cpu", folder, folder.with_suffix(".tar.gz"), read_manifest(folder), model)
-    with pytest.raises(UserError, match=r"could not write the build report .* No space left"):
-        finish([result], Progress(quiet=True), full_disk)
+    with (
+        pytest.raises(UserError, match=r"could not write the build report .* No space left"),
+        Outbox(full_disk, force=False) as box,
+    ):
+        finish([result], Progress(quiet=True), box)
     assert sorted(p.name for p in full_disk.iterdir()) == ["filler"]  # nothing half-written
     shutil.rmtree(tmp_path / "dist")

@@ -115,3 +115,150 @@ def test_kill_during_a_stage_leaves_no_partial_bundle(
         ).returncode
         == 0
     )
+
+
+# A build whose Progress pauses on entering the Nth run of one stage (after touching a marker
+# file) until a signal ends it: the signal then lands inside that stage however loaded the machine
+# is, where waiting for a line of output races a stage that takes a fraction of a second.
+PAUSING = r"""
+import sys, time
+from contextlib import contextmanager
+from pathlib import Path
+from edgepack.progress import Progress
+
+name, nth, marker = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
+real, seen = Progress.stage, []
+
+@contextmanager
+def stage(self, stage_name, detail=""):
+    if stage_name == name:
+        seen.append(detail)
+        if len(seen) == nth:
+            marker.touch()
+            time.sleep(600)
+    with real(self, stage_name, detail):
+        yield
+
+Progress.stage = stage
+sys.argv = ["edgepack", *sys.argv[4:]]
+from edgepack.cli import main
+main()
+"""
+
+
+def _interrupt_at(
+    stage: str, nth: int, how: signal.Signals, args: list[str], cache: Path, tmp: Path
+) -> tuple[int, str]:
+    """Run ``edgepack build ARGS`` paused in its ``nth`` ``stage``, send ``how``; (code, stderr)."""
+    marker = tmp / f"paused-{stage}-{nth}"
+    env = {**os.environ, "EDGEPACK_CACHE": str(cache), "COLUMNS": "200"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PAUSING, stage, str(nth), str(marker), "build", *args],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr or []), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 600  # guards against a hang only
+    while not marker.exists() and proc.poll() is None:
+        assert time.monotonic() < deadline, "".join(lines)
+        time.sleep(0.05)
+    assert proc.poll() is None, f"build ended before its {stage} stage: {''.join(lines)}"
+    proc.send_signal(how)
+    code = proc.wait(timeout=120)
+    reader.join(timeout=10)
+    return code, "".join(lines)
+
+
+def _everything(out: Path) -> list[str]:
+    return sorted(p.name for p in out.iterdir()) if out.exists() else []
+
+
+def _encoder_args(model: Path, texts: Path, out: Path) -> list[str]:
+    return [
+        "--model", str(model), "--calibration", str(texts), "--samples", "40",
+        "--target", "arm64", "--out", str(out), "--min-cosine", "0.5",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupt_while_measuring_latency_publishes_nothing(
+    how: signal.Signals, tiny_st: Path, texts_file: Path, tmp_path: Path
+) -> None:
+    """The bundle is complete by then, but the build is not: the exit message says nothing was
+    written, so nothing may be; the rerun then needs no --force."""
+    out, cache = tmp_path / "dist", tmp_path / "cache"
+    args = _encoder_args(tiny_st, texts_file, out)
+    code, seen = _interrupt_at("latency", 1, how, args, cache, tmp_path)
+    assert code == 128 + how, seen
+    assert "✓ package" in seen  # the signal came after packaging
+    assert "Interrupted; nothing was written to the output folder." in seen
+    assert "Traceback" not in seen
+    assert _everything(out) == []  # no bundle, archive, report, temporary folder or dist/ itself
+    rerun = _start(tiny_st, texts_file, out, cache)
+    _, stderr = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, stderr
+    assert _visible(out) == [f"{tiny_st.name}-arm64", f"{tiny_st.name}-arm64.tar.gz"]
+    assert (out / "report.md").is_file()
+
+
+def test_an_interrupt_between_two_decoder_bundles_publishes_neither(tmp_path: Path) -> None:
+    """A matrix build stopped after its first bundle was packaged leaves none of them."""
+    from conftest import write_texts
+    from decoder_factory import make_tiny_decoder
+
+    model = make_tiny_decoder(tmp_path / "llama", "llama")
+    texts = write_texts(tmp_path / "texts.txt", 40)
+    out, cache = tmp_path / "dist", tmp_path / "cache"
+    out.mkdir()
+    (out / "mine.txt").write_text("the user's own file")  # a dist/ that was there stays
+    args = ["--model", str(model), "--calibration", str(texts), "--heldout", str(texts)]
+    args += ["--precision", "int8", "--max-drop", "0.2", "--target", "all", "--out", str(out)]
+    code, seen = _interrupt_at("package", 2, signal.SIGINT, args, cache, tmp_path)
+    assert code == 130, seen
+    assert seen.count("✓ package") == 1  # one bundle was complete when the signal came
+    assert "Interrupted; nothing was written to the output folder." in seen
+    assert _everything(out) == ["mine.txt"]
+    rerun = subprocess.run(
+        [sys.executable, "-m", "edgepack.cli", "build", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "EDGEPACK_CACHE": str(cache)},
+        timeout=900,
+    )
+    assert rerun.returncode == 0, rerun.stderr
+    assert len(rerun.stdout.split()) >= 2  # a .tar.gz per target that fits a decoder
+    assert all(Path(tar).is_file() for tar in rerun.stdout.split())
+
+
+def test_a_signal_during_publishing_is_raised_after_it_naming_what_was_published(
+    tmp_path: Path,
+) -> None:
+    """The final renames run with SIGINT held: all of them happen, then the interrupt, whose
+    message can name every published path."""
+    from edgepack.bundle import Outbox
+    from edgepack.errors import Interrupted
+
+    out = tmp_path / "dist"
+    with pytest.raises(Interrupted) as raised, Outbox(out, force=False) as box:
+        for name in ("m-a", "m-b"):
+            with box.bundle(name) as tmp:
+                (tmp / name).mkdir()
+                (tmp / name / "f").write_text(name)
+                (tmp / f"{name}.tar.gz").write_text("tar")
+                (tmp / "work.onnx").write_text("an intermediate file")
+        real = os.replace
+
+        def replace_then_interrupt(src: str | Path, dst: str | Path) -> None:
+            real(src, dst)
+            os.kill(os.getpid(), signal.SIGINT)  # a Ctrl-C right after the first rename
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(os, "replace", replace_then_interrupt)
+            box.publish()
+    assert _everything(out) == ["m-a", "m-a.tar.gz", "m-b", "m-b.tar.gz"]
+    assert sorted(p.name for p in raised.value.published) == _everything(out)

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgepack.bundle.write import TMP_PREFIX, clean_stale, publish, save_npz, staging, write_tar
+from edgepack.bundle import Outbox
+from edgepack.bundle.write import TMP_PREFIX, clean_stale, save_npz, write_tar
 from edgepack.errors import UserError
 
 
@@ -44,24 +45,25 @@ def test_tar_is_reproducible_with_one_top_folder(tmp_path: Path) -> None:
 
 def test_publish_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
     out = tmp_path / "dist"
-    for attempt in range(2):
-        with staging(out, "m-arm64") as tmp:
-            (tmp / "m-arm64").mkdir()
-            (tmp / "m-arm64" / "f").write_text(str(attempt))
-            (tmp / "m-arm64.tar.gz").write_text("tar")
-            if attempt == 0:
-                publish(tmp, out, "m-arm64", force=False)
-            else:
+    for attempt, force in ((0, False), (1, False), (1, True)):
+        with Outbox(out, force) as box:
+            with box.bundle("m-arm64") as tmp:
+                (tmp / "m-arm64").mkdir()
+                (tmp / "m-arm64" / "f").write_text(str(attempt))
+                (tmp / "m-arm64.tar.gz").write_text("tar")
+            if attempt == 1 and not force:
                 with pytest.raises(UserError, match="already exists; pass --force"):
-                    publish(tmp, out, "m-arm64", force=False)
-                publish(tmp, out, "m-arm64", force=True)
+                    box.publish()
+            else:
+                box.publish()
     assert (out / "m-arm64" / "f").read_text() == "1"
     assert sorted(p.name for p in out.iterdir()) == ["m-arm64", "m-arm64.tar.gz"]
 
 
 def test_staging_is_removed_on_failure_and_stale_dirs_are_swept(tmp_path: Path) -> None:
     out = tmp_path / "dist"
-    with pytest.raises(RuntimeError), staging(out, "x") as tmp:
+    out.mkdir()
+    with pytest.raises(RuntimeError), Outbox(out, False) as box, box.bundle("x") as tmp:
         (tmp / "partial").write_text("half")
         raise RuntimeError("killed")
     assert list(out.iterdir()) == []
@@ -75,6 +77,6 @@ def test_unwritable_output_is_one_line(tmp_path: Path) -> None:
     blocker.write_text("")
     with (
         pytest.raises(UserError, match="cannot write to output folder"),
-        staging(blocker / "dist", "x"),
+        Outbox(blocker / "d", False),
     ):
         pass

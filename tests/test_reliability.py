@@ -338,7 +338,7 @@ def test_disk_full_while_writing_leaves_nothing(
     result = CliRunner().invoke(cli, _build(tmp_path, tiny_bert, texts_file))
     assert result.exit_code == 2, result.output
     assert "No space left on device; nothing was kept" in result.output
-    assert list((tmp_path / "dist").iterdir()) == []
+    assert not (tmp_path / "dist").exists()  # the build made it, and removed it again
 
 
 def test_tampered_bundle_is_refused_by_the_harness_and_no_verify_overrides(tmp_path: Path) -> None:

@@ -13,8 +13,9 @@ from edgepack.bundle.archive import (
 )
 from edgepack.bundle.llm import package_decoder
 from edgepack.bundle.manifest import VOLATILE_KEYS, read_manifest
+from edgepack.bundle.outbox import Outbox
 from edgepack.bundle.sign import SIGNATURE, check_sign_key, sign_bundle
-from edgepack.bundle.target import BuildResult, Shared, Shipment, package_target
+from edgepack.bundle.target import BuildResult, Shared, Shipment, package_target, published
 from edgepack.bundle.verify import read_sums, verify_bundle
 from edgepack.bundle.write import WRITE_ERRORS, check_destination, check_out_root, write_files
 
@@ -24,6 +25,7 @@ __all__ = [
     "VOLATILE_KEYS",
     "WRITE_ERRORS",
     "BuildResult",
+    "Outbox",
     "Shared",
     "Shipment",
     "bundle_folder",
@@ -36,6 +38,7 @@ __all__ = [
     "is_archive",
     "package_decoder",
     "package_target",
+    "published",
     "read_manifest",
     "read_sums",
     "sign_bundle",

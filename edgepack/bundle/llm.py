@@ -13,8 +13,9 @@ from typing import Any
 
 from edgepack.artifacts import sha256_file
 from edgepack.bundle.manifest import write_manifest, write_sums
+from edgepack.bundle.outbox import Outbox
 from edgepack.bundle.sign import sign_bundle
-from edgepack.bundle.write import publish, staging, to_ort_format, write_tar
+from edgepack.bundle.write import to_ort_format, write_tar
 
 HARNESS = Path(__file__).resolve().parent.parent / "harness" / "bench_llm.py"
 REFERENCE = "reference.json"
@@ -76,25 +77,25 @@ def _device_model(model_path: Path, tmp: Path, fmt: dict[str, Any]) -> tuple[Pat
 
 
 def package_decoder(
-    out_root: Path,
+    box: Outbox,
     name: str,
     model_path: Path,
     tokenizer_dir: Path,
     reference: dict[str, Any],
     manifest: dict[str, Any],
-    force: bool,
     sign_key: Path | None = None,
     *,
     fmt: dict[str, Any] | None = None,
     check: Callable[[Path], dict[str, Any]] | None = None,
 ) -> tuple[Path, Path]:
-    """Write ``<out_root>/<name>`` and its .tar.gz atomically; returns (folder, tarball).
+    """Write ``<name>/`` and its .tar.gz into ``box``, which publishes them when the build ends;
+    returns (folder, tarball) there until then.
 
     ``fmt`` is the profile's [format] section; ``check`` runs on the converted model file before
     anything is written (it raises to stop the bundle) and its figures go in manifest ``check``.
     """
     manifest["reference"] = {"inputs": REFERENCE, "outputs": REFERENCE}
-    with staging(out_root, name) as tmp:
+    with box.bundle(name) as tmp:
         model_file, op_config = _device_model(model_path, tmp, fmt or {"model": "onnx"})
         manifest["model"] = {
             "file": "model.ort" if model_file.suffix == ".ort" else "model.onnx",
@@ -124,4 +125,4 @@ def package_decoder(
         if sign_key is not None:
             sign_bundle(folder, sign_key)
         write_tar(folder, tmp / f"{name}.tar.gz")
-        return publish(tmp, out_root, name, force)
+    return folder, tmp / f"{name}.tar.gz"

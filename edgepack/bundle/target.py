@@ -6,19 +6,18 @@ safely.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from edgepack.artifacts import HFModel, OnnxModel, sha256_file
+from edgepack.bundle.outbox import Outbox
 from edgepack.bundle.sign import sign_bundle
 from edgepack.bundle.write import (
     fix_input_shapes,
-    publish,
     render_app_sources,
-    staging,
     to_ort_format,
     tokenizers_version,
     write_bundle,
@@ -159,19 +158,16 @@ class Shipment:
     seq_len: int
 
 
-def package_target(shared: Shared, ship: Shipment) -> BuildResult:
-    """Write ``<out>/<name>-<target>/`` and its .tar.gz, replacing them only when complete."""
-    name, fp32, out_root = (
-        f"{shared.name}-{ship.profile.name}",
-        shared.fp32,
-        Path(shared.config.out),
-    )
+def package_target(shared: Shared, ship: Shipment, box: Outbox) -> BuildResult:
+    """Write ``<name>-<target>/`` and its .tar.gz into ``box``, which publishes them when the
+    build ends; the result names them there until then."""
+    name, fp32 = f"{shared.name}-{ship.profile.name}", shared.fp32
     names = [i["name"] for i in fp32.inputs]
     inputs = encode(
         shared.tokenizer, list(shared.heldout.texts[:REFERENCE_TEXTS]), names, ship.seq_len
     )
     ref_out = run_onnx(fp32.path, [inputs], threads=1)[0]
-    with staging(out_root, name) as tmp:
+    with box.bundle(name) as tmp:
         model_file, io, extra = _device_model(shared, ship, tmp)
         check = fidelity_on(model_file, inputs, ref_out, fp32.task)
         manifest = _manifest(shared, ship, model_file, io, check, len(ref_out))
@@ -190,8 +186,12 @@ def package_target(shared: Shared, ship: Shipment) -> BuildResult:
         if shared.sign_key is not None:
             sign_bundle(tmp / name, shared.sign_key)
         write_tar(tmp / name, tmp / f"{name}.tar.gz")
-        folder, tarball = publish(tmp, out_root, name, shared.config.force)
-    return BuildResult(ship.profile.name, folder, tarball, manifest, fp32.path)
+    return BuildResult(ship.profile.name, tmp / name, tmp / f"{name}.tar.gz", manifest, fp32.path)
+
+
+def published(results: list[BuildResult], moved: dict[Path, Path]) -> list[BuildResult]:
+    """The results with the paths ``Outbox.publish`` moved their bundles to."""
+    return [replace(r, folder=moved[r.folder], tarball=moved[r.tarball]) for r in results]
 
 
 def _tokenizer_files(shared: Shared, tmp: Path) -> Path:
@@ -343,4 +343,4 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
 
 
-__all__ = ["BuildResult", "Shared", "Shipment", "package_target"]
+__all__ = ["BuildResult", "Shared", "Shipment", "package_target", "published"]

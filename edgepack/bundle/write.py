@@ -18,8 +18,6 @@ import sys
 import tarfile
 import tempfile
 import zipfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -70,30 +68,6 @@ def clean_stale(out_root: Path) -> list[Path]:
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
-
-
-@contextmanager
-def staging(out_root: Path, name: str) -> Iterator[Path]:
-    """A private folder on the destination's filesystem, removed whatever happens."""
-    try:
-        out_root.mkdir(parents=True, exist_ok=True)
-        clean_stale(out_root)
-        tmp = out_root / f"{TMP_PREFIX}{os.getpid()}-{name}"
-        tmp.mkdir()
-    except OSError as exc:
-        raise UserError(
-            f"cannot write to output folder {out_root}: {exc.strerror or exc}"
-        ) from None
-    try:
-        yield tmp
-    except OSError as exc:
-        if exc.errno not in WRITE_ERRORS:
-            raise
-        raise UserError(
-            f"could not write the bundle into {out_root}: {exc.strerror or exc}; nothing was kept."
-        ) from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_files(folder: Path, files: dict[str, bytes]) -> None:

@@ -7,6 +7,8 @@ A ``UserError`` becomes one line on stderr and exit code 2 (``--debug`` shows th
 
 from __future__ import annotations
 
+import signal
+import threading
 from typing import Any
 
 import click
@@ -16,11 +18,18 @@ from edgepack.cli.build import build, rebuild, targets, verify
 from edgepack.cli.distill import distill
 from edgepack.cli.eval import eval_cmd
 from edgepack.cli.prune import prune
-from edgepack.errors import ToleranceNotMet, UserError
+from edgepack.errors import Interrupted, ToleranceNotMet, UserError
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Interrupted(signum)
 
 
 class Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
+        # SIGTERM (a CI timeout, `kill`) cleans up as Ctrl-C does instead of dying mid-write.
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _terminate) if main else None
         try:
             return super().invoke(ctx)
         except (UserError, ToleranceNotMet) as exc:
@@ -28,9 +37,20 @@ class Group(click.Group):
                 raise
             click.echo(f"Error: {exc}", err=True)
             ctx.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            click.echo("Interrupted; nothing was written to the output folder.", err=True)
-            ctx.exit(130)
+        except KeyboardInterrupt as exc:
+            published = getattr(exc, "published", ())
+            if published:
+                click.echo(
+                    "Interrupted as the build ended; it had published, complete and checked: "
+                    + ", ".join(str(p) for p in published),
+                    err=True,
+                )
+            else:
+                click.echo("Interrupted; nothing was written to the output folder.", err=True)
+            ctx.exit(128 + getattr(exc, "signum", signal.SIGINT))
+        finally:
+            if main:
+                signal.signal(signal.SIGTERM, previous)
 
 
 @click.group(cls=Group)
