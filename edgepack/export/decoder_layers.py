@@ -26,16 +26,21 @@ class Dims:
 
 
 class Graph:
-    """Nodes and initializers under construction, with unique output names."""
+    """Nodes and initializers under construction, with unique output names; a constant named twice
+    (a shape every layer reshapes by) is stored once."""
 
     def __init__(self) -> None:
         self.nodes: list[Any] = []
         self.inits: list[Any] = []
+        self._names: set[str] = set()
         self._count = 0
 
     def const(self, name: str, array: np.ndarray) -> str:
         from onnx import numpy_helper
 
+        if name in self._names:
+            return name
+        self._names.add(name)
         self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
 
