@@ -41,7 +41,8 @@ def _variant_config(kind: str, vocab: int) -> Any:
         }
         return transformers.LlamaConfig(**shape, rope_scaling=rope)
     if kind == "qwen3":
-        return transformers.Qwen3Config(**shape, head_dim=16)
+        # Qwen3-0.6B's head size, wider than hidden / heads (and what a GGUF of it implies).
+        return transformers.Qwen3Config(**shape, head_dim=128)
     if kind == "phi3":
         # Phi-4-mini's rotary fraction on a head of 64: 48 rotated channels, 16 passed through.
         half = 24
@@ -179,3 +180,63 @@ def build_tiny_decoder(root: Path, kind: str = "llama", seed: int = 0, **overrid
 
     (result,) = build(tiny_decoder_config(root, kind, seed, **overrides), Progress(quiet=True))
     return result
+
+
+# llama.cpp's architecture name per kind, and what it adds to norm weights: Gemma's are stored as
+# 1 + w (transformers subtracts the 1 when loading).
+GGUF_ARCHS = {"gemma3": ("gemma3", 1.0), "qwen3": ("qwen3", 0.0), "phi3": ("phi3", 0.0)}
+
+
+def write_model_gguf(folder: Path, kind: str, path: Path, quant: str = "F32") -> Path:
+    """The tiny decoder in ``folder`` as llama.cpp writes it: hyperparameters, the word list as a
+    SentencePiece-style tokenizer, and every tensor under its GGUF name (2-D ones as ``quant``:
+    Q4_0 or Q8_0; gguf can read K-quants but not write them)."""
+    import gguf
+    import numpy as np
+    import torch
+    import transformers
+
+    arch, norm_offset = GGUF_ARCHS[kind]
+    cfg = transformers.AutoConfig.from_pretrained(str(folder))
+    net = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_rope_freq_base(cfg.rope_theta)
+    if getattr(cfg, "sliding_window", None):
+        writer.add_sliding_window(cfg.sliding_window)
+    words = (folder / "vocab.txt").read_text().split()
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(words)
+    writer.add_token_types([1] * len(words))
+    writer.add_token_scores([0.0] * len(words))
+    writer.add_bos_token_id(2)
+    writer.add_eos_token_id(3)
+    writer.add_pad_token_id(0)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], cfg.num_hidden_layers)
+    kind_of = gguf.GGMLQuantizationType[quant]
+    for key, value in net.state_dict().items():
+        if key == "lm_head.weight":
+            continue  # tied to the embedding
+        base, suffix = key.rsplit(".", 1)
+        array = value.float().numpy()
+        if base.endswith("norm"):
+            array = array + np.float32(norm_offset)
+        if array.ndim == 2 and kind_of != gguf.GGMLQuantizationType.F32:
+            data = gguf.quants.quantize(array, kind_of)
+            writer.add_tensor(f"{names.get_name(base)}.{suffix}", data, raw_dtype=kind_of)
+        else:
+            writer.add_tensor(f"{names.get_name(base)}.{suffix}", array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

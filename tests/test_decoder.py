@@ -6,7 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from decoder_factory import KINDS, VARIANTS, make_tiny_decoder, prompts_for, write_gguf
+from decoder_factory import (
+    KINDS,
+    VARIANTS,
+    make_tiny_decoder,
+    prompts_for,
+    write_gguf,
+    write_model_gguf,
+)
 
 from edgepack.errors import UserError
 from edgepack.families import decoder, encoder, family_of, is_generative
@@ -139,6 +146,36 @@ def test_fused_variants_match_pytorch_token_for_token(tmp_path: Path, kind: str)
     record = validate_generation(exported, model, prompts, new_tokens=32)
     assert record["greedy_tokens_matched"] == 32 * len(prompts)
     assert record["max_abs_logit_diff_vs_pytorch"] < 1e-3
+
+
+@pytest.mark.parametrize(
+    ("kind", "quant"), [("gemma3", "Q4_0"), ("qwen3", "Q8_0"), ("phi3", "Q4_0")]
+)
+def test_quantized_gguf_of_each_architecture_exports_fused(
+    tmp_path: Path, kind: str, quant: str
+) -> None:
+    """A GGUF as llama.cpp writes it (Gemma 3's architecture is "gemma3", its model type
+    gemma3_text), with quantized matrices that transformers dequantizes: the fused graph of the
+    dequantized model matches it in PyTorch."""
+    import numpy as np
+    import torch
+    import transformers
+
+    from edgepack.export import validate_generation
+    from edgepack.export.decoder import export_decoder
+
+    folder = make_tiny_decoder(tmp_path / "m", kind)
+    model = load_model(str(write_model_gguf(folder, kind, tmp_path / "m.gguf", quant)))
+    assert model.model_type == {"gemma3": "gemma3_text"}.get(kind, kind)
+    original = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(str(model.path), dtype=torch.float32)
+    key = "model.layers.0.mlp.down_proj.weight"
+    error = (loaded.state_dict()[key] - original.state_dict()[key]).abs().max().item()
+    assert 0 < error < 0.2  # dequantized: near the weights, not equal to them
+    exported = export_decoder(model, tmp_path / "x")
+    assert exported.records["graph"] == "fused"
+    record = validate_generation(exported, model, prompts_for(folder), new_tokens=32)
+    assert record["max_abs_logit_diff_vs_pytorch"] < 1e-3 and np.isfinite(error)
 
 
 def test_validation_reports_every_mismatch(tmp_path: Path) -> None:
