@@ -1,4 +1,5 @@
-"""Tiny random decoders (Llama, Qwen2, GPT-2) saved like hub checkpoints, for the decoder tests."""
+"""Tiny random decoders (Llama, Qwen2, GPT-2, and the variants the fused graph writes: Llama 3 rope
+scaling, Qwen3, Phi-3, Gemma 3) saved like hub checkpoints, for the decoder tests."""
 
 from __future__ import annotations
 
@@ -8,17 +9,90 @@ from typing import Any
 from conftest import write_texts, write_tokenizer
 
 KINDS = ("llama", "qwen2", "gpt2")
+# Architectures with something the plain Llama layer lacks, each written by the fused graph.
+VARIANTS = ("llama3", "qwen3", "phi3", "gemma3")
+_SHAPE = {
+    "vocab_size": 0,  # set from the tokenizer
+    "hidden_size": 64,  # head size 16: the smallest GroupQueryAttention takes
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 128,
+    "tie_word_embeddings": True,
+    "bos_token_id": 2,
+    "eos_token_id": 3,
+}
 
 
-def make_tiny_decoder(folder: Path, kind: str = "llama", seed: int = 0, head: str = "lm") -> Path:
-    """Two layers, width 64 (GPT-2: 32), grouped-query attention where the architecture has it; ~100 tokens."""
+def _variant_config(kind: str, vocab: int) -> Any:
+    """Each variant with its difference switched on, and small enough that a 40-token greedy run
+    crosses it (sliding windows of 16 and 24 positions, longrope's original context)."""
+    import transformers
+
+    shape = {**_SHAPE, "vocab_size": vocab}
+    if kind == "llama3":
+        rope = {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,  # wavelengths 8-32 are blended, longer scaled
+        }
+        return transformers.LlamaConfig(**shape, rope_scaling=rope)
+    if kind == "qwen3":
+        # Qwen3-0.6B's head size, wider than hidden / heads (and what a GGUF of it implies).
+        return transformers.Qwen3Config(**shape, head_dim=128)
+    if kind == "phi3":
+        # Phi-4-mini's rotary fraction on a head of 64: 48 rotated channels, 16 passed through.
+        half = 24
+        rope = {
+            "type": "longrope",
+            "short_factor": [1.0 + 0.1 * i for i in range(half)],
+            "long_factor": [2.0 + 0.2 * i for i in range(half)],
+        }
+        return transformers.Phi3Config(
+            # Phi-4-mini's 131072 positions over an original 4096, at a size where the bundle's
+            # context (2048) stays within the original, so only the short factors are ever used.
+            **{
+                **shape,
+                "hidden_size": 128,
+                "num_attention_heads": 2,
+                "num_key_value_heads": 1,
+                "max_position_embeddings": 4096,
+            },
+            partial_rotary_factor=0.75,
+            original_max_position_embeddings=2048,
+            rope_scaling=rope,
+            sliding_window=24,
+            pad_token_id=0,
+        )
+    return transformers.Gemma3TextConfig(
+        **shape,
+        head_dim=32,  # q is 128 wide on a hidden size of 64, as Gemma's heads are wider than it
+        query_pre_attn_scalar=24,  # not the head size: GroupQueryAttention's scale must say so
+        layer_types=["sliding_attention", "full_attention"],
+        sliding_window=16,
+        rope_theta=10_000.0,
+        rope_local_base_freq=100.0,
+        pad_token_id=0,
+    )
+
+
+def make_tiny_decoder(
+    folder: Path, kind: str = "llama", seed: int = 0, head: str = "lm", eos: int | None = 3
+) -> Path:
+    """Two layers, width 64 (GPT-2: 32), grouped-query attention where the architecture has it; ~100 tokens.
+    ``eos=None`` lets every greedy run go the whole way (a random model soon says [SEP])."""
     import torch
     import transformers
 
     torch.manual_seed(seed)
     write_tokenizer(folder)
     vocab = len((folder / "vocab.txt").read_text().split())
-    if kind == "gpt2":
+    if kind in VARIANTS:
+        config = _variant_config(kind, vocab)
+    elif kind == "gpt2":
         config = transformers.GPT2Config(
             vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=128, eos_token_id=3
         )
@@ -36,6 +110,7 @@ def make_tiny_decoder(folder: Path, kind: str = "llama", seed: int = 0, head: st
             bos_token_id=2,
             eos_token_id=3,
         )
+    config.eos_token_id = eos
     if head == "seq":
         config.num_labels = 2
         config.pad_token_id = 0
@@ -49,6 +124,8 @@ def make_tiny_decoder(folder: Path, kind: str = "llama", seed: int = 0, head: st
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0, std)
+            elif kind in VARIANTS:  # norm weights (Gemma's are zeros, it adds 1) and biases
+                p.add_(torch.randn_like(p) * 0.1)
     model.save_pretrained(folder, safe_serialization=True)
     return folder
 
@@ -103,3 +180,63 @@ def build_tiny_decoder(root: Path, kind: str = "llama", seed: int = 0, **overrid
 
     (result,) = build(tiny_decoder_config(root, kind, seed, **overrides), Progress(quiet=True))
     return result
+
+
+# llama.cpp's architecture name per kind, and what it adds to norm weights: Gemma's are stored as
+# 1 + w (transformers subtracts the 1 when loading).
+GGUF_ARCHS = {"gemma3": ("gemma3", 1.0), "qwen3": ("qwen3", 0.0), "phi3": ("phi3", 0.0)}
+
+
+def write_model_gguf(folder: Path, kind: str, path: Path, quant: str = "F32") -> Path:
+    """The tiny decoder in ``folder`` as llama.cpp writes it: hyperparameters, the word list as a
+    SentencePiece-style tokenizer, and every tensor under its GGUF name (2-D ones as ``quant``:
+    Q4_0 or Q8_0; gguf can read K-quants but not write them)."""
+    import gguf
+    import numpy as np
+    import torch
+    import transformers
+
+    arch, norm_offset = GGUF_ARCHS[kind]
+    cfg = transformers.AutoConfig.from_pretrained(str(folder))
+    net = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_rope_freq_base(cfg.rope_theta)
+    if getattr(cfg, "sliding_window", None):
+        writer.add_sliding_window(cfg.sliding_window)
+    words = (folder / "vocab.txt").read_text().split()
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(words)
+    writer.add_token_types([1] * len(words))
+    writer.add_token_scores([0.0] * len(words))
+    writer.add_bos_token_id(2)
+    writer.add_eos_token_id(3)
+    writer.add_pad_token_id(0)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], cfg.num_hidden_layers)
+    kind_of = gguf.GGMLQuantizationType[quant]
+    for key, value in net.state_dict().items():
+        if key == "lm_head.weight":
+            continue  # tied to the embedding
+        base, suffix = key.rsplit(".", 1)
+        array = value.float().numpy()
+        if base.endswith("norm"):
+            array = array + np.float32(norm_offset)
+        if array.ndim == 2 and kind_of != gguf.GGMLQuantizationType.F32:
+            data = gguf.quants.quantize(array, kind_of)
+            writer.add_tensor(f"{names.get_name(base)}.{suffix}", data, raw_dtype=kind_of)
+        else:
+            writer.add_tensor(f"{names.get_name(base)}.{suffix}", array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -6,7 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from decoder_factory import KINDS, make_tiny_decoder, prompts_for, write_gguf
+from decoder_factory import (
+    KINDS,
+    VARIANTS,
+    make_tiny_decoder,
+    prompts_for,
+    write_gguf,
+    write_model_gguf,
+)
 
 from edgepack.errors import UserError
 from edgepack.families import decoder, encoder, family_of, is_generative
@@ -14,7 +21,7 @@ from edgepack.load import load_model
 
 
 def test_family_of_decoder_types() -> None:
-    for model_type in ("llama", "qwen2", "gpt2", "mistral", "phi3"):
+    for model_type in ("llama", "qwen2", "qwen3", "gemma3_text", "gpt2", "mistral", "phi3"):
         assert family_of(model_type) is decoder
         assert is_generative(model_type)
     assert family_of("bert") is encoder and not is_generative("bert")
@@ -113,6 +120,76 @@ def test_llama_family_graphs_are_fused(tmp_path: Path, kind: str) -> None:
         assert ops.count("GroupQueryAttention") == 2
         assert ops.count("SkipSimplifiedLayerNormalization") == 4  # 3 between, 1 final
         assert ops.count("MatMul") == 11 and "Softmax" not in ops
+
+
+# What each variant's graph has that the plain Llama layer's lacks (2 layers each).
+VARIANT_OPS = {
+    "llama3": {"GroupQueryAttention": 2, "QuickGelu": 2},
+    "qwen2": {"GroupQueryAttention": 2, "Add": 2},  # the qkv bias
+    "qwen3": {"Split": 2, "SimplifiedLayerNormalization": 5},  # q/k per head + the first norm
+    "phi3": {"MatMul": 11, "QuickGelu": 2},  # packed qkv and gate_up split back into 5 MatMuls
+    "gemma3": {
+        "FastGelu": 2,
+        "SimplifiedLayerNormalization": 9,
+        "Mul": 3,
+    },  # + post-norms, x sqrt(h)
+}
+
+
+@pytest.mark.parametrize("kind", [*VARIANTS, "qwen2"])
+def test_fused_variants_match_pytorch_token_for_token(tmp_path: Path, kind: str) -> None:
+    """Every fused architecture against PyTorch: 32 of 32 greedy tokens per prompt (no end token
+    to stop early), and first-step logits within 1e-3, also on a 40-token prompt that crosses the
+    sliding windows (Phi-3's 24, Gemma 3's 16) and Llama 3's blended rotary wavelengths."""
+    import numpy as np
+    import onnx
+
+    from edgepack.export import validate_generation
+    from edgepack.export.decoder import export_decoder
+
+    folder = make_tiny_decoder(tmp_path / "m", kind, eos=None)
+    model = load_model(str(folder))
+    exported = export_decoder(model, tmp_path / "x")
+    assert exported.records["graph"] == "fused"
+    ops: dict[str, int] = {}
+    for node in onnx.load(str(exported.path)).graph.node:
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    assert {op: ops.get(op, 0) for op in VARIANT_OPS[kind]} == VARIANT_OPS[kind]
+    long_prompt = [2, *np.random.default_rng(0).integers(5, 60, 39).tolist()]
+    prompts = [*prompts_for(folder), long_prompt]
+    record = validate_generation(exported, model, prompts, new_tokens=32)
+    assert record["greedy_tokens_matched"] == 32 * len(prompts)
+    assert record["max_abs_logit_diff_vs_pytorch"] < 1e-3
+
+
+@pytest.mark.parametrize(
+    ("kind", "quant"), [("gemma3", "Q4_0"), ("qwen3", "Q8_0"), ("phi3", "Q4_0")]
+)
+def test_quantized_gguf_of_each_architecture_exports_fused(
+    tmp_path: Path, kind: str, quant: str
+) -> None:
+    """A GGUF as llama.cpp writes it (Gemma 3's architecture is "gemma3", its model type
+    gemma3_text), with quantized matrices that transformers dequantizes: the fused graph of the
+    dequantized model matches it in PyTorch."""
+    import numpy as np
+    import torch
+    import transformers
+
+    from edgepack.export import validate_generation
+    from edgepack.export.decoder import export_decoder
+
+    folder = make_tiny_decoder(tmp_path / "m", kind)
+    model = load_model(str(write_model_gguf(folder, kind, tmp_path / "m.gguf", quant)))
+    assert model.model_type == {"gemma3": "gemma3_text"}.get(kind, kind)
+    original = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(str(model.path), dtype=torch.float32)
+    key = "model.layers.0.mlp.down_proj.weight"
+    error = (loaded.state_dict()[key] - original.state_dict()[key]).abs().max().item()
+    assert 0 < error < 0.2  # dequantized: near the weights, not equal to them
+    exported = export_decoder(model, tmp_path / "x")
+    assert exported.records["graph"] == "fused"
+    record = validate_generation(exported, model, prompts_for(folder), new_tokens=32)
+    assert record["max_abs_logit_diff_vs_pytorch"] < 1e-3 and np.isfinite(error)
 
 
 def test_validation_reports_every_mismatch(tmp_path: Path) -> None:

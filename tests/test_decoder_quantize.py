@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from decoder_factory import make_tiny_decoder, prompts_for
+from decoder_factory import VARIANTS, make_tiny_decoder, prompts_for
 
 from edgepack.errors import UserError
 from edgepack.evaluate import session
@@ -253,3 +253,44 @@ def test_scale_search_equals_the_plain_formula() -> None:
         want_codes = np.clip(np.rint(w / want[..., None]), bottom, top) - bottom
         assert np.array_equal(scales, want.astype(np.float32))
         assert np.array_equal(codes, want_codes.astype(np.uint8))
+
+
+@pytest.mark.parametrize("kind", VARIANTS)
+def test_every_fused_architecture_folds_scales_exactly_and_quantizes_whole(
+    tmp_path: Path, kind: str
+) -> None:
+    """Qwen3's q/k norms, Phi-3's split packed weights and Gemma 3's (1 + w) norms, post-norms and
+    scaled embedding: the AWQ-style scales fold into the norms in front of q/k/v and gate/up and
+    into up's columns (never the post-norms, whose output joins the residual, not a MatMul), the
+    fp32 logits stay the same, and int4 leaves no float MatMul with the vocabulary stored once."""
+    import onnx
+
+    from edgepack.export.decoder import export_decoder
+    from edgepack.quantize import activation_power
+    from edgepack.quantize.weight_only import fold_channel_scales
+
+    folder = make_tiny_decoder(tmp_path / "m", kind)
+    fp32 = export_decoder(load_model(str(folder)), tmp_path / "x").path
+    ids = [t for p in prompts_for(folder) for t in p] * 4
+    importance = activation_power(fp32, ids, window=32)
+    model = onnx.load(str(fp32))
+    before = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    alphas = fold_channel_scales(model, importance, WeightOnlySettings())
+    assert len(alphas) == 6 and any(a > 0 for a in alphas.values())
+    after = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    moved = {n for n in before if not np.array_equal(before[n], after[n])}
+    outputs_of_blocks = ("post_feedforward_layernorm",)
+    if kind == "gemma3":
+        outputs_of_blocks += ("post_attention_layernorm",)
+    assert moved and not any(name in n for n in moved for name in outputs_of_blocks)
+    sess, folded = session(fp32), session(model.SerializeToString())
+    feeds = {"input_ids": np.array([ids[:12]]), "attention_mask": np.ones((1, 12), np.int64)}
+    want = sess.run(["logits"], {**feeds, **empty_past(sess)})[0]
+    got = folded.run(["logits"], {**feeds, **empty_past(folded)})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    out = tmp_path / "int4.onnx"
+    record = quantize_weights(fp32, out, WeightOnlySettings(bits=4), importance)
+    assert record["matmul_nbits"] == 11 and record["matmul_left_float"] == 0
+    assert record["shared_with_lm_head"] == "lm_head.weight"
+    tokens, first = greedy(session(out), prompts_for(folder)[0], 4, [3])
+    assert np.isfinite(first).all() and 1 <= len(tokens) <= 4

@@ -1,4 +1,4 @@
-"""Llama-family decoders -> one fused ONNX graph written from the weights instead of traced.
+"""Llama-like decoders -> one fused ONNX graph written from the weights instead of traced.
 
 Tracing (optimum) spells attention as some forty small ops per layer, with the rotary embedding,
 the causal mask and the KV-cache concatenation each its own chain; onnxruntime runs that at a third
@@ -8,7 +8,9 @@ packed together, GroupQueryAttention (rotary, causal mask, cache append, grouped
 output MatMul, a second SkipSimplifiedLayerNormalization, the gate and up MatMuls, QuickGelu
 (SiLU), Mul and the down MatMul. Gate and up stay two MatMuls: packed into one (N = 2 x 1536 on
 SmolLM2) plus a Split, decode was 5 % slower in MatMulNBits at one thread. Every MatMul reads a
-plain 2-D initializer, so the weight-only quantizer turns each into one MatMulNBits.
+plain 2-D initializer, so the weight-only quantizer turns each into one MatMulNBits. What differs
+per architecture (Qwen3's q/k norms, Phi-3's packed weights, Gemma 3's extra norms and windows)
+is a spec in families/decoder_arch.py; the layer pieces are in decoder_layers.py.
 
 The graph keeps the bundle contract of the traced export: inputs ``input_ids``,
 ``attention_mask``, ``past_key_values.N.key/value`` (batch, kv heads, past length, head size);
@@ -20,36 +22,40 @@ come from the attention mask (GroupQueryAttention's ``seqlens_k``), so there is 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from edgepack.errors import UserError
+from edgepack.export.decoder_layers import (
+    MS,
+    Dims,
+    Graph,
+    Layer,
+    attention,
+    mlp,
+    norm,
+    norm_weight,
+    rotary_tables,
+)
+from edgepack.families.decoder_arch import ACTIVATIONS, ARCHS, DecoderArch
 
-# Architectures whose layers are exactly RMSNorm -> attention -> RMSNorm -> SwiGLU MLP with rotary
-# positions; anything else goes through optimum's traced export.
-FUSED_TYPES = ("llama", "qwen2", "mistral")
-# Rotary variants whose cos/sin tables do not depend on the sequence length.
-STATIC_ROPE = (None, "default", "linear", "llama3", "yarn")
+# Architectures whose layers the fused graph can write (families/decoder_arch.py says how each
+# differs); anything else goes through optimum's traced export.
+FUSED_TYPES = tuple(ARCHS)
+# Rotary variants whose cos/sin tables do not depend on the sequence length (longrope only below
+# its original context: past it transformers switches to the long factors).
+STATIC_ROPE = (None, "default", "linear", "llama3", "yarn", "longrope")
 OPSET = 17
 # Part of the export cache key: bump when the graph written for the same weights changes.
-GRAPH_VERSION = 2
-MS = "com.microsoft"
+GRAPH_VERSION = 3
 TWO_GB = 2_000_000_000
 
 
-@dataclass(frozen=True)
-class Dims:
-    layers: int
-    hidden: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
-    vocab: int
-    eps: float
+def _rope_type(config: dict[str, Any]) -> str | None:
+    rope = config.get("rope_scaling") or {}
+    return rope.get("rope_type", rope.get("type"))
 
 
 def fusable(config: dict[str, Any], context: int) -> str | None:
@@ -57,18 +63,28 @@ def fusable(config: dict[str, Any], context: int) -> str | None:
     kind = config.get("model_type")
     if kind not in FUSED_TYPES:
         return f"model type {kind!r}"
-    if config.get("hidden_act", "silu") != "silu":
-        return f"activation {config.get('hidden_act')!r}"
+    arch = ARCHS[kind]
+    activation = config.get(arch.activation_key, "silu")
+    if activation not in ACTIVATIONS:
+        return f"activation {activation!r}"
     if config.get("mlp_bias"):
         return "MLP biases"
-    rope = config.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type")) not in STATIC_ROPE:
-        return f"rope scaling {rope.get('rope_type', rope.get('type'))!r}"
-    if dims_of(config).head_dim % 16:
+    rope = _rope_type(config)
+    if rope not in STATIC_ROPE:
+        return f"rope scaling {rope!r}"
+    original = config.get("original_max_position_embeddings") or context
+    if rope == "longrope" and context > original:
+        return f"longrope past its original context ({context} > {original})"
+    head = dims_of(config).head_dim
+    if head % 16:
         return "a head size that is not a multiple of 16 (GroupQueryAttention needs one)"
-    window = config.get("sliding_window")
-    if window and (kind != "qwen2" or config.get("use_sliding_window")) and window < context:
-        return f"sliding-window attention ({window} < context {context})"
+    rotary = int(head * float(config.get("partial_rotary_factor") or 1.0))
+    if rotary % 16:
+        return f"{rotary} rotary channels, not a multiple of 16 (GroupQueryAttention needs one)"
+    if config.get("final_logit_softcapping"):
+        return "final logit softcapping"
+    if config.get("use_bidirectional_attention"):
+        return "bidirectional attention"
     return None
 
 
@@ -86,53 +102,22 @@ def dims_of(config: dict[str, Any]) -> Dims:
     )
 
 
-class Graph:
-    """Nodes and initializers under construction, with unique output names."""
-
-    def __init__(self) -> None:
-        self.nodes: list[Any] = []
-        self.inits: list[Any] = []
-        self._count = 0
-
-    def const(self, name: str, array: np.ndarray) -> str:
-        from onnx import numpy_helper
-
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
-        return name
-
-    def op(self, op: str, inputs: list[str], outputs: int | list[str] = 1, **attrs: Any) -> Any:
-        """Append a node; returns its output name (or names, when more than one)."""
-        from onnx import helper
-
-        domain = attrs.pop("domain", "")
-        self._count += 1
-        names = (
-            outputs
-            if isinstance(outputs, list)
-            else [f"/{op}_{self._count}/out{i}" for i in range(outputs)]
-        )
-        self.nodes.append(
-            helper.make_node(op, inputs, names, name=f"/{op}_{self._count}", domain=domain, **attrs)
-        )
-        return names[0] if len(names) == 1 else names
+def sliding_layers(config: dict[str, Any], layers: int) -> list[bool]:
+    """Which layers attend through a sliding window: a config's ``layer_types`` names them (Gemma
+    3, Qwen2/3); without it a ``sliding_window`` applies to every layer (Mistral, Phi-3)."""
+    if not config.get("sliding_window") or config.get("use_sliding_window") is False:
+        return [False] * layers
+    types = config.get("layer_types") or ["sliding_attention"] * layers
+    return [t == "sliding_attention" for t in types]
 
 
-def _linear(g: Graph, x: str, name: str, weight: np.ndarray, bias: np.ndarray | None) -> str:
-    """``x @ weight.T (+ bias)`` with the weight stored as [in, out], what MatMulNBits replaces."""
-    y = g.op("MatMul", [x, g.const(name + ".weight", weight.T)])
-    return y if bias is None else g.op("Add", [y, g.const(name + ".bias", bias)])
-
-
-def _rotary_tables(net: Any, length: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos/sin of every position up to ``length`` (half the head size), from the model's own rotary
-    module so scaled variants (llama3, linear, yarn) come out as transformers computes them."""
-    import torch
-
-    rotary = net.model.rotary_emb
-    positions = torch.arange(length, dtype=torch.float32)
-    freqs = torch.outer(positions, rotary.inv_freq.float().cpu())
-    scale = float(getattr(rotary, "attention_scaling", 1.0))
-    return (freqs.cos() * scale).numpy(), (freqs.sin() * scale).numpy()
+def layer_windows(config: dict[str, Any], layers: int, context: int) -> list[int]:
+    """GroupQueryAttention's local_window_size per layer (-1: the whole context). Both
+    transformers and onnxruntime let a token see the ``window`` positions ending at itself
+    (measured: window - 1 moves a 40-token prompt's logits by up to 7 on the tests' tiny Phi-3 and
+    Gemma 3)."""
+    window = config.get("sliding_window") or context
+    return [window if s and window < context else -1 for s in sliding_layers(config, layers)]
 
 
 def _preamble(g: Graph) -> tuple[str, str]:
@@ -145,58 +130,6 @@ def _preamble(g: Graph) -> tuple[str, str]:
     shape = g.op("Shape", ["attention_mask"])
     width = g.op("Gather", [shape, g.const("/index1", np.array(1, dtype=np.int64))], axis=0)
     return seqlens, g.op("Cast", [width], to=TensorProto.INT32)
-
-
-def _attention(
-    g: Graph, d: Dims, i: int, h: str, w: dict[str, np.ndarray], lengths: tuple[str, str]
-) -> str:
-    prefix = f"model.layers.{i}.self_attn."
-    parts = [prefix + p for p in ("q_proj", "k_proj", "v_proj")]
-    qkv_w = np.concatenate([w[p + ".weight"] for p in parts])
-    biases = [w.get(p + ".bias") for p in parts]
-    qkv_b = None if biases[0] is None else np.concatenate(biases)
-    qkv = _linear(g, h, prefix + "qkv_proj", qkv_w, qkv_b)
-    attn = g.op(
-        "GroupQueryAttention",
-        [
-            qkv,
-            "",
-            "",
-            f"past_key_values.{i}.key",
-            f"past_key_values.{i}.value",
-            *lengths,
-            "/cos",
-            "/sin",
-        ],
-        [f"/layers.{i}/attn", f"present.{i}.key", f"present.{i}.value"],
-        domain=MS,
-        num_heads=d.heads,
-        kv_num_heads=d.kv_heads,
-        do_rotary=1,
-        rotary_interleaved=0,
-        local_window_size=-1,
-    )[0]
-    return _linear(
-        g, attn, prefix + "o_proj", w[prefix + "o_proj.weight"], w.get(prefix + "o_proj.bias")
-    )
-
-
-def _mlp(g: Graph, d: Dims, i: int, h: str, w: dict[str, np.ndarray]) -> str:
-    prefix = f"model.layers.{i}.mlp."
-    gate = _linear(g, h, prefix + "gate_proj", w[prefix + "gate_proj.weight"], None)
-    up = _linear(g, h, prefix + "up_proj", w[prefix + "up_proj.weight"], None)
-    act = g.op("Mul", [g.op("QuickGelu", [gate], domain=MS, alpha=1.0), up])
-    return _linear(g, act, prefix + "down_proj", w[prefix + "down_proj.weight"], None)
-
-
-def _norm(g: Graph, x: str, residual: str | None, weight: str, eps: float) -> tuple[str, str]:
-    """RMSNorm of ``x + residual``; returns (normed, the sum, which is the next residual)."""
-    if residual is None:
-        return g.op(
-            "SimplifiedLayerNormalization", [x, weight], axis=-1, epsilon=eps, stash_type=1
-        ), x
-    out = g.op("SkipSimplifiedLayerNormalization", [x, residual, weight], 4, domain=MS, epsilon=eps)
-    return out[0], out[3]
 
 
 def _io(d: Dims) -> tuple[list[Any], list[Any]]:
@@ -219,39 +152,72 @@ def _io(d: Dims) -> tuple[list[Any], list[Any]]:
     return inputs, outputs
 
 
+def _tables(g: Graph, net: Any, arch: DecoderArch, context: int) -> dict[str, tuple[str, str]]:
+    """The rotary tables as constants: the global one, and the sliding layers' own if they have one."""
+    modules = {"global": net.model.rotary_emb}
+    if arch.local_rotary:
+        modules["local"] = getattr(net.model, arch.local_rotary)
+    names = {}
+    for kind, module in modules.items():
+        cos, sin = rotary_tables(module, context)
+        names[kind] = (g.const(f"/cos_{kind}", cos), g.const(f"/sin_{kind}", sin))
+    return names
+
+
+def _attention_attrs(config: dict[str, Any]) -> dict[str, Any]:
+    """GroupQueryAttention attributes a config may set: Gemma's query scale, logit softcapping."""
+    attrs: dict[str, Any] = {}
+    if config.get("query_pre_attn_scalar"):
+        attrs["scale"] = float(config["query_pre_attn_scalar"]) ** -0.5
+    if config.get("attn_logit_softcapping"):
+        attrs["softcap"] = float(config["attn_logit_softcapping"])
+    return attrs
+
+
+def _embed(g: Graph, w: dict[str, np.ndarray], arch: DecoderArch, d: Dims) -> str:
+    """The token lookup; Gemma's sqrt(hidden) is a Mul after it, not folded into the table, which
+    the lm_head shares."""
+    table = g.const("model.embed_tokens.weight", w["model.embed_tokens.weight"])
+    x = g.op("Gather", [table, "input_ids"])
+    if not arch.scale_embeddings:
+        return x
+    return g.op("Mul", [x, g.const("/embed_scale", np.array(d.hidden**0.5, dtype=np.float32))])
+
+
 def build_graph(net: Any, config: dict[str, Any], context: int) -> Any:
-    """The fused fp32 ModelProto of a loaded transformers causal LM (weights copied, not shared)."""
+    """The fused fp32 ModelProto of a loaded transformers causal LM (weights copied, not shared).
+    Each norm takes the previous output plus the residual and hands on their sum."""
     from onnx import helper
 
-    d = dims_of(config)
+    d, arch = dims_of(config), ARCHS[config["model_type"]]
+    activation = config.get(arch.activation_key, "silu")
     w = {k: v.detach().float().cpu().numpy() for k, v in net.state_dict().items()}
     g = Graph()
-    cos, sin = _rotary_tables(net, context)
-    g.const("/cos", cos)
-    g.const("/sin", sin)
+    tables = _tables(g, net, arch, context)
     lengths = _preamble(g)
-    x = g.op(
-        "Gather",
-        [g.const("model.embed_tokens.weight", w["model.embed_tokens.weight"]), "input_ids"],
-    )
+    windows = layer_windows(config, d.layers, context)
+    sliding = sliding_layers(config, d.layers)
+    attrs = _attention_attrs(config)
+    x = _embed(g, w, arch, d)
     residual: str | None = None
     for i in range(d.layers):
-        prefix = f"model.layers.{i}."
-        h, residual = _norm(
-            g,
-            x,
-            residual,
-            g.const(prefix + "input_layernorm.weight", w[prefix + "input_layernorm.weight"]),
-            d.eps,
-        )
-        x = _attention(g, d, i, h, w, lengths)
-        ln2 = g.const(
-            prefix + "post_attention_layernorm.weight",
-            w[prefix + "post_attention_layernorm.weight"],
-        )
-        h, residual = _norm(g, x, residual, ln2, d.eps)
-        x = _mlp(g, d, i, h, w)
-    h, _ = _norm(g, x, residual, g.const("model.norm.weight", w["model.norm.weight"]), d.eps)
+        local = sliding[i] and "local" in tables
+        layer = Layer(i, w, lengths, tables["local" if local else "global"], windows[i])
+
+        def weight(name: str, layer: Layer = layer) -> str:
+            key = f"model.layers.{layer.index}.{name}.weight"
+            return norm_weight(g, key, layer.weights[key], arch)
+
+        h, residual = norm(g, x, residual, weight("input_layernorm"), d.eps)
+        x = attention(g, d, arch, layer, h, attrs)
+        if arch.attention_out_norm:
+            x, _ = norm(g, x, None, weight(arch.attention_out_norm), d.eps)
+        h, residual = norm(g, x, residual, weight(arch.mlp_norm), d.eps)
+        x = mlp(g, arch, activation, layer, h)
+        if arch.mlp_out_norm:
+            x, _ = norm(g, x, None, weight(arch.mlp_out_norm), d.eps)
+    final = norm_weight(g, "model.norm.weight", w["model.norm.weight"], arch)
+    h, _ = norm(g, x, residual, final, d.eps)
     head = w.get("lm_head.weight", w["model.embed_tokens.weight"])
     g.op("MatMul", [h, g.const("lm_head.weight", head.T)], ["logits"])
     inputs, outputs = _io(d)
@@ -271,17 +237,17 @@ def save_model(model: Any, path: Path) -> None:
 
 
 def write_fused(model_dir: Path, out: Path, context: int) -> None:
-    """Load the checkpoint with transformers and write its fused graph to ``out``."""
+    """Load the checkpoint with transformers and write its fused graph to ``out``. The graph reads
+    the loaded config, which fills what a checkpoint's config.json may leave out (Gemma 3's
+    ``layer_types`` from its older ``sliding_window_pattern``)."""
     import torch
 
     from edgepack.families import decoder
 
-    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    kind = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))["model_type"]
     net = decoder.auto_class("text-generation").from_pretrained(
         str(model_dir), local_files_only=True, dtype=torch.float32
     )
     if not hasattr(getattr(net, "model", None), "rotary_emb"):
-        raise UserError(
-            f"{model_dir}: no rotary embedding module where a {config['model_type']} has one."
-        )
-    save_model(build_graph(net, config, context), out)
+        raise UserError(f"{model_dir}: no rotary embedding module where a {kind} has one.")
+    save_model(build_graph(net, net.config.to_dict(), context), out)

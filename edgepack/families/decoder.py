@@ -1,4 +1,4 @@
-"""Generative decoders: causal language models (Llama, Qwen2, GPT-2, Mistral, Phi-3).
+"""Generative decoders: causal language models (Llama, Qwen2/3, Gemma 3, Phi-3, Mistral, GPT-2).
 
 What the stages would otherwise assume about a decoder lives here: which architectures are served,
 that the one task is text generation exported with its KV cache, which transformers class loads
@@ -13,8 +13,9 @@ from typing import Any
 NAME = "decoder"
 GENERATIVE = True
 # Architectures the decoder export and weight-only quantization are tested for (tiny random
-# configs in tests/test_decoder*.py; Llama also with the real SmolLM2 sample).
-MODEL_TYPES = ("llama", "qwen2", "gpt2", "mistral", "phi3")
+# configs in tests/test_decoder*.py; Llama also with the real SmolLM2 sample). All but GPT-2 are
+# written as the fused graph (export/decoder_graph.py, families/decoder_arch.py).
+MODEL_TYPES = ("llama", "qwen2", "qwen3", "gemma3_text", "phi3", "mistral", "gpt2")
 TASKS = ("text-generation",)
 CLASSIFIER_TASKS: tuple[str, ...] = ()
 AUTO_CLASSES = {"text-generation": "AutoModelForCausalLM"}

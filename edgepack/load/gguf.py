@@ -20,6 +20,9 @@ MAGIC = b"GGUF"
 # the fast tokenizer.json beside it is what the build and the device use.
 GGUF_COPY = "tokenizer.model"
 FORMAT_VERSION = 1  # bump when the folder written here changes
+# GGUF architecture names that are not the transformers model type they load as (transformers
+# loads a "gemma3" GGUF as the text-only Gemma3ForCausalLM).
+MODEL_TYPE_OF = {"gemma3": "gemma3_text"}
 
 
 def read_architecture(path: Path) -> str:
@@ -53,9 +56,12 @@ def _summary(exc: BaseException) -> str:
 
 
 def _supported() -> tuple[str, ...]:
+    """GGUF architectures transformers reads whose model type the decoder family serves."""
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
-    return tuple(a for a in decoder.MODEL_TYPES if a in GGUF_SUPPORTED_ARCHITECTURES)
+    return tuple(
+        a for a in GGUF_SUPPORTED_ARCHITECTURES if MODEL_TYPE_OF.get(a, a) in decoder.MODEL_TYPES
+    )
 
 
 def gguf_folder(path: Path) -> Path:
@@ -97,6 +103,6 @@ def _convert(path: Path, arch: str, digest: str, out: Path) -> HFModel:
         source=str(path),
         library="transformers",
         weights_sha256=digest,
-        model_type=arch,
+        model_type=MODEL_TYPE_OF.get(arch, arch),
         max_length=decoder.context_length(model.config.to_dict()),
     )
