@@ -263,3 +263,13 @@ def test_a_rebuild_reuses_the_greedy_validation(tmp_path: Path) -> None:
     validation = first.manifest["export_validation"]
     assert validation == second.manifest["export_validation"]
     assert validation["greedy_tokens_matched"] > 0
+
+
+def test_the_graph_is_saved_with_the_ir_version_its_opset_needs(built: tuple[Path, dict]) -> None:
+    """onnx's default IR version (its newest) made onnxruntime before 1.32 refuse the graph."""
+    import onnx
+
+    folder, _ = built
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    opsets = [o for o in model.opset_import if o.domain in ("", "ai.onnx")]
+    assert model.ir_version == onnx.helper.find_min_ir_version_for(opsets) == 8
