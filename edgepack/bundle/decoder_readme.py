@@ -11,6 +11,13 @@ from typing import Any
 
 from edgepack.bundle.requirements import ORT_FLOOR, min_python
 
+# Why older onnxruntime releases fail (measured: edgepack/bundle/requirements.py).
+WHY = {
+    "onnx": "older releases lack the contrib operators this graph uses (MatMulNBits, "
+    "GroupQueryAttention, GatherBlockQuantized with bits)",
+    "ort": "older releases cannot read the converted operators of this .ort file (an app embeds "
+    "onnxruntime-android or onnxruntime-objc of that version or newer)",
+}
 HARNESS_README = Path(__file__).resolve().parent.parent / "harness" / "README.md"
 SHARED_SECTIONS = ("## What is checked before the run", "## Signed bundles")
 
@@ -53,9 +60,8 @@ def _summary(name: str, manifest: dict[str, Any]) -> list[str]:
         "## Install (once per device)",
         "",
         f"Python {min_python('decoder', fmt)} or newer and onnxruntime "
-        f"{ORT_FLOOR[('decoder', fmt)]} or newer: older onnxruntime releases lack the contrib "
-        "operators this graph uses (MatMulNBits, GroupQueryAttention, GatherBlockQuantized), and "
-        "onnxruntime publishes no newer wheels for older Pythons. Then:",
+        f"{ORT_FLOOR[('decoder', fmt)]} or newer: {WHY[fmt]}, and onnxruntime publishes no wheels "
+        "that new for older Pythons. Then:",
         "",
         "```sh",
         "python3 -m pip install -r requirements.txt   # onnxruntime, numpy, tokenizers (the app runtime)",
@@ -126,8 +132,8 @@ for piece in model.stream("Once upon a time", max_new_tokens=32):      # str pie
 ids = list(model.generate_ids([1, 2, 3], max_new_tokens=8))            # token ids in, ids out
 ```
 
-A prompt whose tokens plus `max_new_tokens` exceed the context raises `BundleError`, as does an
-empty prompt.
+A prompt whose tokens plus `max_new_tokens` (default 64) exceed the context raises `BundleError`,
+as does a prompt with no tokens.
 
 From a shell in this folder (JSON on stdout, exit 2 with one line on stderr for a `BundleError`):
 
@@ -135,7 +141,7 @@ From a shell in this folder (JSON on stdout, exit 2 with one line on stderr for 
 python3 edgepack_runtime.py generate "The capital of France is" --max-new-tokens 32
 # {"prompt": "The capital of France is", "text": " ..."}
 python3 edgepack_runtime.py tokenize "The capital of France is"   # ids and tokens
-python3 edgepack_runtime.py --threads 2 --bundle /path/to/bundle generate "Hi"
+python3 edgepack_runtime.py --threads 2 --bundle /path/to/bundle generate "Hi" --max-new-tokens 16
 ```
 """
 
