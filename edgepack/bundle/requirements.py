@@ -73,7 +73,8 @@ def requirements_text(kind: str, fmt: str, host_tokenizers: str) -> str:
     if _version(first) < (3, 9):
         lines += [
             f'tokenizers>={host_tokenizers}; python_version >= "3.9"',
-            f'tokenizers>={TOKENIZERS_PY38}; python_version < "3.9"',
+            # ==: pip would take 0.21.0's source archive (no 3.8 wheel) and need Rust to build it.
+            f'tokenizers=={TOKENIZERS_PY38}; python_version < "3.9"',
         ]
     else:
         lines.append(f"tokenizers>={host_tokenizers}")
