@@ -34,10 +34,13 @@ ORT_FLOOR = {
 ORT_LAST_WHEEL = {"3.8": "1.19.2", "3.9": "1.19.2", "3.10": "1.23.2"}
 # Pythons the resolution test covers (tests/test_requirements.py); newer ones are not promised.
 PYTHONS = ("3.8", "3.9", "3.10", "3.11", "3.12", "3.13", "3.14")
+_ENCODER = "older ones refuse the graph, or let pip install a numpy 2 they cannot import"
 WHY = {
-    "encoder": "older ones refuse the graph, or let pip install a numpy 2 they cannot import",
-    "decoder": "older ones lack the contrib operators this graph uses (GatherBlockQuantized "
-    "with bits, MatMulNBits, GroupQueryAttention)",
+    ("encoder", "onnx"): _ENCODER,
+    ("encoder", "ort"): _ENCODER,
+    ("decoder", "onnx"): "older ones lack the contrib operators this graph uses "
+    "(GatherBlockQuantized with bits, MatMulNBits, GroupQueryAttention)",
+    ("decoder", "ort"): "older ones cannot read the operators the build host's converter wrote",
 }
 
 
@@ -63,7 +66,7 @@ def requirements_text(kind: str, fmt: str, host_tokenizers: str) -> str:
     floor, first = ORT_FLOOR[(kind, fmt)], min_python(kind, fmt)
     lines = [
         f"# Python {first}+. onnxruntime {floor} is the oldest measured to pass this bundle's "
-        f"check ({WHY[kind]}); onnxruntime's last wheels: "
+        f"check ({WHY[(kind, fmt)]}); onnxruntime's last wheels: "
         + ", ".join(f"{v} for Python {p}" for p, v in ORT_LAST_WHEEL.items())
         + ".",
         f"onnxruntime>={floor}",
