@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import re
 import shutil
 import tarfile
 from pathlib import Path
@@ -184,3 +185,32 @@ def make_tarball(bundle: Path, out_dir: Path) -> Path:
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(bundle, arcname=bundle.name)
     return archive
+
+
+# Names a bundle README shows as the user's own files (outputs, keys, lists), not the bundle's.
+USER_FILES = {
+    "result.json",
+    "out.json",
+    "baseline.json",
+    "BASE.json",
+    "a.json",
+    "b.json",
+    "faq.txt",
+}
+OPTIONAL_FILES = {"bundle.sig"}  # only in signed bundles, and the README says so
+_FILE_NAME = re.compile(
+    r"(?<![\w/.~-])((?:[\w-]+/)*[\w-]+\.(?:py|sh|txt|json|onnx|ort|config|npz|sig|kt|swift)"
+    r"|SHA256SUMS)(?![\w/])"
+)
+
+
+def readme_file_names(text: str) -> set[str]:
+    """The bundle files a README names (bare or folder-relative), less the user's own files."""
+    return set(_FILE_NAME.findall(text)) - USER_FILES - OPTIONAL_FILES
+
+
+def readme_flags(text: str) -> set[str]:
+    """Every ``--flag`` a README gives a bundle script (lines naming an ``edgepack`` command, which
+    runs on the build host, are left out)."""
+    device = "\n".join(line for line in text.splitlines() if "`edgepack " not in line)
+    return set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", device))

@@ -245,3 +245,21 @@ def test_pruning_recovered_by_distillation(tiny_st: Path, texts_file: Path, tmp_
     stages = [h["stage"] for h in manifest["source"]["history"]]
     assert stages[:1] == ["prune"] and "distill" in stages
     assert manifest["export"]["max_abs_diff_vs_pytorch"] < 1e-3
+
+
+@pytest.mark.parametrize("profile", [p.name for p in list_targets()])
+def test_readme_names_only_files_the_bundle_has(matrix: Path, profile: str) -> None:
+    """A README pointing at a script the bundle lacks (bench_android.sh was one) sends the user
+    looking for nothing; and requirements.txt states the measured floor for the model's format."""
+    from bundle_factory import readme_file_names
+
+    from edgepack.bundle.requirements import ORT_FLOOR
+
+    folder = matrix / f"tiny-{profile}"
+    names = readme_file_names((folder / "README.md").read_text())
+    assert {"run.sh", "bench.py", "requirements.txt", "edgepack_runtime.py"} <= names
+    assert sorted(n for n in names if not (folder / n).exists()) == []
+    fmt = json.loads((folder / "manifest.json").read_text())["model"]["file"].split(".")[-1]
+    assert (
+        f"onnxruntime>={ORT_FLOOR[('encoder', fmt)]}\n" in (folder / "requirements.txt").read_text()
+    )

@@ -298,3 +298,40 @@ def test_every_fused_architecture_builds_checks_and_generates(tmp_path: Path, ki
     assert run.returncode == 0, run.stderr
     result_ids = json.loads(run.stdout)
     assert result_ids["got"] == result_ids["want"] and all(result_ids["want"])
+
+
+def test_readme_flags_and_files_are_the_bundles(built: tuple[Path, dict]) -> None:
+    """Every --flag the README gives is one bench.py or edgepack_runtime.py takes, every file it
+    names is in the bundle, and requirements.txt asks for the onnxruntime the graph needs."""
+    from bundle_factory import readme_file_names, readme_flags
+
+    from edgepack.bundle.requirements import ORT_FLOOR
+
+    folder, _ = built
+    text = (folder / "README.md").read_text()
+    helps = ""
+    for args in (["bench.py"], ["edgepack_runtime.py"], ["edgepack_runtime.py", "generate"]):
+        done = subprocess.run(
+            [sys.executable, str(folder / args[0]), *args[1:], "--help"],
+            capture_output=True, text=True, timeout=120, cwd=folder,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        helps += done.stdout
+    assert {"--check-only", "--new-tokens", "--max-new-tokens"} <= readme_flags(text)
+    assert readme_flags(text) - readme_flags(helps) == set()
+    names = readme_file_names(text)
+    assert {"run.sh", "bench.py", "reference.json", "edgepack_decode.py"} <= names
+    assert sorted(n for n in names if not (folder / n).exists()) == []
+    floor = ORT_FLOOR[("decoder", "onnx")]
+    assert f"onnxruntime>={floor}\n" in (folder / "requirements.txt").read_text()
+    assert verify_bundle(folder, None, False) >= 6  # --help left no bytecode behind
+
+
+def test_the_graph_is_saved_with_the_ir_version_its_opset_needs(built: tuple[Path, dict]) -> None:
+    """onnx's default IR version (its newest) made onnxruntime before 1.32 refuse the graph."""
+    import onnx
+
+    folder, _ = built
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    opsets = [o for o in model.opset_import if o.domain in ("", "ai.onnx")]
+    assert model.ir_version == onnx.helper.find_min_ir_version_for(opsets) == 8

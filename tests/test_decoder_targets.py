@@ -158,3 +158,20 @@ def test_the_ort_bundle_passes_its_harness_check(android: tuple[Path, dict]) -> 
     )
     assert run.returncode == 0 and json.loads(run.stdout) is True, run.stderr
     assert verify_bundle(folder) >= 6  # the runtime left the bundle as it was
+
+
+def test_the_ort_bundle_readme_and_requirements(android: tuple[Path, dict]) -> None:
+    """The .ort file, converted by the host's onnxruntime, needs 1.30.0 (measured), so Python 3.11+."""
+    from bundle_factory import readme_file_names
+
+    from edgepack.bundle.requirements import ORT_FLOOR
+
+    folder, _ = android
+    text = (folder / "README.md").read_text()
+    names = readme_file_names(text)
+    assert "required_operators_and_types.config" in names and "model.ort" in names
+    assert sorted(n for n in names if not (folder / n).exists()) == []
+    assert "Python 3.11 or newer" in text
+    assert (folder / "requirements.txt").read_text().splitlines()[1] == (
+        f"onnxruntime>={ORT_FLOOR[('decoder', 'ort')]}"
+    )

@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from edgepack.artifacts import sha256_file
+from edgepack.bundle.decoder_readme import decoder_readme
 from edgepack.bundle.manifest import write_manifest, write_sums
 from edgepack.bundle.outbox import Outbox
+from edgepack.bundle.requirements import requirements_text
 from edgepack.bundle.sign import sign_bundle
-from edgepack.bundle.write import to_ort_format, write_tar
+from edgepack.bundle.write import to_ort_format, tokenizers_version, write_tar
 
 HARNESS = Path(__file__).resolve().parent.parent / "harness" / "bench_llm.py"
 REFERENCE = "reference.json"
@@ -29,43 +31,6 @@ RUN_SH = """#!/bin/sh
 set -eu
 exec "${PYTHON:-python3}" "$(dirname "$0")/bench.py" "$@"
 """
-
-
-# bench.py needs onnxruntime and numpy; edgepack_runtime.py tokenizes with tokenizers.
-REQUIREMENTS = "onnxruntime\nnumpy\ntokenizers\n"
-
-
-def _readme(name: str, manifest: dict[str, Any]) -> str:
-    fid = manifest["fidelity"]
-    return "\n".join(
-        [
-            f"# {name}",
-            "",
-            f"{manifest['model']['precision']} text-generation model for "
-            f"**{manifest['target']['name']}**, built by edgepack from `{manifest['source']['model']}`.",
-            "",
-            f"- Model file: `{manifest['model']['file']}` ({manifest['model']['bytes'] / 1e6:.1f} MB)"
-            + (
-                f"; operators for a reduced onnxruntime build: `{OPERATOR_CONFIG}`"
-                if manifest["model"].get("operator_config")
-                else ""
-            ),
-            f"- Held-out perplexity {fid.get('perplexity', float('nan')):.2f} "
-            f"(fp32 {fid.get('perplexity_fp32', float('nan')):.2f}), next-token top-1 agreement "
-            f"{fid.get('top1_agreement', float('nan')):.3f}",
-            "",
-            "```sh",
-            "pip install -r requirements.txt",
-            "./run.sh --json ../result.json --threads 1   # check + TTFT, tokens/s, peak RSS",
-            "python3 edgepack_runtime.py generate 'The capital of France is' --max-new-tokens 32",
-            "```",
-            "",
-            "From Python (the bundle folder on sys.path): `from edgepack_runtime import Model`, then",
-            "`Model(folder).generate(prompt, max_new_tokens)` or `.stream(...)` for the pieces as",
-            "they are decoded (greedy, KV cache, stops at the end-of-sequence token).",
-            "",
-        ]
-    )
 
 
 def _device_model(model_path: Path, tmp: Path, fmt: dict[str, Any]) -> tuple[Path, Path | None]:
@@ -118,8 +83,11 @@ def package_decoder(
         (folder / "run.sh").write_text(RUN_SH, encoding="utf-8")
         (folder / "run.sh").chmod(0o755)
         (folder / REFERENCE).write_text(json.dumps(reference, indent=1) + "\n", encoding="utf-8")
-        (folder / "README.md").write_text(_readme(name, manifest), encoding="utf-8")
-        (folder / "requirements.txt").write_text(REQUIREMENTS, encoding="utf-8")
+        (folder / "README.md").write_text(decoder_readme(name, manifest), encoding="utf-8")
+        fmt = model_file.suffix.lstrip(".")
+        (folder / "requirements.txt").write_text(
+            requirements_text("decoder", fmt, tokenizers_version()), encoding="utf-8"
+        )
         write_manifest(folder, manifest)
         write_sums(folder)
         if sign_key is not None:

@@ -14,6 +14,7 @@ import numpy as np
 
 from edgepack.artifacts import HFModel, OnnxModel, sha256_file
 from edgepack.bundle.outbox import Outbox
+from edgepack.bundle.requirements import min_python
 from edgepack.bundle.sign import sign_bundle
 from edgepack.bundle.write import (
     fix_input_shapes,
@@ -83,15 +84,19 @@ APP_CALLS = {
 }
 
 
+def _fmt(manifest: dict[str, Any]) -> str:
+    return Path(manifest["model"]["file"]).suffix.lstrip(".")
+
+
 def _app_readme(manifest: dict[str, Any]) -> list[str]:
     """How an app uses the bundle: the Python runtime, and the Kotlin/Swift files when present."""
     call, returns = APP_CALLS[encoder.output_kind(manifest["task"], manifest["source"]["library"])]
     lines = [
         "## Use the model from an app",
         "",
-        "`edgepack_runtime.py` tokenizes exactly as the build host did (the bundle's "
-        "tokenizer.json) and runs the model; it needs only onnxruntime, numpy and tokenizers "
-        "(requirements.txt), Python 3.8+.",
+        "`edgepack_runtime.py` tokenizes exactly as the build host did "
+        "(`tokenizer/tokenizer.json`) and runs the model; it needs only onnxruntime, numpy and "
+        f"tokenizers (requirements.txt), Python {min_python('encoder', _fmt(manifest))}+.",
         "",
         "```python",
         'import sys; sys.path.insert(0, "/path/to/this/bundle")',

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from edgepack.bundle.manifest import bundle_files, write_manifest, write_sums
-from edgepack.bundle.wheels import TOKENIZERS_PY38
+from edgepack.bundle.requirements import requirements_text
 from edgepack.errors import UserError
 
 HARNESS_DIR = Path(__file__).resolve().parent.parent / "harness"
@@ -256,13 +256,9 @@ def write_bundle(
     for name in EXECUTABLE:
         if (folder / name).exists():
             (folder / name).chmod(0o755)
+    fmt = Path(manifest["model"]["file"]).suffix.lstrip(".")
     (folder / "requirements.txt").write_text(
-        "# Only these run on the device; pin to the versions the bundle was checked with.\n"
-        f"onnxruntime>={manifest['versions']['onnxruntime']}\nnumpy\n"
-        "# edgepack_runtime.py tokenizes with it; bench.py does not need it.\n"
-        f'tokenizers>={tokenizers_version()}; python_version >= "3.9"\n'
-        f'tokenizers>={TOKENIZERS_PY38}; python_version < "3.9"\n',
-        encoding="utf-8",
+        requirements_text("encoder", fmt, tokenizers_version()), encoding="utf-8"
     )
     (folder / "README.md").write_text(device_readme, encoding="utf-8")
     write_manifest(folder, manifest)

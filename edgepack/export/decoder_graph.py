@@ -48,8 +48,12 @@ FUSED_TYPES = tuple(ARCHS)
 # its original context: past it transformers switches to the long factors).
 STATIC_ROPE = (None, "default", "linear", "llama3", "yarn", "longrope")
 OPSET = 17
+# The IR version opset 17 needs. onnx's default is its newest (14 with onnx 1.23), which every
+# onnxruntime before 1.32 refuses to load; saved as 8, the bundle's check passes from 1.23.0 on,
+# where GatherBlockQuantized first takes ``bits`` (measured, tiny Llama int4 and int8).
+IR_VERSION = 8
 # Part of the export cache key: bump when the graph written for the same weights changes.
-GRAPH_VERSION = 3
+GRAPH_VERSION = 4
 TWO_GB = 2_000_000_000
 
 
@@ -223,7 +227,9 @@ def build_graph(net: Any, config: dict[str, Any], context: int) -> Any:
     inputs, outputs = _io(d)
     graph = helper.make_graph(g.nodes, "edgepack-decoder", inputs, outputs, g.inits)
     opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)]
-    return helper.make_model(graph, opset_imports=opsets, producer_name="edgepack")
+    return helper.make_model(
+        graph, opset_imports=opsets, producer_name="edgepack", ir_version=IR_VERSION
+    )
 
 
 def save_model(model: Any, path: Path) -> None:

@@ -1,0 +1,151 @@
+"""The README.md of a decoder bundle: what its harness (harness/bench_llm.py, shipped as bench.py)
+and its app runtime (harness/edgepack_runtime.py) do, as the encoder bundles' README says for
+theirs. The integrity rules and signatures are shared code (bundle_check.py), so their sections
+come verbatim from harness/README.md.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from edgepack.bundle.requirements import ORT_FLOOR, min_python
+
+# Why older onnxruntime releases fail (measured: edgepack/bundle/requirements.py).
+WHY = {
+    "onnx": "older releases lack the contrib operators this graph uses (MatMulNBits, "
+    "GroupQueryAttention, GatherBlockQuantized with bits)",
+    "ort": "older releases cannot read the converted operators of this .ort file (an app embeds "
+    "onnxruntime-android or onnxruntime-objc of that version or newer)",
+}
+HARNESS_README = Path(__file__).resolve().parent.parent / "harness" / "README.md"
+SHARED_SECTIONS = ("## What is checked before the run", "## Signed bundles")
+
+
+def _shared_sections() -> list[str]:
+    """The harness README's sections on bundle_check.py, which both harnesses run."""
+    if not HARNESS_README.is_file():
+        return []
+    text = HARNESS_README.read_text(encoding="utf-8")
+    out = []
+    for heading in SHARED_SECTIONS:
+        start = text.find(heading + "\n")
+        if start < 0:
+            continue
+        end = text.find("\n## ", start + len(heading))
+        out.append(text[start : end if end >= 0 else len(text)].rstrip() + "\n")
+    return out
+
+
+def _summary(name: str, manifest: dict[str, Any]) -> list[str]:
+    fid, model = manifest["fidelity"], manifest["model"]
+    fmt = Path(model["file"]).suffix.lstrip(".")
+    config = (
+        f"; operators for a reduced onnxruntime build: `{model['operator_config']}`"
+        if model.get("operator_config")
+        else ""
+    )
+    return [
+        f"# {name}",
+        "",
+        f"{model['precision']} text-generation model for **{manifest['target']['name']}**, "
+        f"built by edgepack from `{manifest['source']['model']}`.",
+        "",
+        f"- Model file: `{model['file']}` ({model['bytes'] / 1e6:.1f} MB){config}",
+        f"- Held-out perplexity {fid.get('perplexity', float('nan')):.2f} "
+        f"(fp32 {fid.get('perplexity_fp32', float('nan')):.2f}), next-token top-1 agreement "
+        f"{fid.get('top1_agreement', float('nan')):.3f}",
+        f"- Context: {manifest['generation']['context_length']} tokens (prompt plus new ones)",
+        "",
+        "## Install (once per device)",
+        "",
+        f"Python {min_python('decoder', fmt)} or newer and onnxruntime "
+        f"{ORT_FLOOR[('decoder', fmt)]} or newer: {WHY[fmt]}, and onnxruntime publishes no wheels "
+        "that new for older Pythons. Then:",
+        "",
+        "```sh",
+        "python3 -m pip install -r requirements.txt   # onnxruntime, numpy, tokenizers (the app runtime)",
+        "```",
+        "",
+    ]
+
+
+HARNESS = """## Check and measure
+
+```sh
+sh run.sh --json ../result.json               # check, then TTFT, tokens/s, peak RSS
+sh run.sh --check-only                        # only the check
+sh run.sh --threads 4 --prompt-tokens 128 --new-tokens 64
+```
+
+`run.sh` runs `python3 bench.py` with your flags (`PYTHON=/path/to/python sh run.sh` picks another
+interpreter). `bench.py` first checks the bundle's files (below), then feeds each prompt of
+`reference.json` followed by the build host's greedy continuation, and counts the positions where
+this device's next-token argmax equals the host's token. The check passes when that share is at
+least `check.min_agreement` of `manifest.json`. It also decodes each prompt greedily on its own and
+reports how many tokens stay on the host's path (int4 kernels round differently per CPU, so a
+near-tie may send a free-running path elsewhere; the share above is what passes or fails). Then,
+unless `--check-only`, it times the first token of a prompt and the decoding of new tokens. It
+prints the JSON report and exits with:
+
+| code | meaning |
+| --- | --- |
+| 0 | the check passed |
+| 1 | the check failed |
+| 2 | something you can fix: a tampered or missing file, a bad flag or value (e.g. a prompt plus new tokens longer than the context); one line says what |
+
+## Flags
+
+| flag | default | meaning |
+| --- | --- | --- |
+| `--json PATH` | none | also write the JSON report here (outside the bundle folder) |
+| `--threads N` | 1 | intra-op threads |
+| `--prompt-tokens N` | 32 | prompt length for the time to first token |
+| `--new-tokens N` | 32 | tokens decoded for tokens/s; prompt plus new tokens must fit the context |
+| `--check-only` | off | run the check, skip the timing |
+| `--no-verify` | off | skip the bundle check below |
+| `--public-key PUB` | none | also verify the signature `bundle.sig` with this public key (needs `model-signing`) |
+| `--require-signature` | off | with `--public-key`: exit 2, not just warn, when `model-signing` is not installed |
+
+## JSON report
+
+| key | type | meaning |
+| --- | --- | --- |
+| `check` | object | `passed`, `agreement` (share of positions whose argmax is the host's token), `min_agreement`, `tokens` (positions compared), `greedy_prefix_tokens` (per prompt, how many free-running greedy tokens equal the host's) |
+| `env` | object | `machine`, `python`, `onnxruntime` |
+| `perf` | object | absent with `--check-only`: `threads`, `prompt_tokens`, `ttft_ms` (time to first token), `decode_tokens_per_s`, `peak_rss_mb`, `kv_cache_mb_at_context` (fp32 KV cache at the full context), `context_length` |
+
+## Use the model from an app
+
+`edgepack_runtime.py` tokenizes exactly as the build host did (`tokenizer/tokenizer.json`) and
+decodes greedily with the KV cache, stopping at the end-of-sequence token; it needs only
+onnxruntime, numpy and tokenizers (requirements.txt) and shares its decoding loop with `bench.py`
+(`edgepack_decode.py`), so what the check passed is what an app runs.
+
+```python
+import sys; sys.path.insert(0, "/path/to/this/bundle")
+from edgepack_runtime import BundleError, Model
+model = Model("/path/to/this/bundle", threads=2)    # threads and providers are optional
+text = model.generate("The capital of France is", max_new_tokens=32)   # str
+for piece in model.stream("Once upon a time", max_new_tokens=32):      # str pieces, as decoded
+    print(piece, end="", flush=True)
+ids = list(model.generate_ids([1, 2, 3], max_new_tokens=8))            # token ids in, ids out
+```
+
+A prompt whose tokens plus `max_new_tokens` (default 64) exceed the context raises `BundleError`,
+as does a prompt with no tokens.
+
+From a shell in this folder (JSON on stdout, exit 2 with one line on stderr for a `BundleError`):
+
+```sh
+python3 edgepack_runtime.py generate "The capital of France is" --max-new-tokens 32
+# {"prompt": "The capital of France is", "text": " ..."}
+python3 edgepack_runtime.py tokenize "The capital of France is"   # ids and tokens
+python3 edgepack_runtime.py --threads 2 --bundle /path/to/bundle generate "Hi" --max-new-tokens 16
+```
+"""
+
+
+def decoder_readme(name: str, manifest: dict[str, Any]) -> str:
+    """The whole README.md of one decoder bundle."""
+    return "\n".join([*_summary(name, manifest), HARNESS, *_shared_sections()])
