@@ -117,8 +117,11 @@ DIMENSIONS = {
 NUMBERS = ("rms_norm_eps", "layer_norm_epsilon", "rope_theta")
 
 
-def check_config(config: dict[str, Any], where: Path, weight_bytes: int) -> None:
-    """Types, head split and size of a decoder config, before transformers builds anything."""
+def check_config(
+    config: dict[str, Any], where: Path, weight_bytes: int, per_byte: int = dims.PARAMS_PER_BYTE
+) -> None:
+    """Types, head split and size of a decoder config (or a GGUF's metadata, whose quantized
+    weights pack more ``per_byte``), before transformers builds anything."""
     sizes = dims.read(config, str(config.get("model_type")), where, DIMENSIONS)
     dims.positive_numbers(config, NUMBERS, where)
     if sizes["head_dim"] is None:
@@ -132,4 +135,4 @@ def check_config(config: dict[str, Any], where: Path, weight_bytes: int) -> None
     # matrices (a third, SwiGLU's gate, is left out: the estimate must not overshoot GPT-2).
     per_layer = 2 * hidden * head_dim * (heads + kv) + 2 * hidden * ffn
     params = (sizes["vocab"] or 0) * hidden + (sizes["layers"] or 0) * per_layer
-    dims.check_size(params, weight_bytes, where)
+    dims.check_size(params, weight_bytes, where, per_byte)

@@ -124,11 +124,13 @@ def available_memory() -> int | None:
     return min(found) if found else None
 
 
-def check_size(parameters: int, weight_bytes: int, where: Path) -> None:
+def check_size(
+    parameters: int, weight_bytes: int, where: Path, per_byte: int = PARAMS_PER_BYTE
+) -> None:
     """Refuse a config that implies far more parameters than the weight files hold, or more fp32
     bytes than the machine has free: transformers would allocate them before failing."""
     need = parameters * FP32
-    if parameters > PARAMS_PER_BYTE * max(weight_bytes, 1):
+    if parameters > per_byte * max(weight_bytes, 1):
         raise UserError(
             f"{where} describes a model of about {_size(need)} in fp32 ({parameters:,} "
             f"parameters), but its weight files hold {_size(weight_bytes)}: the config does not "

@@ -16,7 +16,7 @@ from typing import Any
 from edgepack.artifacts import HFModel, sha256_file
 from edgepack.errors import UserError, choices_hint
 from edgepack.families import family_of
-from edgepack.folders import WEIGHT_FILES, content_digest, inside, model_files
+from edgepack.folders import WEIGHT_FILES, content_digest, inside, model_files, module_dirs
 from edgepack.load.gguf import gguf_folder
 
 
@@ -184,6 +184,7 @@ def _checked_files(
     files = model_files(folder)
     weights = _weights(folder)
     _check_tokenizer_names(folder)
+    module_dirs(folder)  # sentence-transformers loads each module from the path modules.json names
     for w in weights:
         _check_safetensors(w)
     family.check_config(config, folder / "config.json", sum(w.stat().st_size for w in weights))
