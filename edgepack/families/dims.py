@@ -132,15 +132,15 @@ def check_size(
     need = parameters * FP32
     if parameters > per_byte * max(weight_bytes, 1):
         raise UserError(
-            f"{where} describes a model of about {_size(need)} in fp32 ({parameters:,} "
+            f"{where} describes a model of {_size(need)} in fp32 ({parameters:,} "
             f"parameters), but its weight files hold {_size(weight_bytes)}: the config does not "
             "match the weights."
         )
     free = available_memory()
     if free is not None and need > free:
         raise UserError(
-            f"{where} describes a model of {_size(need)} in fp32, more than the {_size(free)} of "
-            "memory available here; build it on a machine with more memory."
+            f"{where} describes a model of {_size(need)} in fp32, more than the {_size(free)} "
+            "of memory available here; build it on a machine with more memory."
         )
 
 
@@ -149,5 +149,5 @@ def _size(n: int) -> str:
         return "over 1000 TB"
     for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if n >= scale:
-            return f"{n / scale:.3g} {unit}"
-    return f"{n} bytes"
+            return f"about {n / scale:.3g} {unit}"
+    return f"about {n} bytes"
