@@ -178,18 +178,17 @@ def _max_length(folder: Path, config: dict[str, Any]) -> int:
 def _checked_files(
     folder: Path, config: dict[str, Any], family: Any
 ) -> tuple[list[tuple[str, Path]], list[Path]]:
-    """The folder's files and its weight files, refused before anything large is read or
-    allocated: every file inside the folder first, then weight headers, then the config's sizes
-    against them, and only then the pickle (which torch reads in full)."""
+    """The folder's files and its weight files, refused before anything large is allocated:
+    every file inside the folder first, then the weights' headers (a pickle is opened memory-
+    mapped, so code in it is named as such), then the config's sizes against them."""
     files = model_files(folder)
     weights = _weights(folder)
     _check_tokenizer_names(folder)
     module_dirs(folder)  # sentence-transformers loads each module from the path modules.json names
     for w in weights:
         _check_safetensors(w)
-    family.check_config(config, folder / "config.json", sum(w.stat().st_size for w in weights))
-    for w in weights:
         _check_pickle(w)
+    family.check_config(config, folder / "config.json", sum(w.stat().st_size for w in weights))
     return files, weights
 
 
