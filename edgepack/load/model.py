@@ -175,13 +175,10 @@ def _max_length(folder: Path, config: dict[str, Any]) -> int:
     return min(limits)
 
 
-def _checked_files(
-    folder: Path, config: dict[str, Any], family: Any
-) -> tuple[list[tuple[str, Path]], list[Path]]:
-    """The folder's files and its weight files, refused before anything large is allocated:
-    every file inside the folder first, then the weights' headers (a pickle is opened memory-
-    mapped, so code in it is named as such), then the config's sizes against them."""
-    files = model_files(folder)
+def _checked_weights(folder: Path, config: dict[str, Any], family: Any) -> list[Path]:
+    """The weight files, refused before anything large is allocated: names inside the folder,
+    the weights' headers (a pickle is opened memory-mapped, so code in it is named as such),
+    then the config's sizes against them."""
     weights = _weights(folder)
     _check_tokenizer_names(folder)
     module_dirs(folder)  # sentence-transformers loads each module from the path modules.json names
@@ -189,7 +186,7 @@ def _checked_files(
         _check_safetensors(w)
         _check_pickle(w)
     family.check_config(config, folder / "config.json", sum(w.stat().st_size for w in weights))
-    return files, weights
+    return weights
 
 
 def load_model(spec: str, task: str | None = None, trust_remote_code: bool = False) -> HFModel:
@@ -197,6 +194,7 @@ def load_model(spec: str, task: str | None = None, trust_remote_code: bool = Fal
     folder, source = resolve_path(spec)
     if not (folder / "config.json").is_file():
         raise UserError(f"{folder} is not a Hugging Face model folder: it has no config.json.")
+    files = model_files(folder)  # every file stays inside the folder before one is read
     config = _read_json(folder / "config.json")
     if config.get("auto_map") and not trust_remote_code:
         raise UserError(
@@ -205,7 +203,7 @@ def load_model(spec: str, task: str | None = None, trust_remote_code: bool = Fal
         )
     model_type = str(config.get("model_type", ""))
     family = family_of(model_type, f"{folder}/config.json")
-    files, weights = _checked_files(folder, config, family)
+    weights = _checked_weights(folder, config, family)
     is_st = (folder / "modules.json").is_file()
     detected = family.detect_task(config)
     if detected not in family.TASKS:
