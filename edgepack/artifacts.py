@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -41,12 +41,16 @@ class HFModel:
     model_type: str
     max_length: int
     history: tuple[dict[str, Any], ...] = ()  # records of stages that changed it (prune, distill)
+    # Every file a loader can read (folders.content_digest): config, tokenizer, generation
+    # config, sentence-transformers modules, weights. Empty only for records made by hand.
+    files_sha256: str = ""
 
     @property
     def digest(self) -> str:
-        return hashlib.sha256(
-            canonical_json([self.weights_sha256, self.task, self.library, self.history]).encode()
-        ).hexdigest()
+        """The cache identity of the model: a copy differing in any file a build reads (a config
+        field, the tokenizer's vocabulary order, a pooling module) is a different model."""
+        parts = [self.weights_sha256, self.files_sha256, self.task, self.library, self.history]
+        return hashlib.sha256(canonical_json(parts).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,8 @@ def to_dict(record: HFModel | OnnxModel) -> dict[str, Any]:
 def from_dict(cls: type[T], data: dict[str, Any]) -> T:
     kwargs: dict[str, Any] = {}
     for f in fields(cls):
+        if f.name not in data and f.default is not MISSING:  # a field newer than the record
+            continue
         value = data[f.name]
         if f.name in ("path", "tokenizer_dir"):
             value = Path(value)

@@ -38,7 +38,7 @@ from edgepack.families.decoder_fidelity import (
 from edgepack.families.generate import greedy
 from edgepack.profiles import TargetProfile, list_targets, resolve_targets
 from edgepack.progress import Progress
-from edgepack.quantize import WeightOnlySettings, quantize_weights
+from edgepack.quantize import WEIGHT_ONLY_VERSION, WeightOnlySettings, derived, quantize_weights
 
 PRECISIONS = ("int4", "int8", "fp32")
 # What a profile without a [decoder] section gets (targets/*.toml explains the choice).
@@ -130,6 +130,7 @@ def _quantized(
     settings = WeightOnlySettings(bits=bits, block_size=block, accuracy_level=level)
     key = {
         **settings.record(),
+        "code": WEIGHT_ONLY_VERSION,
         "calibration": hashlib.sha256(json.dumps(calibration).encode()).hexdigest(),
     }
 
@@ -148,7 +149,7 @@ def _quantized(
             }
         )
 
-    return cached("weight-only", key, fp32.digest, OnnxModel, make)[0]
+    return derived(fp32, cached("weight-only", key, fp32.digest, OnnxModel, make)[0], True)
 
 
 def _validated(fp32: OnnxModel, model: HFModel, prompts: list[list[int]]) -> dict[str, Any]:
@@ -156,7 +157,7 @@ def _validated(fp32: OnnxModel, model: HFModel, prompts: list[list[int]]) -> dic
     PyTorch, decodes every prompt with the graph and runs one PyTorch pass over each continuation,
     and depends only on the graph, the prompts and the checkpoint. A failed check raises and is
     not kept."""
-    from edgepack.export import validate_generation
+    from edgepack.export import VALIDATION_VERSION, validate_generation
 
     def make(out: Path) -> OnnxModel:
         record = validate_generation(fp32, model, prompts, NEW_TOKENS)
@@ -164,9 +165,9 @@ def _validated(fp32: OnnxModel, model: HFModel, prompts: list[list[int]]) -> dic
 
     settings = {
         "edgepack": __version__,
+        "code": VALIDATION_VERSION,
         "prompts": prompts,
         "new_tokens": NEW_TOKENS,
-        "method": "teacher-forced",
     }
     digest = hashlib.sha256(f"{fp32.digest}:{model.digest}".encode()).hexdigest()
     validated, _ = cached("validate", settings, digest, OnnxModel, make)
@@ -371,7 +372,11 @@ def _manifest(
     return {
         "task": model.task,
         "family": "decoder",
-        "source": {"model": model.source, "weights_sha256": model.weights_sha256},
+        "source": {
+            "model": model.source,
+            "weights_sha256": model.weights_sha256,
+            "files_sha256": model.files_sha256,
+        },
         "target": {
             "name": profile.name,
             "description": profile.description,

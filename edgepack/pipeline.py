@@ -330,10 +330,15 @@ def _model_stages(
     if config.distill_layers:
         model = _distill(model, config, None, progress)
     if config.prune:
-        from edgepack.prune import PruneSettings, prune_model
+        from edgepack.prune import PRUNE_VERSION, PruneSettings, prune_model
 
         settings = PruneSettings(budget=config.prune, seed=config.seed)
-        key = {"settings": asdict(settings), "texts": texts.sha256, "v": __version__}
+        key = {
+            "settings": asdict(settings),
+            "texts": texts.sha256,
+            "v": __version__,
+            "code": PRUNE_VERSION,
+        }
         unpruned = model
         with progress.stage("prune", f"{config.prune:.0%} of encoder MACs"):
             model, _ = cached(
@@ -352,7 +357,7 @@ def _distill(
     teacher: HFModel, config: BuildConfig, student: HFModel | None, progress: Progress
 ) -> HFModel:
     """A cached distillation run: a new shallower student, or training a given one."""
-    from edgepack.distill import DistillSettings, distill
+    from edgepack.distill import DISTILL_VERSION, DistillSettings, distill
 
     data = read_texts(config.distill_data, config.text_field)
     settings = DistillSettings(
@@ -362,6 +367,7 @@ def _distill(
         "settings": asdict(settings),
         "data": data.sha256,
         "v": __version__,
+        "code": DISTILL_VERSION,
         "student": student.digest if student else None,
     }
     what = f"{config.distill_layers} layers" if student is None else "recovering the pruned model"

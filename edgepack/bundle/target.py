@@ -304,6 +304,7 @@ def _manifest(
             "model": model.source,
             "model_type": model.model_type,
             "weights_sha256": model.weights_sha256,
+            "files_sha256": model.files_sha256,
             "library": model.library,
             "history": list(model.history),
         },

@@ -4,6 +4,6 @@ labels, hidden states), or train a pruned model back toward the unpruned one.
 
 from edgepack.distill.data import read_data
 from edgepack.distill.layers import LAYER_CHOICES
-from edgepack.distill.stage import DistillSettings, distill
+from edgepack.distill.stage import DISTILL_VERSION, DistillSettings, distill
 
-__all__ = ["LAYER_CHOICES", "DistillSettings", "distill", "read_data"]
+__all__ = ["DISTILL_VERSION", "LAYER_CHOICES", "DistillSettings", "distill", "read_data"]

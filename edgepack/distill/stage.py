@@ -45,6 +45,9 @@ from edgepack.errors import UserError
 from edgepack.families import encoder
 
 LAYER_PROBE_TEXTS = 64  # training texts the layer choice is scored on
+# Part of the distill cache key: bump when anything under distill/ trains or writes a different
+# student for the same teacher, data and settings.
+DISTILL_VERSION = 1
 
 
 @dataclass(frozen=True)

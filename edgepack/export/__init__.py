@@ -3,12 +3,14 @@
 from edgepack.export.check import validate
 from edgepack.export.convert import export_cached, export_onnx, io_signature, labels_of
 from edgepack.export.decoder import (
+    VALIDATION_VERSION,
     export_decoder_cached,
     torch_logits,
     validate_generation,
 )
 
 __all__ = [
+    "VALIDATION_VERSION",
     "export_cached",
     "export_decoder_cached",
     "export_onnx",

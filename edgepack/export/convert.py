@@ -18,6 +18,10 @@ from edgepack.errors import exporter_errors
 from edgepack.families import family_of
 from edgepack.folders import copy_tokenizer_files
 
+# Part of every export cache key (encoders and decoders share ``collect_export``): bump when the
+# folder written for the same model changes. ``__version__`` alone moves only at releases.
+EXPORT_VERSION = 1
+
 
 def io_signature(path: Path) -> tuple[tuple[dict[str, Any], ...], tuple[dict[str, Any], ...]]:
     import onnx
@@ -138,5 +142,10 @@ def collect_export(
 
 def export_cached(model: HFModel) -> tuple[OnnxModel, bool]:
     """The export stage behind the cache: one entry per model, whoever asks (build or eval)."""
-    settings = {"edgepack": __version__, "task": model.task, "library": model.library}
+    settings = {
+        "edgepack": __version__,
+        "code": EXPORT_VERSION,
+        "task": model.task,
+        "library": model.library,
+    }
     return cached("export", settings, model.digest, OnnxModel, lambda out: export_onnx(model, out))

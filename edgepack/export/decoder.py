@@ -20,7 +20,7 @@ from edgepack.artifacts import HFModel, OnnxModel
 from edgepack.cache import cached
 from edgepack.errors import UserError, exporter_errors
 from edgepack.evaluate import session
-from edgepack.export.convert import collect_export, optimum_export
+from edgepack.export.convert import EXPORT_VERSION, collect_export, optimum_export
 from edgepack.export.decoder_graph import GRAPH_VERSION, fusable, write_fused
 from edgepack.families import decoder
 from edgepack.families.generate import greedy
@@ -30,6 +30,11 @@ NEW_TOKENS = 32
 # First-step logits, ONNX vs PyTorch in fp32: SmolLM2's logits span ~±30 and differ by ~1e-4 from
 # summation order; a wrong op or mis-traced branch gives O(1). Greedy equality is the real gate.
 LOGIT_ATOL = 1e-2
+# Cache-key versions: bump DECODER_EXPORT_VERSION when ``export_decoder`` writes something else
+# for the same checkpoint (records, staging), VALIDATION_VERSION when the greedy check changes
+# what it measures or accepts.
+DECODER_EXPORT_VERSION = 1
+VALIDATION_VERSION = 2
 
 
 def eos_ids(folder: Path) -> list[int]:
@@ -67,7 +72,12 @@ def export_decoder(model: HFModel, out_dir: Path, opset: int | None = None) -> O
 
 
 def export_decoder_cached(model: HFModel) -> tuple[OnnxModel, bool]:
-    settings = {"edgepack": __version__, "task": decoder.EXPORT_TASK, "graph": GRAPH_VERSION}
+    settings = {
+        "edgepack": __version__,
+        "code": [EXPORT_VERSION, DECODER_EXPORT_VERSION],
+        "task": decoder.EXPORT_TASK,
+        "graph": GRAPH_VERSION,
+    }
     return cached("export", settings, model.digest, OnnxModel, lambda o: export_decoder(model, o))
 
 

@@ -8,7 +8,10 @@ it, and how the exported graph's inputs are named. Greedy decoding of an exporte
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+
+from edgepack.families import dims
 
 NAME = "decoder"
 GENERATIVE = True
@@ -97,3 +100,40 @@ def profile_misfit(profile: dict[str, Any]) -> str | None:
             "(MatMulNBits, GatherBlockQuantized); decoders run on the CPU provider"
         )
     return None
+
+
+# The sizes a decoder's config declares, under the names its model types use (GPT-2 says n_embd,
+# n_layer, n_head, n_inner), and whether null is allowed (GPT-2's n_inner null means 4 x hidden;
+# no num_key_value_heads means one per head; no head_dim means hidden / heads).
+DIMENSIONS = {
+    "vocab": (("vocab_size",), False),
+    "hidden": (("hidden_size", "n_embd"), False),
+    "layers": (("num_hidden_layers", "n_layer"), False),
+    "heads": (("num_attention_heads", "n_head"), False),
+    "kv_heads": (("num_key_value_heads",), True),
+    "head_dim": (("head_dim",), True),
+    "ffn": (("intermediate_size", "n_inner"), True),
+    "positions": (("max_position_embeddings", "n_positions"), False),
+}
+NUMBERS = ("rms_norm_eps", "layer_norm_epsilon", "rope_theta")
+
+
+def check_config(
+    config: dict[str, Any], where: Path, weight_bytes: int, per_byte: int = dims.PARAMS_PER_BYTE
+) -> None:
+    """Types, head split and size of a decoder config (or a GGUF's metadata, whose quantized
+    weights pack more ``per_byte``), before transformers builds anything."""
+    sizes = dims.read(config, str(config.get("model_type")), where, DIMENSIONS)
+    dims.positive_numbers(config, NUMBERS, where)
+    if sizes["head_dim"] is None:
+        dims.divisible(sizes, "hidden", "heads", "hidden_size and num_attention_heads", where)
+    dims.divisible(sizes, "heads", "kv_heads", "num_attention_heads and num_key_value_heads", where)
+    hidden, heads = sizes["hidden"] or 0, sizes["heads"] or 1
+    head_dim = sizes["head_dim"] or hidden // heads
+    kv = sizes["kv_heads"] or heads
+    ffn = sizes["ffn"] or 4 * hidden
+    # The token embedding, then per layer q and o (heads), k and v (kv heads) and two FFN
+    # matrices (a third, SwiGLU's gate, is left out: the estimate must not overshoot GPT-2).
+    per_layer = 2 * hidden * head_dim * (heads + kv) + 2 * hidden * ffn
+    params = (sizes["vocab"] or 0) * hidden + (sizes["layers"] or 0) * per_layer
+    dims.check_size(params, weight_bytes, where, per_byte)

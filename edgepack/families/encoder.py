@@ -8,7 +8,10 @@ decoders) gets a module of its own beside this one instead of ``if decoder:`` ac
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+
+from edgepack.families import dims
 
 NAME = "encoder"
 GENERATIVE = False
@@ -80,3 +83,32 @@ def output_kind(task: str, library: str) -> str:
     if task == "token-classification":
         return "token-logits"
     return "sentence" if library == "sentence_transformers" else "tokens"
+
+
+# The sizes an encoder's config declares, under the names its model types use (DistilBERT says
+# dim, n_layers, n_heads, hidden_dim), and whether null is allowed.
+DIMENSIONS = {
+    "vocab": (("vocab_size",), False),
+    "hidden": (("hidden_size", "dim"), False),
+    "layers": (("num_hidden_layers", "n_layers"), False),
+    "heads": (("num_attention_heads", "n_heads"), False),
+    "ffn": (("intermediate_size", "hidden_dim"), False),
+    "positions": (("max_position_embeddings",), False),
+    "segments": (("type_vocab_size",), False),
+    "embedding": (("embedding_size",), True),  # ELECTRA's embeddings are narrower than its layers
+}
+NUMBERS = ("layer_norm_eps",)
+
+
+def check_config(config: dict[str, Any], where: Path, weight_bytes: int) -> None:
+    """Types, head split and size of an encoder config, before transformers builds anything."""
+    sizes = dims.read(config, str(config.get("model_type")), where, DIMENSIONS)
+    dims.positive_numbers(config, NUMBERS, where)
+    dims.divisible(sizes, "hidden", "heads", "hidden_size and num_attention_heads", where)
+    hidden, ffn = sizes["hidden"] or 0, sizes["ffn"] or 0
+    rows = (sizes["vocab"] or 0) + (sizes["positions"] or 0) + (sizes["segments"] or 0)
+    # Embedding tables, then per layer the four attention projections and the two FFN matrices.
+    params = rows * (sizes["embedding"] or hidden) + (sizes["layers"] or 0) * (
+        4 * hidden * hidden + 2 * hidden * ffn
+    )
+    dims.check_size(params, weight_bytes, where)

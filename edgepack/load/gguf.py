@@ -9,6 +9,7 @@ one line instead of deep inside transformers.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from edgepack.artifacts import HFModel, sha256_file
 from edgepack.cache import cached
@@ -19,14 +20,29 @@ MAGIC = b"GGUF"
 # save_pretrained copies the whole GGUF into the folder under this name (94 MB for the sample);
 # the fast tokenizer.json beside it is what the build and the device use.
 GGUF_COPY = "tokenizer.model"
-FORMAT_VERSION = 1  # bump when the folder written here changes
+# The conversion's code version, in its cache key beside the GGUF's SHA-256 and transformers'
+# version: bump when the folder written here changes.
+FORMAT_VERSION = 1
+# GGUF metadata (under the architecture's prefix) -> the config.json size transformers fills.
+SIZES = {
+    "block_count": "num_hidden_layers",
+    "embedding_length": "hidden_size",
+    "feed_forward_length": "intermediate_size",
+    "attention.head_count": "num_attention_heads",
+    "attention.head_count_kv": "num_key_value_heads",
+    "context_length": "max_position_embeddings",
+    "vocab_size": "vocab_size",
+}
+# GGUF quantization packs down to ~1.6 bits a weight (IQ1): up to 5 parameters a byte of file.
+PARAMS_PER_BYTE = 8
 # GGUF architecture names that are not the transformers model type they load as (transformers
 # loads a "gemma3" GGUF as the text-only Gemma3ForCausalLM).
 MODEL_TYPE_OF = {"gemma3": "gemma3_text"}
 
 
 def read_architecture(path: Path) -> str:
-    """The ``general.architecture`` of a GGUF file; UserError when the file is not a whole GGUF."""
+    """The ``general.architecture`` of a GGUF file; UserError when the file is not a whole GGUF.
+    The sizes its metadata declares are checked too, since transformers allocates them."""
     with open(path, "rb") as handle:
         if handle.read(4) != MAGIC:
             raise UserError(f"{path} is not a GGUF file (it does not start with 'GGUF').")
@@ -38,11 +54,29 @@ def read_architecture(path: Path) -> str:
             raise UserError(f"{path} names no general.architecture, so it is not a model GGUF.")
         field = reader.fields["general.architecture"]
         arch = bytes(field.parts[field.data[0]]).decode("utf-8")
+        config = _declared(reader, arch)
     except ImportError:
         raise UserError("reading .gguf files needs the gguf package (pip install gguf).") from None
     except (ValueError, KeyError, IndexError, OSError, UnicodeDecodeError) as exc:
         raise UserError(f"{path} is truncated or corrupt: {_summary(exc)}") from None
+    config["model_type"] = MODEL_TYPE_OF.get(arch, arch)
+    if config["model_type"] in decoder.MODEL_TYPES:
+        decoder.check_config(config, path, path.stat().st_size, PARAMS_PER_BYTE)
     return arch
+
+
+def _declared(reader: Any, arch: str) -> dict[str, Any]:
+    """The config.json transformers would make from the metadata, as far as sizes go (a
+    per-layer list, as some architectures declare, is left to transformers)."""
+    config: dict[str, Any] = {"model_type": arch}
+    for key, name in SIZES.items():
+        field = reader.fields.get(f"{arch}.{key}")
+        if field is not None and len(field.data) == 1:
+            config[name] = field.parts[field.data[0]].tolist()[0]
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    if "vocab_size" not in config and tokens is not None:
+        config["vocab_size"] = len(tokens.data)
+    return config
 
 
 def _summary(exc: BaseException) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 from edgepack.artifacts import HFModel, sha256_file
 from edgepack.errors import UserError, choices_hint
 from edgepack.families import family_of
-from edgepack.folders import WEIGHT_FILES
+from edgepack.folders import WEIGHT_FILES, content_digest, inside, model_files, module_dirs
 from edgepack.load.gguf import gguf_folder
 
 
@@ -76,8 +76,9 @@ def _from_hub(repo_id: str) -> Path:
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path} is not readable JSON: {exc}") from None
+    # ValueError: also integers past Python's 4300-digit limit; RecursionError: deep nesting.
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise UserError(f"{path} is not readable JSON: {str(exc)[:200]}") from None
     if not isinstance(data, dict):
         raise UserError(f"{path} must hold a JSON object.")
     return data
@@ -86,17 +87,31 @@ def _read_json(path: Path) -> dict[str, Any]:
 def _weights(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
-        missing = [s for s in shards if not (folder / s).is_file()]
+        weight_map = _read_json(index).get("weight_map", {})
+        if not isinstance(weight_map, dict):
+            raise UserError(f"{index}: weight_map must map tensor names to shard file names.")
+        where = f"{index.name}'s weight_map"
+        shards = sorted({inside(folder, name, where) for name in weight_map.values()})
+        missing = [str(s.relative_to(folder)) for s in shards if not s.is_file()]
         if missing or not shards:
             raise UserError(f"{folder}: weight shards missing: {', '.join(missing) or 'all'}.")
-        return [folder / s for s in shards]
+        return shards
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (folder / name).is_file():
             return [folder / name]
     raise UserError(
         f"{folder} has a config.json but no weights; expected one of: {', '.join(WEIGHT_FILES)}."
     )
+
+
+def _check_tokenizer_names(folder: Path) -> None:
+    """transformers opens a ``*_file`` named in tokenizer_config.json (vocab_file,
+    tokenizer_file, merges_file...) instead of the folder's own file: it must be one of them."""
+    path = folder / "tokenizer_config.json"
+    if path.is_file():
+        for key, value in _read_json(path).items():
+            if key.endswith("_file") and value is not None:
+                inside(folder, value, f"tokenizer_config.json's {key}")
 
 
 def _check_safetensors(path: Path) -> None:
@@ -160,11 +175,26 @@ def _max_length(folder: Path, config: dict[str, Any]) -> int:
     return min(limits)
 
 
+def _checked_weights(folder: Path, config: dict[str, Any], family: Any) -> list[Path]:
+    """The weight files, refused before anything large is allocated: names inside the folder,
+    the weights' headers (a pickle is opened memory-mapped, so code in it is named as such),
+    then the config's sizes against them."""
+    weights = _weights(folder)
+    _check_tokenizer_names(folder)
+    module_dirs(folder)  # sentence-transformers loads each module from the path modules.json names
+    for w in weights:
+        _check_safetensors(w)
+        _check_pickle(w)
+    family.check_config(config, folder / "config.json", sum(w.stat().st_size for w in weights))
+    return weights
+
+
 def load_model(spec: str, task: str | None = None, trust_remote_code: bool = False) -> HFModel:
     """Check a model folder and describe it; weights are hashed, not loaded."""
     folder, source = resolve_path(spec)
     if not (folder / "config.json").is_file():
         raise UserError(f"{folder} is not a Hugging Face model folder: it has no config.json.")
+    files = model_files(folder)  # every file stays inside the folder before one is read
     config = _read_json(folder / "config.json")
     if config.get("auto_map") and not trust_remote_code:
         raise UserError(
@@ -173,10 +203,7 @@ def load_model(spec: str, task: str | None = None, trust_remote_code: bool = Fal
         )
     model_type = str(config.get("model_type", ""))
     family = family_of(model_type, f"{folder}/config.json")
-    weights = _weights(folder)
-    for w in weights:
-        _check_safetensors(w)
-        _check_pickle(w)
+    weights = _checked_weights(folder, config, family)
     is_st = (folder / "modules.json").is_file()
     detected = family.detect_task(config)
     if detected not in family.TASKS:
@@ -196,9 +223,10 @@ def load_model(spec: str, task: str | None = None, trust_remote_code: bool = Fal
         raise UserError(
             f"{folder} has no tokenizer files (tokenizer.json, vocab.txt or vocab.json)."
         )
+    hashes = {name: sha256_file(real) for name, real in files}  # each file read once
     digest = hashlib.sha256()
     for w in weights:
-        digest.update(sha256_file(w).encode())
+        digest.update((hashes.get(w.relative_to(folder).as_posix()) or sha256_file(w)).encode())
     # A student or pruned folder made by edgepack keeps its provenance into the bundle manifest.
     history = tuple(
         {"stage": stage, "record": name, "record_sha256": sha256_file(folder / name)}
@@ -214,6 +242,7 @@ def load_model(spec: str, task: str | None = None, trust_remote_code: bool = Fal
         if is_st and task == "feature-extraction"
         else "transformers",
         weights_sha256=digest.hexdigest(),
+        files_sha256=content_digest(hashes),
         model_type=model_type,
         max_length=_max_length(folder, config),
     )

@@ -4,12 +4,19 @@ Other stages use only the names below; the modules inside are this stage's own b
 """
 
 from edgepack.prune.saved import RECORD, export_pruned, is_pruned, load_pruned
-from edgepack.prune.settings import ALLOCATION, IMPORTANCE, PruneSettings, check_settings
+from edgepack.prune.settings import (
+    ALLOCATION,
+    IMPORTANCE,
+    PRUNE_VERSION,
+    PruneSettings,
+    check_settings,
+)
 from edgepack.prune.stage import prune_model
 
 __all__ = [
     "ALLOCATION",
     "IMPORTANCE",
+    "PRUNE_VERSION",
     "RECORD",
     "PruneSettings",
     "check_settings",

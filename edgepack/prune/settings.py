@@ -8,6 +8,9 @@ from edgepack.errors import UserError, choices_hint
 
 IMPORTANCE = ("taylor", "activation", "reconstruction")
 ALLOCATION = ("measured", "global")
+# Part of the prune cache key: bump when anything under prune/ writes a different pruned folder
+# for the same model, texts and settings.
+PRUNE_VERSION = 1
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -13,8 +14,13 @@ from edgepack.cache import cached
 from edgepack.calibration import TextSet, batches
 from edgepack.config import BuildConfig
 from edgepack.errors import UserError
+from edgepack.folders import folder_digest
 from edgepack.progress import Progress
 from edgepack.quantize.settings import QuantSettings
+
+# Part of the cache key: bump when the recipe, the search or the graph rewrites under quantize/
+# write a different int8 model for the same graph, calibration and settings.
+QUANTIZE_VERSION = 1
 
 
 def quantize_stage(
@@ -43,6 +49,9 @@ def quantize_stage(
         "calibration": calib.sha256,
         "seq_len": seq_len,
         "v": __version__,
+        "code": QUANTIZE_VERSION,
+        # The calibration feeds are this tokenizer's ids: another vocabulary, another model.
+        "tokenizer": folder_digest(fp32.tokenizer_dir),
         "search": [config.max_drop, config.time_budget, dev.sha256] if search_on else None,
     }
 
@@ -94,4 +103,16 @@ def quantize_stage(
         detail += f", max drop {config.max_drop}"
     with progress.stage("quantize", detail):
         model, _ = cached("quantize", key, fp32.digest, OnnxModel, make)
-    return model
+    return derived(fp32, model)
+
+
+def derived(fp32: OnnxModel, made: OnnxModel, keep_records: bool = False) -> OnnxModel:
+    """The cached graph described by the export it was made from in *this* build: an entry made
+    from another model with the same graph must not bring that model's tokenizer folder or
+    records (eos ids, source) along. Only its quantization record is its own; ``keep_records``
+    adds it to the export's records (weight-only) instead of replacing them (int8)."""
+    own = {"quantization": made.records["quantization"]}
+    records = {**fp32.records, **own} if keep_records else own
+    return dataclasses.replace(
+        fp32, path=made.path, precision=made.precision, sha256=made.sha256, records=records
+    )

@@ -25,6 +25,9 @@ from edgepack.quantize.blockwise import SEARCH, pack, quantize_rows
 UNTIED = "lm_head.untied_weight"
 METHODS = ("search", "rtn", "awq")
 MS = "com.microsoft"
+# Part of the weight-only cache key: bump when ``quantize_weights`` (or blockwise.py) writes a
+# different graph for the same fp32 graph, settings and calibration.
+WEIGHT_ONLY_VERSION = 1
 
 
 @dataclass(frozen=True)
