@@ -140,7 +140,7 @@ class Model:
         try:
             with open(str(self.bundle / "manifest.json"), encoding="utf-8") as handle:
                 self.manifest = json.load(handle)  # type: Dict[str, Any]
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:  # RecursionError: absurd nesting
             raise BundleError("{} is not a readable bundle: {}".format(self.bundle, exc)) from None
         self.task = str(self.manifest.get("task", ""))
         self.primary_output = str(self.manifest.get("io", {}).get("primary_output", "logits"))
