@@ -430,3 +430,9 @@ def test_reference_texts_are_what_the_runtime_tokenizes_and_verify_checks_them(
     device = subprocess.run(bench, capture_output=True, text=True, timeout=120)
     assert host.exit_code == 2 and "gives other token ids" in host.output, host.output
     assert device.returncode == 2 and "gives other token ids" in device.stderr, device.stderr
+    # The runtime itself says a corrupt tokenizer.json does not load, in one line, exit 2.
+    (copy / "tokenizer" / "tokenizer.json").write_text('{"model": ')
+    proc = subprocess.run([sys.executable, "-m", "edgepack_runtime", "embed", "a cat"], cwd=copy,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2 and "tokenizer.json does not load" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -99,7 +99,14 @@ def _load_tokenizer(bundle: Path, max_length: int) -> Any:
         raise BundleError(
             "the runtime needs Hugging Face tokenizers: pip install -r requirements.txt"
         ) from None
-    tokenizer = Tokenizer.from_file(str(path))
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as exc:  # the Rust library raises plain Exception for a corrupt file
+        raise BundleError(
+            "{} does not load ({}); re-copy the bundle and check it with bench.py".format(
+                path, " ".join(str(exc).split())[:200]
+            )
+        ) from None
     padding = tokenizer.padding or {}
     # The shipped file pads every text to a fixed length; batches here pad to their longest.
     tokenizer.no_padding()
