@@ -6,6 +6,7 @@ false "ok". The host's readers get the same bound on JSON nesting.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -78,6 +79,15 @@ def test_compare_still_judges_a_real_baseline(tmp_path: Path) -> None:
     base.write_text('{"latency_ms": {"p50": 4}}')
     assert bench.compare_to_baseline(4.1, base, 0.05)["regressed"] is False
     assert bench.compare_to_baseline(5.0, base, 0.05)["regressed"] is True
+    (tmp_path / "latest.json").symlink_to(base)  # the user's own link is fine
+    assert bench.compare_to_baseline(4.1, tmp_path / "latest.json", 0.05)["ratio"] == 1.025
+    big = tmp_path / "big.json"
+    big.write_text('{"latency_ms": {"p50": 1' + "0" * 400 + "}}")
+    with pytest.raises(bench.HarnessError, match="finite number"):
+        bench.compare_to_baseline(4.1, big, 0.05)
+    os.mkfifo(tmp_path / "pipe.json")  # never opened: opening a FIFO blocks without a writer
+    with pytest.raises(bench.HarnessError, match="not a regular file"):
+        bench.compare_to_baseline(4.1, tmp_path / "pipe.json", 0.05)
 
 
 FLAGS = [

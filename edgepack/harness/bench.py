@@ -556,12 +556,12 @@ def cold_runs(args: argparse.Namespace, bundle: Path, count: int) -> Dict[str, f
 
 def positive_number(value: Any) -> bool:
     """A finite real number > 0: NaN, infinity, strings and booleans (true == 1) are not."""
-    return (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and value > 0
-    )
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value) and value > 0
+    except OverflowError:  # an integer too large for a float
+        return False
 
 
 def compare_to_baseline(
@@ -572,7 +572,7 @@ def compare_to_baseline(
     The baseline p50 must be a finite positive number as JSON gives it: Python's json reads NaN
     and Infinity, and float("nan") or float(true) would make every ratio pass as "ok".
     """
-    baseline = load_json(baseline_path, "--compare {}".format(baseline_path))
+    baseline = load_json(baseline_path, "--compare {}".format(baseline_path), user_file=True)
     latency = baseline.get("latency_ms") if isinstance(baseline, dict) else None
     if not isinstance(latency, dict) or "p50" not in latency:
         raise HarnessError(

@@ -72,10 +72,13 @@ def parse_json(text: str, what: str) -> Any:
         raise HarnessError("{} is not valid JSON: {}".format(what, exc)) from None
 
 
-def load_json(path: Path, what: str) -> Any:
-    """A JSON file of the bundle (or named by the user), read with ``parse_json``'s bounds."""
+def load_json(path: Path, what: str, user_file: bool = False) -> Any:
+    """A JSON file of the bundle, or with ``user_file`` one the user named (a link to a regular
+    file is fine there), read with ``parse_json``'s bounds; never a FIFO or a device."""
     try:
-        text = regular_file(path, what).read_text(encoding="utf-8")
+        if user_file and not stat.S_ISREG(os.stat(str(path)).st_mode):
+            raise HarnessError("{} is not a regular file".format(what))
+        text = (path if user_file else regular_file(path, what)).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise HarnessError("{} is not readable: {}".format(what, exc)) from None
     return parse_json(text, what)
