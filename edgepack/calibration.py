@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import json
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ import numpy as np
 
 from edgepack.config import BuildConfig
 from edgepack.errors import UserError
+from edgepack.jsontext import parse_json
 
 FORMATS = (".txt", ".jsonl", ".csv")
 MAX_FILE_BYTES = 512 << 20
@@ -72,10 +72,7 @@ def _jsonl(path: Path, content: str, text_field: str) -> list[tuple[int, str]]:
     for n, line in enumerate(content.splitlines(), 1):
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise UserError(f"{path}:{n}: not valid JSON.") from None
+        row = parse_json(line, f"{path}:{n}")
         if not isinstance(row, dict) or text_field not in row:
             raise UserError(f"{path}:{n}: no field {text_field!r} (set --text-field).")
         if not isinstance(row[text_field], str):

@@ -256,6 +256,7 @@ def build_decoder(
         fp32, _ = export_decoder_cached(model)
     context = min(fp32.records["context_length"], model.max_length)
     prompts = _prompts(tokenizer, heldout.texts, context)
+    texts = list(heldout.texts[:PROMPTS])  # the prompts' texts whole, for the tokenizer check
     with progress.stage("validate", f"greedy {NEW_TOKENS} tokens x {len(prompts)} vs PyTorch"):
         validation = dict(_validated(fp32, model, prompts))
     fp32_out = validation.pop("continuations")
@@ -285,6 +286,7 @@ def build_decoder(
                     sign_key,
                     fmt=profile.section("format"),
                     check=_host_check(reference, eos),
+                    texts=(texts, [tokenizer(t)["input_ids"] for t in texts]),
                 )
             results.append(BuildResult(profile.name, folder, tar, manifest, fp32.path))
         moved = box.publish()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import numpy as np
 
 from edgepack.calibration import _decode, encode
 from edgepack.errors import UserError
+from edgepack.jsontext import parse_json
 from edgepack.metrics import accuracy, cosine_rows, macro_f1, spearman, token_f1
 
 KINDS = ("similarity", "classification", "token", "texts")
@@ -49,10 +49,7 @@ def _rows(path: Path) -> list[dict[str, Any]]:
         rows = []
         for n, line in enumerate(content.splitlines(), 1):
             if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    raise UserError(f"{path}:{n}: not valid JSON.") from None
+                row = parse_json(line, f"{path}:{n}")
                 if not isinstance(row, dict):
                     raise UserError(f"{path}:{n}: each line must be a JSON object.")
                 rows.append(row)

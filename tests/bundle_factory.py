@@ -81,13 +81,41 @@ def _model(token_output: bool, seed: int):
     return model, emb, proj
 
 
+# A word-level tokenizer small enough for the tiny model's 50-row embedding.
+WORDS = (
+    "[PAD]", "[UNK]", "[CLS]", "[SEP]", "the", "a", "cat", "dog", "bird", "sat", "on", "mat", "and",
+    "is", "it", "red", "or", "blue", "where", "my", "order", "parcel", "track", "how", "do", "i",
+)  # fmt: skip
+TEXTS = ("the cat sat on the mat and the dog", "where is my order", "track it")
+
+
+def make_tokenizer():
+    """A real tokenizers.Tokenizer ([CLS] text [SEP]), saved with the fixed padding a
+    transformers save can leave in tokenizer.json: the runtime and the check must ignore it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    tokenizer.enable_padding(pad_id=0, pad_token="[PAD]", length=12)
+    return tokenizer
+
+
+def reference_ids() -> list[list[int]]:
+    """The ids of TEXTS, unpadded, as the runtime tokenizes them."""
+    tokenizer = make_tokenizer()
+    tokenizer.no_padding()
+    return [tokenizer.encode(text).ids for text in TEXTS]
+
+
 def _reference(token_output: bool, emb, proj, seed: int) -> tuple[dict, np.ndarray]:
-    rng = np.random.default_rng(seed + 1)
-    ids = rng.integers(1, VOCAB, size=(3, 12), dtype=np.int64)
-    mask = np.ones_like(ids)
-    mask[1, 8:] = 0  # a padded row, so masking matters
-    mask[2, 5:] = 0
-    ids[mask == 0] = 0
+    rows = reference_ids()
+    ids = np.zeros((len(rows), 12), dtype=np.int64)
+    for n, row in enumerate(rows):
+        ids[n, : len(row)] = row
+    mask = (np.arange(12)[None, :] < np.array([len(r) for r in rows])[:, None]).astype(np.int64)
     tokens = emb[ids]
     if token_output:
         out = tokens @ proj
@@ -117,14 +145,21 @@ def make_bundle(
     reference_noise: float = 0.0,
     threads: int = 2,
     seq_len: int = 16,
+    texts: bool = True,
 ) -> Path:
-    """Write a complete bundle folder ``root/name``; ``reference_noise`` breaks the check."""
+    """Write a complete bundle folder ``root/name``; ``reference_noise`` breaks the check;
+    ``texts=False`` leaves out reference/texts.json, as bundles built before it did."""
     import onnx
 
     bundle = root / name
     (bundle / "reference").mkdir(parents=True)
     (bundle / "tokenizer").mkdir()  # every real bundle ships one; the harness requires it
-    (bundle / "tokenizer" / "tokenizer.json").write_text('{"version": "1.0"}\n')
+    make_tokenizer().save(str(bundle / "tokenizer" / "tokenizer.json"))
+    if texts:  # an older bundle has none, and its tokenizer goes unchecked
+        rows = [
+            {"ids": ids, "text": text} for text, ids in zip(TEXTS, reference_ids(), strict=True)
+        ]
+        (bundle / "reference" / "texts.json").write_text(json.dumps({"texts": rows}) + "\n")
     model, emb, proj = _model(token_output, seed)
     onnx.save(model, str(bundle / "model.onnx"))
     inputs, expected = _reference(token_output, emb, proj, seed)
@@ -168,6 +203,7 @@ def make_bundle(
             "inputs": "reference/inputs.npz",
             "outputs": "reference/outputs_fp32.npz",
             "min_cosine": 0.98,
+            **({"texts": "reference/texts.json"} if texts else {}),
         },
         "target": {"name": "cpu", "format": {"model": "onnx"}},
         "edgepack_version": "0.1.0",

@@ -335,3 +335,44 @@ def test_the_graph_is_saved_with_the_ir_version_its_opset_needs(built: tuple[Pat
     model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
     opsets = [o for o in model.opset_import if o.domain in ("", "ai.onnx")]
     assert model.ir_version == onnx.helper.find_min_ir_version_for(opsets) == 8
+
+
+def test_the_decoder_bundle_checks_its_tokenizer_as_the_runtime_uses_it(
+    built: tuple[Path, dict], tmp_path: Path
+) -> None:
+    """Reference texts with the build host's ids: the runtime gives them again, and a corrupt
+    tokenizer.json (sums regenerated) is refused by `edgepack verify` and the harness alike."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from edgepack.bundle.manifest import write_sums
+    from edgepack.cli import cli
+
+    folder, manifest = built
+    assert manifest["reference"]["texts"] == "reference/texts.json"
+    rows = json.loads((folder / "reference" / "texts.json").read_text())["texts"]
+    assert len(rows) == 4 and all(len(r["ids"]) > 1 for r in rows)
+    script = (
+        "import json, sys; sys.path.insert(0, sys.argv[1]); from edgepack_runtime import Model\n"
+        "m = Model(sys.argv[1]); rows = json.loads(sys.argv[2])\n"
+        "print(json.dumps([m.tokenizer.encode(r['text']).ids == r['ids'] for r in rows]))"
+    )
+    run = subprocess.run([sys.executable, "-I", "-c", script, str(folder), json.dumps(rows)],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert run.returncode == 0 and json.loads(run.stdout) == [True] * 4, run.stderr
+    ok = CliRunner().invoke(cli, ["verify", str(folder)])
+    assert ok.exit_code == 0 and "tokenizer gives the build's ids" in ok.output, ok.output
+    copy = tmp_path / "b"
+    shutil.copytree(folder, copy)
+    tok = copy / "tokenizer" / "tokenizer.json"
+    tok.write_text(tok.read_text()[:500])
+    write_sums(copy)
+    host = CliRunner().invoke(cli, ["verify", str(copy)])
+    assert host.exit_code == 2 and "tokenizer/tokenizer.json does not load" in host.output
+    device = subprocess.run([sys.executable, "-I", str(copy / "bench.py"), "--check-only"],
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert device.returncode == 2 and "tokenizer/tokenizer.json does not load" in device.stderr
+    threads = subprocess.run([sys.executable, str(folder / "bench.py"), "--threads", "0"],
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert threads.returncode == 2 and "--threads 0 is out of range" in threads.stderr

@@ -238,11 +238,11 @@ def test_cpus_pins_and_clamps_threads(bundle, tmp_path):
 
 
 def test_parse_cpu_list():
-    assert bench.parse_cpu_list("0,2-3") == [0, 2, 3]
-    assert bench.parse_cpu_list("4-7") == [4, 5, 6, 7]
-    for bad in ("", "3-1", "a", "-1"):
+    assert bench.parse_cpu_list("0,2-3", 8) == [0, 2, 3]
+    assert bench.parse_cpu_list("4-7", 8) == [4, 5, 6, 7]
+    for bad in ("", "3-1", "a", "-1", "8", "0-99999999999999"):
         with pytest.raises(bench.HarnessError, match="--cpus"):
-            bench.parse_cpu_list(bad)
+            bench.parse_cpu_list(bad, 8)
 
 
 def test_run_sh_works_from_any_folder_and_resolves_json_against_the_caller(bundle, tmp_path):
@@ -312,11 +312,12 @@ def test_harness_imports_only_stdlib_numpy_onnxruntime():
             "bench.py": {"numpy", "onnxruntime", "bundle_check"},
             "bench_llm.py": {"numpy", "onnxruntime", "bundle_check", "edgepack_decode"},
             "edgepack_decode.py": {"numpy"},
-            "bundle_check.py": {"model_signing"},
+            "bundle_check.py": {"model_signing", "tokenizers"},
         }.get(script, set())
         assert roots - allowed == set(), f"{script} imports {roots - allowed}"
         assert "edgepack" not in roots
         assert "model_signing" not in top_level, f"{script} imports model_signing eagerly"
+        assert "tokenizers" not in top_level, f"{script} imports tokenizers eagerly"
 
 
 def test_harness_parses_as_python_38():

@@ -25,6 +25,7 @@ FLOOR = {
     "evaluate",
     "families",
     "folders",
+    "jsontext",
     "metrics",
     "profiles",
     "progress",

@@ -278,7 +278,7 @@ CASES: list[Case] = [
             "verify",
             str((lambda b: (b.joinpath("model.onnx").write_bytes(b"x"), b)[1])(_bundle(t))),
         ],
-        "model.onnx was changed after build",
+        "model.onnx does not match SHA256SUMS",
     ),
     (
         "manifest of unknown schema",

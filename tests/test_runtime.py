@@ -393,3 +393,46 @@ def test_import_is_fast_and_the_files_are_small(bundles: dict[str, Path]) -> Non
     assert float(proc.stdout) < 1.0, proc.stdout
     assert time.perf_counter() - start < 5.0
     assert (bundle / "edgepack_runtime.py").stat().st_size < 64_000
+
+
+def test_reference_texts_are_what_the_runtime_tokenizes_and_verify_checks_them(
+    bundles: dict[str, Path], tmp_path: Path
+) -> None:
+    """Every build records texts with the ids the model was fed; the runtime gives those ids
+    again, `verify` says it checked them, and a tokenizer.json changed with its sums regenerated
+    is refused by `verify` and by the harness."""
+    rows: list[dict] = []
+    for bundle in reversed(list(bundles.values())):  # "plain" last: its rows are used below
+        manifest = json.loads((bundle / "manifest.json").read_text())
+        rows = json.loads((bundle / manifest["reference"]["texts"]).read_text())["texts"]
+        assert len(rows) == 8
+        model = runtime(bundle).Model(bundle)
+        assert [e.ids for e in model.tokenize([r["text"] for r in rows])] == [
+            r["ids"] for r in rows
+        ]
+        ok = CliRunner().invoke(cli, ["verify", str(bundle)])
+        assert ok.exit_code == 0 and "tokenizer gives the build's ids" in ok.output, ok.output
+    copy = tmp_path / "plain"
+    shutil.copytree(bundles["plain"], copy)
+    path = copy / "tokenizer" / "tokenizer.json"
+    data = json.loads(path.read_text())
+    vocab = data["model"]["vocab"]
+    used = rows[0]["ids"][1]  # a token of a reference text, swapped with the next id's token
+    first = next(word for word, i in vocab.items() if i == used)
+    second = next(word for word, i in vocab.items() if i == used + 1)
+    vocab[first], vocab[second] = vocab[second], vocab[first]  # still a valid tokenizer
+    path.write_text(json.dumps(data))
+    from bundle_factory import write_sums
+
+    write_sums(copy)
+    host = CliRunner().invoke(cli, ["verify", str(copy)])
+    bench = [sys.executable, "-I", str(copy / "bench.py"), "--runs", "1", "--warmup", "0"]
+    device = subprocess.run(bench, capture_output=True, text=True, timeout=120)
+    assert host.exit_code == 2 and "gives other token ids" in host.output, host.output
+    assert device.returncode == 2 and "gives other token ids" in device.stderr, device.stderr
+    # The runtime itself says a corrupt tokenizer.json does not load, in one line, exit 2.
+    (copy / "tokenizer" / "tokenizer.json").write_text('{"model": ')
+    proc = subprocess.run([sys.executable, "-m", "edgepack_runtime", "embed", "a cat"], cwd=copy,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2 and "tokenizer.json does not load" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr

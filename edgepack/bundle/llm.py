@@ -17,20 +17,20 @@ from edgepack.bundle.manifest import write_manifest, write_sums
 from edgepack.bundle.outbox import Outbox
 from edgepack.bundle.requirements import requirements_text
 from edgepack.bundle.sign import sign_bundle
-from edgepack.bundle.write import to_ort_format, tokenizers_version, write_tar
+from edgepack.bundle.verify import verify_bundle
+from edgepack.bundle.write import (
+    HARNESS_DIR,
+    to_ort_format,
+    tokenizers_version,
+    write_reference_texts,
+    write_tar,
+)
 
-HARNESS = Path(__file__).resolve().parent.parent / "harness" / "bench_llm.py"
+HARNESS = HARNESS_DIR / "bench_llm.py"
 REFERENCE = "reference.json"
 # The converter's list of operators and types the model uses: what a reduced (minimal) onnxruntime
 # build must include; the encoder bundles ship it under the same name.
 OPERATOR_CONFIG = "required_operators_and_types.config"
-# run.sh of a decoder bundle: checks the greedy continuations against the host's, then measures.
-RUN_SH = """#!/bin/sh
-# Verifies SHA256SUMS, checks greedy continuations against the build host's, measures TTFT,
-# decode tokens/s, peak RSS and the KV cache at the context length. Arguments go to bench.py.
-set -eu
-exec "${PYTHON:-python3}" "$(dirname "$0")/bench.py" "$@"
-"""
 
 
 def _device_model(model_path: Path, tmp: Path, fmt: dict[str, Any]) -> tuple[Path, Path | None]:
@@ -52,12 +52,14 @@ def package_decoder(
     *,
     fmt: dict[str, Any] | None = None,
     check: Callable[[Path], dict[str, Any]] | None = None,
+    texts: tuple[list[str], list[list[int]]] | None = None,
 ) -> tuple[Path, Path]:
     """Write ``<name>/`` and its .tar.gz into ``box``, which publishes them when the build ends;
     returns (folder, tarball) there until then.
 
     ``fmt`` is the profile's [format] section; ``check`` runs on the converted model file before
     anything is written (it raises to stop the bundle) and its figures go in manifest ``check``.
+    ``texts`` are reference texts and the ids the build host's tokenizer gave them.
     """
     manifest["reference"] = {"inputs": REFERENCE, "outputs": REFERENCE}
     with box.bundle(name) as tmp:
@@ -78,11 +80,15 @@ def package_decoder(
             shutil.copy2(op_config, folder / OPERATOR_CONFIG)
         shutil.copytree(tokenizer_dir, folder / "tokenizer")
         shutil.copy2(HARNESS, folder / "bench.py")
-        for shared in ("bundle_check.py", "edgepack_decode.py", "edgepack_runtime.py"):
-            shutil.copy2(HARNESS.with_name(shared), folder / shared)
-        (folder / "run.sh").write_text(RUN_SH, encoding="utf-8")
+        # run.sh is the encoders' too: it checks SHA256SUMS names and file types, then the sums.
+        for shared in ("bundle_check.py", "edgepack_decode.py", "edgepack_runtime.py", "run.sh"):
+            shutil.copy2(HARNESS_DIR / shared, folder / shared)
         (folder / "run.sh").chmod(0o755)
         (folder / REFERENCE).write_text(json.dumps(reference, indent=1) + "\n", encoding="utf-8")
+        if texts is not None:
+            named = write_reference_texts(folder, *texts)
+            if named is not None:
+                manifest["reference"]["texts"] = named
         (folder / "README.md").write_text(decoder_readme(name, manifest), encoding="utf-8")
         fmt = model_file.suffix.lstrip(".")
         (folder / "requirements.txt").write_text(
@@ -90,6 +96,7 @@ def package_decoder(
         )
         write_manifest(folder, manifest)
         write_sums(folder)
+        verify_bundle(folder)  # the device's own check, before anything is published
         if sign_key is not None:
             sign_bundle(folder, sign_key)
         write_tar(folder, tmp / f"{name}.tar.gz")

@@ -12,6 +12,7 @@ from typing import Any
 
 from edgepack.artifacts import sha256_file
 from edgepack.errors import UserError
+from edgepack.jsontext import parse_json
 
 SCHEMA_VERSION = 1
 SUMS = "SHA256SUMS"
@@ -42,11 +43,12 @@ def write_sums(folder: Path) -> None:
 def read_manifest(folder: Path) -> dict[str, Any]:
     path = folder / MANIFEST
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UserError(f"{folder} is not a bundle: it has no {MANIFEST}.") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"{path} is not readable JSON: {exc}") from None
+    data = parse_json(text, str(path))
     if not isinstance(data, dict):
         raise UserError(f"{path} must hold a JSON object.")
     version = data.get("schema_version")

@@ -16,6 +16,7 @@ from edgepack.artifacts import HFModel, OnnxModel, sha256_file
 from edgepack.bundle.outbox import Outbox
 from edgepack.bundle.requirements import min_python
 from edgepack.bundle.sign import sign_bundle
+from edgepack.bundle.verify import verify_bundle
 from edgepack.bundle.write import (
     fix_input_shapes,
     render_app_sources,
@@ -168,9 +169,10 @@ def package_target(shared: Shared, ship: Shipment, box: Outbox) -> BuildResult:
     build ends; the result names them there until then."""
     name, fp32 = f"{shared.name}-{ship.profile.name}", shared.fp32
     names = [i["name"] for i in fp32.inputs]
-    inputs = encode(
-        shared.tokenizer, list(shared.heldout.texts[:REFERENCE_TEXTS]), names, ship.seq_len
-    )
+    texts = list(shared.heldout.texts[:REFERENCE_TEXTS])
+    inputs = encode(shared.tokenizer, texts, names, ship.seq_len)
+    # The ids the model was fed, unpadded: what the runtime's tokenizer.json must give again.
+    ids = shared.tokenizer(texts, truncation=True, max_length=ship.seq_len)["input_ids"]
     ref_out = run_onnx(fp32.path, [inputs], threads=1)[0]
     with box.bundle(name) as tmp:
         model_file, io, extra = _device_model(shared, ship, tmp)
@@ -182,12 +184,13 @@ def package_target(shared: Shared, ship: Shipment, box: Outbox) -> BuildResult:
             tmp / name,
             model_file,
             tokenizer_dir,
-            {"inputs": inputs, "outputs": {fp32.primary_output: ref_out}},
+            {"inputs": inputs, "outputs": {fp32.primary_output: ref_out}, "texts": (texts, ids)},
             manifest,
             extra,
             _readme(name, manifest),
             generated,
         )
+        verify_bundle(tmp / name)  # the device's own check, before anything is published
         if shared.sign_key is not None:
             sign_bundle(tmp / name, shared.sign_key)
         write_tar(tmp / name, tmp / f"{name}.tar.gz")
@@ -309,7 +312,13 @@ def _manifest(
             "history": list(model.history),
         },
         "target": {**profile.data, "profile_source": Path(profile.source).name},
-        "harness": {"batch": 1, **profile.section("harness"), "seq_len": ship.seq_len},
+        "harness": {
+            "batch": 1,
+            **profile.section("harness"),
+            "seq_len": ship.seq_len,
+            # bench.py refuses a --seq-len past the model's positions in one line.
+            "max_seq_len": model.max_length,
+        },
         "export": fp32.records.get("validation", {}),
         "quantization": ship.candidate.records.get("quantization") if int8 else None,
         "calibration": shared.calib.record() if int8 else None,

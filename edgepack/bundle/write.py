@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import gzip
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -34,6 +35,9 @@ TMP_PREFIX = ".edgepack-tmp-"
 # Failures of the destination, not of edgepack: a full disk, quota, read-only or forbidden folder.
 WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG)
 FIXED_MTIME = 315532800  # 1980-01-01, the earliest a zip entry can say; used for tar too
+# Texts with the ids the build host's tokenizer gave them: the bundle check tokenizes them with the
+# shipped tokenizer.json, as the app runtime does, and requires the same ids.
+REFERENCE_TEXTS = "reference/texts.json"
 
 
 def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -47,6 +51,20 @@ def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
             info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
             info.compress_type = zipfile.ZIP_DEFLATED
             archive.writestr(info, buffer.getvalue())
+
+
+def write_reference_texts(folder: Path, texts: list[str], ids: list[list[int]]) -> str | None:
+    """Write REFERENCE_TEXTS (sorted keys, no timestamp) when the bundle ships the tokenizer.json
+    the runtime loads; return its name for manifest.json reference.texts, or None."""
+    if not (folder / "tokenizer" / "tokenizer.json").is_file():
+        return None
+    rows = [
+        {"ids": [int(i) for i in row], "text": text} for text, row in zip(texts, ids, strict=True)
+    ]
+    (folder / REFERENCE_TEXTS).parent.mkdir(exist_ok=True)
+    data = json.dumps({"texts": rows}, indent=1, sort_keys=True)
+    (folder / REFERENCE_TEXTS).write_text(data + "\n", encoding="utf-8")
+    return REFERENCE_TEXTS
 
 
 def _pid_alive(pid: int) -> bool:
@@ -227,7 +245,7 @@ def write_bundle(
     folder: Path,
     model_file: Path,
     tokenizer_dir: Path,
-    reference: dict[str, dict[str, np.ndarray]],
+    reference: dict[str, Any],
     manifest: dict[str, Any],
     extra_files: dict[str, Path],
     device_readme: str,
@@ -235,7 +253,8 @@ def write_bundle(
 ) -> None:
     """Lay out one bundle folder; the caller decides what goes in the manifest.
 
-    ``generated`` maps bundle-relative paths to text written as is (the app sources).
+    ``generated`` maps bundle-relative paths to text written as is (the app sources);
+    ``reference`` holds "inputs" and "outputs" arrays and optionally "texts", (texts, their ids).
     """
     folder.mkdir()
     shutil.copy2(model_file, folder / manifest["model"]["file"])
@@ -246,6 +265,11 @@ def write_bundle(
     (folder / "reference").mkdir()
     save_npz(folder / "reference" / "inputs.npz", reference["inputs"])
     save_npz(folder / "reference" / "outputs_fp32.npz", reference["outputs"])
+    if "texts" in reference:
+        texts, ids = reference["texts"]
+        named = write_reference_texts(folder, texts, ids)
+        if named is not None:
+            manifest["reference"]["texts"] = named
     for name in HARNESS_FILES:
         shutil.copy2(HARNESS_DIR / name, folder / name)
     for name, src in extra_files.items():

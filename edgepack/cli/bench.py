@@ -11,10 +11,11 @@ Usage:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
+
+from edgepack.jsontext import parse_json
 
 
 @click.command(
@@ -45,7 +46,7 @@ def bench(
         report_path = run_local(bundle, list(harness_args), results)
     else:
         report_path = run_remote(bundle, host, port, identity, list(harness_args), results)
-    report = json.loads(report_path.read_text(encoding="utf-8"))
+    report = parse_json(report_path.read_text(encoding="utf-8"), str(report_path))
     click.echo(f"report: {report_path}")
     failed = report["check"]["passed"] is False
     regressed = bool((report.get("compare") or {}).get("regressed"))

@@ -119,14 +119,21 @@ def build(config_path: Path | None, quiet: bool, sign_key: Path | None, **flags:
     "--require-signature", is_flag=True, help="Refuse a bundle whose signature was not checked."
 )
 def verify(bundle: Path, emulate: bool, public_key: Path | None, require_signature: bool) -> None:
-    """Check a bundle (folder or .tar.gz): SHA256SUMS, the manifest's files and model hash, no
-    links, and with --public-key its signature."""
+    """Check a bundle (folder or .tar.gz) with the device's own check: SHA256SUMS, the manifest's
+    files and model hash, no links or special files, the tokenizer on the reference texts, and
+    with --public-key its signature."""
     from edgepack.bundle import bundle_folder, verify_bundle
 
     with bundle_folder(bundle) as folder:
-        count = verify_bundle(folder, public_key, require_signature)
+        notes: list[str] = []
+        count = verify_bundle(folder, public_key, require_signature, notes)
         signed = ", signature verified" if public_key else ""
-        click.echo(f"OK: {count} files match SHA256SUMS and the manifest in {bundle}{signed}")
+        tokens = "" if notes else ", tokenizer gives the build's ids"
+        click.echo(
+            f"OK: {count} files match SHA256SUMS and the manifest in {bundle}{signed}{tokens}"
+        )
+        for note in notes:
+            click.echo(f"note: {note}")
         if not emulate:
             return
         from edgepack.device import verify_emulated

@@ -9,12 +9,12 @@ Usage:
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 from edgepack.errors import UserError
+from edgepack.jsontext import parse_json
 
 REQUIRED = (
     "latency_ms.p50",
@@ -79,11 +79,14 @@ def _short(value: Any) -> str:
 def load_report(path: Path) -> dict[str, Any]:
     """Read one report and check it has every key the table needs, each of the right type."""
     try:
-        report = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise UserError(f"cannot read {path}: {exc.strerror}") from None
     except ValueError as exc:
         raise UserError(f"{path} is not valid JSON: {exc}") from None
+    report = parse_json(text, str(path))
+    if not isinstance(report, dict):
+        raise UserError(f"{path} is not a bench.py report: it holds no JSON object")
     for dotted in REQUIRED:
         try:
             _get(report, dotted)

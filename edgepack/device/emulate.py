@@ -43,6 +43,7 @@ from typing import Any
 
 from edgepack.cache import cache_root
 from edgepack.errors import UserError
+from edgepack.jsontext import parse_json
 
 QEMU_NAMES = ("qemu-aarch64-static", "qemu-aarch64")
 QEMU_PACKAGE = "qemu-user-static"
@@ -372,8 +373,9 @@ def _check_args(bundle: Path) -> list[str]:
     the bundle with its one line (exit 2), which is the message worth showing.
     """
     try:
-        family = json.loads((bundle / "manifest.json").read_text(encoding="utf-8")).get("family")
-    except (OSError, ValueError, AttributeError):
+        text = (bundle / "manifest.json").read_text(encoding="utf-8")
+        family = parse_json(text, "manifest.json").get("family")
+    except (OSError, ValueError, AttributeError, UserError):
         family = None
     return ["--check-only"] if family == "decoder" else ["--warmup", "0", "--runs", "1"]
 

@@ -22,6 +22,7 @@ from typing import Any
 from edgepack.calibration import TextSet, read_texts
 from edgepack.distill.losses import IGNORE_LABEL
 from edgepack.errors import UserError
+from edgepack.jsontext import parse_json
 
 Label = int | str | None
 LENGTH_WINDOW = 50  # batches per length-sorting window: long enough to group, short enough to mix
@@ -56,7 +57,8 @@ Data = TextSet | LabelledSet
 def _rows(path: Path) -> list[dict[str, Any]]:
     content = path.read_text(encoding="utf-8-sig")
     if path.suffix.lower() == ".jsonl":
-        return [json.loads(line) for line in content.splitlines() if line.strip()]
+        lines = enumerate(content.splitlines(), 1)
+        return [parse_json(line, f"{path}:{n}") for n, line in lines if line.strip()]
     return list(csv.DictReader(io.StringIO(content)))
 
 

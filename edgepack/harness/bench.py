@@ -17,17 +17,27 @@ Usage (on the device, from anywhere):
 Before anything runs, verify_bundle() refuses (exit 2, one line naming the file) a bundle that is
 not exactly as it was built:
 
-- no symbolic link anywhere in the folder, and nothing but regular files and folders;
+- no symbolic link anywhere in the folder, and nothing but regular files and folders (a FIFO or
+  a device is refused before anything is opened, so no check can block on one);
 - SHA256SUMS (`sha256sum -c` format: `<sha256>  name`, or `<sha256> *name` as `sha256sum -b`
-  writes) names no absolute path and no `..`; every file it lists is present with that sha256;
+  writes) names no absolute path, no `..`, no backslash and no control or line-break character
+  (a carriage return, \x85 or \u2028 included); every file it lists is present with that sha256;
 - every regular file in the folder is listed in SHA256SUMS, except SHA256SUMS itself and the
   optional signature bundle.sig (so a report written into the bundle is refused too: write
   reports elsewhere);
-- manifest.json's model.file, reference.inputs and reference.outputs are relative paths without
-  `..`, and are listed in SHA256SUMS (so present and checked);
-- manifest.json and bench.py are present, and tokenizer/ holds at least one file;
+- manifest.json is schema version 1, nested no deeper than 64 levels; its model.file,
+  reference.inputs and reference.outputs are relative paths without `..`, listed in SHA256SUMS;
+- manifest.json, bench.py, bundle_check.py and run.sh are present (and edgepack_decode.py in a
+  decoder bundle), and tokenizer/ holds at least one file;
 - model.file ends in .onnx or .ort as target.format.model says (when the manifest says);
-- the model file's sha256 and size equal manifest.json's model.sha256 and model.bytes.
+- the model file's sha256 and size equal manifest.json's model.sha256 and model.bytes (an
+  integer);
+- tokenizer/tokenizer.json, loaded with the tokenizers package and set up as
+  edgepack_runtime.py sets it up, gives the build host's ids for every reference text
+  (reference/texts.json). Without tokenizers installed, or in a bundle built before reference
+  texts were recorded, one warning line says the tokenizer was NOT checked and the run goes on:
+  bench.py itself never tokenizes, and the app runtime cannot start without tokenizers anyway.
+  `edgepack verify` on the host always checks it.
 
 - with --public-key PUB: bundle.sig, an OpenSSF model-signing signature made with the matching
   elliptic-curve private key over every file of the folder except bundle.sig itself, verifies.
@@ -67,6 +77,7 @@ JSON report (--json PATH); times in milliseconds, rounded to 4 decimals:
                                                 skipped (passed is null when skipped)
     compare                       object|null   baseline, statistic ("p50"), current_ms,
                                                 baseline_ms, ratio, threshold, regressed
+    verify_notes                  list[str]     what the bundle check could not check
 """
 
 from __future__ import annotations
@@ -103,13 +114,14 @@ try:
     from bundle_check import (
         HarnessError,
         bundle_file,
+        load_json,
         load_manifest,
         manifest_value,
         sha256_file,
         verify_bundle,
     )
 except ImportError:  # a partial copy of the bundle: say so in one line, like every other check
-    sys.stderr.write("error: bundle_check.py is missing beside bench.py; re-copy the bundle\n")
+    sys.stderr.write("error: bundle_check.py is missing from the bundle; re-copy the bundle\n")
     sys.exit(2)
 
 
@@ -121,8 +133,11 @@ def load_npz(path: Path) -> Dict[str, np.ndarray]:
 # --- CPUs, environment, memory ----------------------------------------------------------------
 
 
-def parse_cpu_list(text: str) -> List[int]:
-    """Parse taskset-style CPU lists ("4-7", "0,2-3") into sorted CPU ids."""
+def parse_cpu_list(text: str, count: Optional[int] = None) -> List[int]:
+    """Parse taskset-style CPU lists ("4-7", "0,2-3") into sorted CPU ids below ``count`` (the
+    CPUs this machine has; default os.cpu_count()). Bounds are checked before any range is
+    expanded, so "0-99999999999" is one line, not a hang."""
+    count = count or os.cpu_count() or 1
     cpus = set()
     for part in text.split(","):
         part = part.strip()
@@ -131,15 +146,19 @@ def parse_cpu_list(text: str) -> List[int]:
                 low, high = (int(x) for x in part.split("-", 1))
                 if low > high:
                     raise ValueError
-                cpus.update(range(low, high + 1))
             else:
-                cpus.add(int(part))
+                low = high = int(part)
         except ValueError:
             raise HarnessError(
                 "--cpus {!r} is not a CPU list; use ids and ranges like 0,2-3".format(text)
             ) from None
-    if not cpus or min(cpus) < 0:
-        raise HarnessError("--cpus {!r} names no valid CPU".format(text))
+        if low < 0 or high >= count:
+            raise HarnessError(
+                "--cpus {!r} names CPU {}; this machine has CPUs 0-{}".format(
+                    text, low if low < 0 else high, count - 1
+                )
+            )
+        cpus.update(range(low, high + 1))
     return sorted(cpus)
 
 
@@ -535,21 +554,37 @@ def cold_runs(args: argparse.Namespace, bundle: Path, count: int) -> Dict[str, f
 # --- comparison and output ----------------------------------------------------------------------
 
 
+def positive_number(value: Any) -> bool:
+    """A finite real number > 0: NaN, infinity, strings and booleans (true == 1) are not."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value) and value > 0
+    except OverflowError:  # an integer too large for a float
+        return False
+
+
 def compare_to_baseline(
     current_p50: float, baseline_path: Path, threshold: float
 ) -> Dict[str, Any]:
-    """Judge the p50 latency against a baseline report: regressed when slower than 1+threshold."""
-    try:
-        baseline = json.loads(baseline_path.read_text(encoding="utf-8"))
-        base_p50 = float(baseline["latency_ms"]["p50"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    """Judge the p50 latency against a baseline report: regressed when slower than 1+threshold.
+
+    The baseline p50 must be a finite positive number as JSON gives it: Python's json reads NaN
+    and Infinity, and float("nan") or float(true) would make every ratio pass as "ok".
+    """
+    baseline = load_json(baseline_path, "--compare {}".format(baseline_path), user_file=True)
+    latency = baseline.get("latency_ms") if isinstance(baseline, dict) else None
+    if not isinstance(latency, dict) or "p50" not in latency:
         raise HarnessError(
-            "--compare {}: not a bench.py JSON report with latency_ms.p50 ({})".format(
-                baseline_path, exc
+            "--compare {}: not a bench.py JSON report with latency_ms.p50".format(baseline_path)
+        )
+    base_p50 = latency["p50"]
+    if not positive_number(base_p50):
+        raise HarnessError(
+            "--compare {}: latency_ms.p50 must be a finite number > 0 (ms), got {!r}".format(
+                baseline_path, base_p50
             )
-        ) from None
-    if base_p50 <= 0:
-        raise HarnessError("--compare {}: latency_ms.p50 must be > 0".format(baseline_path))
+        )
     ratio = current_p50 / base_p50
     return {
         "baseline": str(baseline_path),
@@ -642,7 +677,34 @@ def resolve_user_path(path: Optional[Path]) -> Optional[Path]:
     return Path(os.environ.get("EDGEPACK_CALLER_CWD") or os.getcwd()) / path
 
 
+# Bounds of the numeric flags: beyond them a run only hangs, thrashes or runs out of memory.
+# warmup is not cut short by --duration, and every batch row is fed at once.
+FLAG_BOUNDS = {
+    "warmup": (0, 100000),
+    "runs": (1, 10000000),
+    "cold_runs": (0, 1000),
+    "inter_op": (1, 1024),
+    "threads": (1, 1024),
+    "batch": (1, 4096),
+    "seq_len": (1, 1 << 20),
+}
+MAX_DURATION_S = 7 * 24 * 3600.0
+
+
+def model_max_seq_len(harness: Dict[str, Any], io: Any) -> Optional[int]:
+    """The longest sequence the bundle's model takes: harness.max_seq_len (the model's position
+    limit, recorded at build), or the fixed sequence dimension of its inputs; None: unknown."""
+    limits = [harness.get("max_seq_len")]
+    for item in (io or {}).get("inputs", []) if isinstance(io, dict) else []:
+        shape = item.get("shape") if isinstance(item, dict) else None
+        if isinstance(shape, list) and len(shape) > 1:
+            limits.append(shape[1])
+    found = [v for v in limits if isinstance(v, int) and not isinstance(v, bool) and v > 0]
+    return min(found) if found else None
+
+
 def settle_args(args: argparse.Namespace, manifest: Dict[str, Any]) -> None:
+    """Fill defaults from the manifest and refuse, in one line, any flag out of range."""
     harness = manifest_value(manifest, "harness")
     if args.ep is None:
         args.ep = str(harness.get("execution_provider", "cpu"))
@@ -651,13 +713,18 @@ def settle_args(args: argparse.Namespace, manifest: Dict[str, Any]) -> None:
                 args.ep, ", ".join(sorted(PROVIDERS))))  # fmt: skip
     if args.cpus:
         args.cpu_list = parse_cpu_list(args.cpus)
-    for name in ("warmup", "runs", "inter_op", "cold_runs", "threads", "batch", "seq_len"):
+    for name, (low, high) in FLAG_BOUNDS.items():
         value = getattr(args, name)
-        minimum = 0 if name in ("warmup", "cold_runs") else 1
-        if value is not None and value < minimum:
-            raise HarnessError("--{} must be >= {}".format(name.replace("_", "-"), minimum))
-    if args.duration <= 0 or args.threshold < 0:
-        raise HarnessError("--duration must be > 0 and --threshold >= 0")
+        if value is not None and not low <= value <= high:
+            raise HarnessError("--{} {} is out of range: use {} to {}".format(
+                name.replace("_", "-"), value, low, high))  # fmt: skip
+    if not 0 < args.duration <= MAX_DURATION_S or args.threshold < 0:
+        raise HarnessError("--duration must be > 0 and at most {:.0f} s, --threshold >= 0".format(
+            MAX_DURATION_S))  # fmt: skip
+    longest = model_max_seq_len(harness, manifest.get("io"))
+    if args.seq_len is not None and longest is not None and args.seq_len > longest:
+        raise HarnessError("--seq-len {} is longer than this model takes ({} tokens)".format(
+            args.seq_len, longest))  # fmt: skip
     args.batch = args.batch or int(harness["batch"])
     args.seq_len = args.seq_len or int(harness["seq_len"])
     usable = usable_cpus()
@@ -665,6 +732,20 @@ def settle_args(args: argparse.Namespace, manifest: Dict[str, Any]) -> None:
     args.threads = args.threads or max(1, min(int(harness["threads"]), limit))
     args.json = resolve_user_path(args.json)
     args.compare = resolve_user_path(args.compare)
+
+
+def first_run(session: Any, feeds: Dict[str, np.ndarray], args: argparse.Namespace) -> None:
+    """The first inference; a shape the model cannot take (a --seq-len past its positions, a
+    fixed-shape model fed another shape) is one line, not onnxruntime's traceback."""
+    try:
+        session.run(None, feeds)
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidArgument types
+        text = " ".join(str(exc).split())
+        raise HarnessError(
+            "the model cannot run [{}, {}] inputs ({}); choose --batch/--seq-len it takes".format(
+                args.batch, args.seq_len, text[:200]
+            )
+        ) from None
 
 
 def measure(
@@ -696,12 +777,19 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     if args.no_verify and args.public_key is not None:
         raise HarnessError("--no-verify skips every check; it cannot go with --public-key")
     bundle = args.bundle.resolve()
+    notes = []  # type: List[str]
     if args.no_verify:
         manifest = load_manifest(bundle)
+        notes.append("--no-verify: the bundle and its tokenizer were not checked")
     else:
         public_key = resolve_user_path(args.public_key)
-        manifest = verify_bundle(bundle, public_key, args.require_signature)
+        manifest = verify_bundle(bundle, public_key, args.require_signature, notes)
+        if not args.cold_child:
+            for note in notes:  # not silent: the run goes on, but says what was not checked
+                print("warning: " + note, file=sys.stderr)
     settle_args(args, manifest)
+    if args.compare is not None:  # a baseline that cannot be judged fails now, not after the run
+        compare_to_baseline(1.0, args.compare, args.threshold)
     if args.cpus:
         pin_cpus(args.cpu_list)  # before onnxruntime starts its thread pools
         args.threads = min(args.threads, len(args.cpu_list))
@@ -717,7 +805,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     reference = load_npz(bundle_file(bundle, manifest, "reference.inputs"))
     feeds = latency_feeds(session, reference, args.batch, args.seq_len)
     t0 = time.perf_counter()
-    session.run(None, feeds)
+    first_run(session, feeds, args)
     first_ms = (time.perf_counter() - t0) * 1000.0
     cold = {"import": import_ms, "session_create": create_ms, "first_inference": first_ms}
     cold = {key: round(value, 4) for key, value in cold.items()}
@@ -764,6 +852,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
         },
         "check": check,
         "compare": None,
+        "verify_notes": notes,
     }  # fmt: skip
     if args.compare is not None:
         report["compare"] = compare_to_baseline(stats["p50"], args.compare, args.threshold)

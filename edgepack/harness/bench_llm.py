@@ -27,8 +27,11 @@ import onnxruntime as ort
 # harness. Under `python -I` the script's folder is not on sys.path.
 sys.dont_write_bytecode = True  # a __pycache__ in the bundle would fail its own check
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bundle_check import HarnessError, verify_bundle  # noqa: E402
+from bundle_check import HarnessError, bundle_relpath, load_json, verify_bundle  # noqa: E402
 from edgepack_decode import empty_past, greedy, step, teacher_forced  # noqa: E402
+
+# More intra-op threads than this only thrash; onnxruntime takes negative counts as an error.
+MAX_THREADS = 1024
 
 
 def fail(message):
@@ -36,9 +39,12 @@ def fail(message):
     sys.exit(2)
 
 
-def read_json(path):
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+def read_json(path, what):
+    """A bundle JSON file, nesting bounded (one line, exit 2, for a hostile one)."""
+    try:
+        return load_json(Path(path), what)
+    except HarnessError as exc:
+        fail(str(exc))
 
 
 def kv_bytes(sess, context):
@@ -64,14 +70,24 @@ def main():
     args = p.parse_args()
     if args.require_signature and args.public_key is None:
         fail("--require-signature needs --public-key PUB, the signer's public key")
+    if not 1 <= args.threads <= MAX_THREADS:
+        fail("--threads %d is out of range: use 1 to %d" % (args.threads, MAX_THREADS))
     if not args.no_verify:
+        notes = []
         try:
-            verify_bundle(Path(here), args.public_key, args.require_signature)
+            verify_bundle(Path(here), args.public_key, args.require_signature, notes)
         except HarnessError as exc:
             fail(str(exc))
-    manifest = read_json(os.path.join(here, "manifest.json"))
-    reference = read_json(os.path.join(here, manifest["reference"]["inputs"]))
-    context = int(manifest["generation"]["context_length"])
+        for note in notes:  # the run goes on, but says what was not checked
+            sys.stderr.write("warning: " + note + "\n")
+    manifest = read_json(os.path.join(here, "manifest.json"), "manifest.json")
+    try:
+        name = bundle_relpath(manifest["reference"]["inputs"], "manifest.json reference.inputs")
+        model = bundle_relpath(manifest["model"]["file"], "manifest.json model.file")
+        context = int(manifest["generation"]["context_length"])
+    except (KeyError, TypeError, ValueError, HarnessError) as exc:
+        fail("manifest.json is not a decoder bundle's manifest (%s); rebuild the bundle" % exc)
+    reference = read_json(os.path.join(here, *name.split("/")), name)
     for flag, value in (("--prompt-tokens", args.prompt_tokens), ("--new-tokens", args.new_tokens)):
         if value < 1:
             fail("%s must be at least 1, got %d" % (flag, value))
@@ -83,7 +99,7 @@ def main():
     options = ort.SessionOptions()
     options.intra_op_num_threads = args.threads
     sess = ort.InferenceSession(
-        os.path.join(here, manifest["model"]["file"]), options, providers=["CPUExecutionProvider"]
+        os.path.join(here, *model.split("/")), options, providers=["CPUExecutionProvider"]
     )
     eos = set(manifest["generation"]["eos_token_ids"])
     check = manifest["check"]

@@ -99,7 +99,14 @@ def _load_tokenizer(bundle: Path, max_length: int) -> Any:
         raise BundleError(
             "the runtime needs Hugging Face tokenizers: pip install -r requirements.txt"
         ) from None
-    tokenizer = Tokenizer.from_file(str(path))
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as exc:  # the Rust library raises plain Exception for a corrupt file
+        raise BundleError(
+            "{} does not load ({}); re-copy the bundle and check it with bench.py".format(
+                path, " ".join(str(exc).split())[:200]
+            )
+        ) from None
     padding = tokenizer.padding or {}
     # The shipped file pads every text to a fixed length; batches here pad to their longest.
     tokenizer.no_padding()
@@ -140,7 +147,7 @@ class Model:
         try:
             with open(str(self.bundle / "manifest.json"), encoding="utf-8") as handle:
                 self.manifest = json.load(handle)  # type: Dict[str, Any]
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:  # RecursionError: absurd nesting
             raise BundleError("{} is not a readable bundle: {}".format(self.bundle, exc)) from None
         self.task = str(self.manifest.get("task", ""))
         self.primary_output = str(self.manifest.get("io", {}).get("primary_output", "logits"))
