@@ -60,7 +60,8 @@ def _build_options(values: dict[str, Any]) -> dict[str, Any]:
 @click.option(
     "--max-drop",
     type=FINITE,
-    help="Allowed drop of mean cosine to fp32 (default 0.005); negative turns the search off.",
+    help="Encoders: allowed drop of mean cosine to fp32 (default 0.005; negative turns the "
+    "search off). Decoders: allowed relative perplexity increase over fp32 (default 0.5, +50 %).",
 )
 @click.option("--time-budget", type=FINITE, help="Seconds for the accuracy search (default 900).")
 @click.option("--force", is_flag=True, help="Replace existing bundles.")
