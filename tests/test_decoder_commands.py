@@ -151,7 +151,6 @@ def test_ort_conversion_varies_in_layout_only_and_rebuild_compares_outputs(
             other = converted
             break
     assert other is not None, "six conversions were byte-identical to the shipped one"
-    assert len(other.read_bytes()) == len(shipped)
     assert same_outputs(android, android / "model.ort", other)
     result = CliRunner().invoke(cli, ["rebuild", str(android)])
     assert result.exit_code == 0, result.output
