@@ -1,7 +1,7 @@
 """Build settings: a flat, typed record filled from a TOML file and then from CLI flags.
 
-The sample config in ``samples/build.toml`` supplies every default, so ``edgepack build`` with no
-argument builds the real sample model. Unknown keys are errors (with the closest valid key), never
+The sample config in ``samples/build.toml`` (``--config sample:build``) supplies every default, so
+``edgepack build`` with no argument builds the real sample model; ``sample:llm`` is the decoder's. Unknown keys are errors (with the closest valid key), never
 silently ignored.
 """
 
@@ -56,15 +56,39 @@ class BuildConfig:
 PATH_KEYS = ("calibration", "heldout", "distill_data", "eval_data")
 
 
-def sample_config_path() -> Path:
+SAMPLE_PREFIX = "sample:"
+
+
+def _samples_folder() -> Path:
     """samples/ ships inside the installed package (edgepack/samples) and sits beside it in a
     checkout; a plain path works for both, where importlib.resources would hand back a
     namespace-package object for a folder without ``__init__.py``."""
     here = Path(__file__).resolve().parent
     for folder in (here / "samples", here.parent / "samples"):
         if (folder / "build.toml").is_file():
-            return folder / "build.toml"
+            return folder
     raise FileNotFoundError(f"no samples/build.toml beside {here}; the installation is incomplete")
+
+
+def sample_config_path() -> Path:
+    """The default build config (``sample:build``)."""
+    return _samples_folder() / "build.toml"
+
+
+def config_path(spec: str | None) -> Path:
+    """A ``--config`` value as a file: ``sample:NAME`` names a shipped sample config, which works
+    from any folder (an installed wheel keeps samples/ inside site-packages); no value is
+    ``sample:build``; anything else is a path."""
+    if spec is None:
+        return sample_config_path()
+    if not spec.startswith(SAMPLE_PREFIX):
+        return Path(spec)
+    name = spec[len(SAMPLE_PREFIX) :]
+    samples = sorted(p.stem for p in _samples_folder().glob("*.toml"))
+    if name not in samples:
+        choices = ", ".join(SAMPLE_PREFIX + s for s in samples)
+        raise UserError(f"--config {spec} names no shipped sample; use one of {choices}.")
+    return _samples_folder() / f"{name}.toml"
 
 
 def read_config(path: Path) -> BuildConfig:

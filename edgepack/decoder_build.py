@@ -26,6 +26,13 @@ from edgepack.bundle import (
 from edgepack.cache import cached
 from edgepack.calibration import read_texts
 from edgepack.config import BuildConfig
+from edgepack.decoder_manifest import (
+    DEVICE_MIN_AGREEMENT,
+    NEW_TOKENS,
+    Setting,
+    decoder_manifest,
+    setting_record,
+)
 from edgepack.errors import UserError
 from edgepack.evaluate import session
 from edgepack.families import decoder
@@ -43,7 +50,6 @@ from edgepack.quantize import WEIGHT_ONLY_VERSION, WeightOnlySettings, derived, 
 PRECISIONS = ("int4", "int8", "fp32")
 # What a profile without a [decoder] section gets (targets/*.toml explains the choice).
 DEFAULT_PRECISION, DEFAULT_ACCURACY_LEVEL = "int4", 4
-Setting = tuple[str, int | None]  # (precision, MatMulNBits accuracy level; None for fp32)
 # The accuracy search's steps, smallest and fastest first: (bits, block size in the layers). On
 # SmolLM2: int4 blocks of 64 at 78.2 MB and perplexity 39.40; of 32 at 84.8 MB, 37.99 and ~10 %
 # slower decode; int8 at about twice the size and close to fp32.
@@ -52,17 +58,10 @@ LADDER = tuple(STEPS)
 CALIBRATION_TOKENS = 4096  # for the weight-only scale search: the activations' mean squares
 PROMPTS = 4  # reference prompts: the first held-out texts, cut to PROMPT_TOKENS
 PROMPT_TOKENS = 32
-NEW_TOKENS = 32
 # Allowed relative perplexity increase when --max-drop keeps the encoders' default (0.005, a
 # cosine drop): edgepack's int4 costs SmolLM2-135M 29 % (30.53 -> 39.40) on samples/heldout.txt,
 # onnxruntime-genai's 32 % (40.34).
 DEFAULT_MAX_INCREASE = 0.5
-# Share of the reference continuations' positions where a device, fed the host's tokens, must
-# pick the host's next token (harness/bench_llm.py says why teacher-forced). SmolLM2 int4 on the
-# x86 build host: 0.979; the same bundle on emulated aarch64: 0.948; against the same reference,
-# the fp32 model gets 0.784 and another int4 quantization of it 0.670 - so 0.9 tells "this model
-# on other kernels" from "another model".
-DEVICE_MIN_AGREEMENT = 0.9
 
 
 def _tolerance(config: BuildConfig) -> float:
@@ -235,10 +234,14 @@ def _choose(
 
 
 def build_decoder(
-    config: BuildConfig, model: HFModel, progress: Progress, sign_key: Path | None = None
+    config: BuildConfig,
+    model: HFModel,
+    progress: Progress,
+    sign_key: Path | None = None,
+    versions: dict[str, str] | None = None,
 ) -> list[BuildResult]:
     """One bundle per target, quantized once per distinct weight-only setting among them; fails
-    (UserError) past the perplexity tolerance, before writing."""
+    (UserError) past the perplexity tolerance, before writing. ``versions`` go in the manifests."""
     from transformers import AutoTokenizer
 
     from edgepack.export import export_decoder_cached
@@ -273,8 +276,10 @@ def build_decoder(
         for profile in profiles:
             setting = settings[profile.name]
             candidate, fid, reference = chosen[setting]
-            manifest = _manifest(config, model, fp32, candidate, profile, fid, validation, context)
-            manifest["decoder"] = _setting_record(config, profile, setting, candidate, fid)
+            manifest = decoder_manifest(
+                config, model, (fp32, candidate), profile, fid, validation, context, versions or {}
+            )
+            manifest["decoder"] = setting_record(config, profile, setting, candidate, fid)
             with progress.stage("package", profile.name):
                 folder, tar = package_decoder(
                     box,
@@ -333,77 +338,3 @@ def _host_check(reference: dict[str, Any], eos: list[int]) -> Callable[[Path], d
         return {"host_agreement": agreement, "host_greedy_prefix_tokens": prefix}
 
     return check
-
-
-def _setting_record(
-    config: BuildConfig,
-    profile: TargetProfile,
-    setting: Setting,
-    candidate: OnnxModel,
-    fid: dict[str, Any],
-) -> dict[str, Any]:
-    """The weight-only setting this target asked for, where it came from, and what it cost."""
-    source = "--precision" if config.precision else "profile"
-    if not config.precision and "precision" not in profile.section("decoder"):
-        source = "default"
-    return {
-        "precision": setting[0],
-        "precision_from": source,
-        "accuracy_level": setting[1],
-        "shipped_precision": candidate.precision,
-        "perplexity": fid["perplexity"],
-        "perplexity_fp32": fid["perplexity_fp32"],
-        "relative_perplexity_increase": fid["relative_perplexity_increase"],
-        "top1_agreement": fid["top1_agreement"],
-    }
-
-
-def _manifest(
-    config: BuildConfig,
-    model: HFModel,
-    fp32: OnnxModel,
-    candidate: OnnxModel,
-    profile: TargetProfile,
-    fid: dict[str, Any],
-    validation: dict[str, Any],
-    context: int,
-) -> dict[str, Any]:
-    """Everything but the shipped file's name, sum and size, which packaging adds after any
-    format conversion."""
-    fmt = profile.section("format")
-    return {
-        "task": model.task,
-        "family": "decoder",
-        "source": {
-            "model": model.source,
-            "weights_sha256": model.weights_sha256,
-            "files_sha256": model.files_sha256,
-        },
-        "target": {
-            "name": profile.name,
-            "description": profile.description,
-            "format": {
-                k: v
-                for k, v in fmt.items()
-                if k in ("model", "ort_optimization_style", "ort_target_platform")
-            },
-            "runtime": {"package": "onnxruntime"},
-        },
-        "model": {
-            "precision": candidate.precision,
-            "onnx_sha256": candidate.sha256,
-            "onnx_bytes": candidate.path.stat().st_size,
-            "fp32_bytes": fp32.path.stat().st_size,
-            "graph": fp32.records.get("graph", "traced by optimum"),
-        },
-        "generation": {
-            "context_length": context,
-            "eos_token_ids": fp32.records["eos_token_ids"],
-            "new_tokens": NEW_TOKENS,
-        },
-        "check": {"min_agreement": DEVICE_MIN_AGREEMENT, "host_agreement": fid["host_agreement"]},
-        "export_validation": validation,
-        "quantization": candidate.records.get("quantization"),
-        "fidelity": fid,
-        "heldout": config.heldout,
-    }

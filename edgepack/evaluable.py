@@ -1,4 +1,7 @@
-"""What ``edgepack eval`` scores: a shipped bundle, or a model folder exported to fp32 on the spot."""
+"""What ``edgepack eval`` scores: a shipped bundle, or a model folder exported to fp32 on the spot.
+
+A decoder's ``seq_len`` is its context length: the longest window its perplexity is scored on.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgepack.bundle import ARCHIVE_SUFFIXES, extract_bundle, read_manifest
-from edgepack.export import export_cached, labels_of
+from edgepack.export import export_cached, export_decoder_cached, labels_of
+from edgepack.families import is_generative
 from edgepack.load import load_model
 
 
@@ -20,6 +24,7 @@ class Evaluable:
     task: str
     seq_len: int
     labels: list[str] | None
+    family: str = "encoder"  # or "decoder": perplexity, not a task metric
 
 
 def open_evaluable(spec: Path, workdir: Path) -> Evaluable:
@@ -28,6 +33,16 @@ def open_evaluable(spec: Path, workdir: Path) -> Evaluable:
         spec = extract_bundle(spec, workdir)
     if (spec / "manifest.json").is_file():
         manifest = read_manifest(spec)
+        if manifest.get("family") == "decoder":
+            return Evaluable(
+                spec.name,
+                spec / manifest["model"]["file"],
+                spec / "tokenizer",
+                manifest["task"],
+                int(manifest["generation"]["context_length"]),
+                None,
+                "decoder",
+            )
         return Evaluable(
             spec.name,
             spec / manifest["model"]["file"],
@@ -37,6 +52,12 @@ def open_evaluable(spec: Path, workdir: Path) -> Evaluable:
             manifest.get("labels"),
         )
     model = load_model(str(spec))
+    if is_generative(model.model_type):
+        fp32, _ = export_decoder_cached(model)
+        context = min(int(fp32.records["context_length"]), model.max_length)
+        return Evaluable(
+            spec.name, fp32.path, fp32.tokenizer_dir, model.task, context, None, "decoder"
+        )
     onnx_model, _ = export_cached(model)
     return Evaluable(
         spec.name,

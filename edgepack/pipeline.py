@@ -119,8 +119,11 @@ def build(
     with quiet_libraries():
         if (decoder := _generative(config, progress)) is not None:
             from edgepack.decoder_build import build_decoder
+            from edgepack.decoder_report import finish_decoder
 
-            return build_decoder(config, decoder, progress, sign_key)
+            results = build_decoder(config, decoder, progress, sign_key, _versions())
+            finish_decoder(results, progress, Path(config.out))
+            return results
         shared, texts, original = _prepare(config, progress)
         shared = replace(shared, sign_key=sign_key)
         profiles = resolve_targets(config.target)

@@ -66,15 +66,80 @@ def rebuild(bundle: Path, target_file: str | None, progress: Progress) -> list[s
         (result,) = build(replace(config, out=tmp), progress)
         new = read_manifest(result.folder)
         new_files = _read_sums(result.folder)
+        same_ort = _ort_with_same_outputs(folder, result.folder, old_files, new_files)
     diffs = []
     for name in sorted(set(old_files) | set(new_files)):
-        if name == "manifest.json":
+        if name == "manifest.json" or name in same_ort:
             continue
         if old_files.get(name) != new_files.get(name):
             diffs.append(
                 f"{name}: {old_files.get(name, 'missing')[:12]} -> {new_files.get(name, 'missing')[:12]}"
             )
     for key in sorted(set(old) | set(new)):
-        if key not in VOLATILE_KEYS and old.get(key) != new.get(key):
+        if key not in VOLATILE_KEYS and _without(old.get(key), key, same_ort) != _without(
+            new.get(key), key, same_ort
+        ):
             diffs.append(f"manifest.{key} differs")
+    for name in same_ort:
+        progress.note(
+            f"{name}: bit-identical outputs on the bundle's reference inputs, other bytes; "
+            "onnxruntime's converter orders the file's tables differently in each process"
+        )
     return diffs
+
+
+def _without(value: Any, key: str, same_ort: list[str]) -> Any:
+    """The manifest's model record without the sum of a converted file whose outputs matched."""
+    if key != "model" or not same_ort or not isinstance(value, dict):
+        return value
+    return {k: v for k, v in value.items() if k != "sha256"}
+
+
+def _ort_with_same_outputs(
+    old: Path, new: Path, old_files: dict[str, str], new_files: dict[str, str]
+) -> list[str]:
+    """The .ort files whose sums differ but whose outputs match bit for bit.
+
+    onnxruntime's ORT-format converter writes the same tables in a different order from one
+    process to the next (measured: a tiny decoder converted eight times gave six sums, sizes
+    127840 or 127848 bytes from padding, every table field equal), so for .ort a rebuild compares
+    what the file computes.
+    """
+    found = []
+    for name, digest in new_files.items():
+        if not name.endswith(".ort") or old_files.get(name) in (None, digest):
+            continue
+        if (old / name).is_file() and same_outputs(old, old / name, new / name):
+            found.append(name)
+    return found
+
+
+def same_outputs(bundle: Path, first: Path, second: Path) -> bool:
+    """Whether two model files give bit-identical outputs on ``bundle``'s reference inputs: the
+    decoder's prompts and continuations in one pass, or the encoder's reference/inputs.npz."""
+    import numpy as np
+
+    from edgepack.evaluate import session
+    from edgepack.families.generate import empty_past, step_feeds
+
+    manifest = read_manifest(bundle)
+    sessions = [session(first), session(second)]
+    if manifest.get("family") == "decoder":
+        import json
+
+        reference = json.loads((bundle / manifest["reference"]["inputs"]).read_text())
+        feeds = [
+            [*p["prompt"], *p["continuation"]] for p in reference["prompts"] if p["continuation"]
+        ]
+        runs = [
+            [s.run(None, step_feeds(s, ids, empty_past(s), 0)) for ids in feeds] for s in sessions
+        ]
+    else:
+        data = np.load(bundle / manifest["reference"]["inputs"])
+        inputs = {i.name for i in sessions[0].get_inputs()}
+        batch = {k: data[k] for k in data.files if k in inputs}
+        runs = [[s.run(None, batch)] for s in sessions]
+    return all(
+        len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+        for a, b in zip(*runs, strict=True)
+    )

@@ -71,7 +71,7 @@ HEADER = [
 ]
 
 
-def _png(fig: Any) -> bytes:
+def png(fig: Any) -> bytes:
     import io
 
     import matplotlib.pyplot as plt
@@ -80,6 +80,15 @@ def _png(fig: Any) -> bytes:
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
     return buffer.getvalue()
+
+
+def remove_stale_plots(out_root: Path, keep: set[str]) -> None:
+    """Remove report plots an earlier build left beside the report that this build rewrote: an
+    encoder build's sensitivity plot must not sit beside a decoder build's report, nor the
+    reverse, looking current."""
+    for path in out_root.glob("report-*.png"):
+        if path.name not in keep:
+            path.unlink(missing_ok=True)
 
 
 def _plots(results: list[BuildResult], latency: dict[str, dict[str, Any]]) -> dict[str, bytes]:
@@ -99,7 +108,7 @@ def _plots(results: list[BuildResult], latency: dict[str, dict[str, Any]]) -> di
     ax.set_ylabel("latency per query, ms (host)")
     ax.set_title("Latency distribution per variant")
     fig.tight_layout()
-    plots["report-latency.png"] = _png(fig)
+    plots["report-latency.png"] = png(fig)
 
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     for r in results:
@@ -110,7 +119,7 @@ def _plots(results: list[BuildResult], latency: dict[str, dict[str, Any]]) -> di
     ax.set_title("Size vs fidelity loss")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    plots["report-size.png"] = _png(fig)
+    plots["report-size.png"] = png(fig)
 
     sens = next(
         (
@@ -128,7 +137,7 @@ def _plots(results: list[BuildResult], latency: dict[str, dict[str, Any]]) -> di
         ax.set_title("Per-layer int8 sensitivity (dev texts)")
         ax.tick_params(axis="y", labelsize=6)
         fig.tight_layout()
-        plots["report-sensitivity.png"] = _png(fig)
+        plots["report-sensitivity.png"] = png(fig)
     return plots
 
 
@@ -199,4 +208,5 @@ def write_report(
     )
     files = {**plots, "report.md": ("\n".join(md) + "\n").encode(), "report.html": page.encode()}
     write_files(out_root, files)
+    remove_stale_plots(out_root, set(plots))
     return out_root / "report.md", out_root / "report.html"

@@ -43,14 +43,14 @@ def measure_latency(
     return latency
 
 
-COLUMNS = ("target", "prec", "MB", "x fp32", "cos", "min cos", "p50 ms", "x fp32")
+COLUMNS = ("target", "prec", "MB", "size x", "cos", "min cos", "p50 ms", "p50 x")
 
 
 def print_summary(
     results: list[BuildResult], latency: dict[str, dict[str, Any]], progress: Progress
 ) -> None:
     """One row per bundle, narrow enough for an 80-column terminal; ratios are against the fp32
-    export of the shipped model, and a line per target compares with the original model."""
+    export of the shipped model (``size x``, ``p50 x``), and a line per target compares with the original model."""
     table = Table(title="edgepack build", padding=(0, 1), collapse_padding=True)
     for col in COLUMNS:
         table.add_column(col, justify="left" if col == "target" else "right", no_wrap=True)

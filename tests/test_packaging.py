@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import make_tiny_sentence_transformer, write_texts
+from decoder_factory import make_tiny_decoder
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -114,3 +115,67 @@ def test_wheel_lists_targets_builds_and_verifies_from_another_folder(
     assert tarball.is_file() and tarball.parent == work / "dist"
     verified = _run([edgepack, "verify", str(tarball)], work, env)
     assert verified.stdout.startswith("OK:")
+
+
+def test_sample_names_resolve_inside_the_installed_package(
+    installed: tuple[Path, dict[str, str]],
+) -> None:
+    """``--config sample:llm`` finds the config inside site-packages from any folder: the build
+    gets as far as the model (missing on purpose, so nothing is built)."""
+    venv, env = installed
+    edgepack = str(venv / "bin" / "edgepack")
+    work = venv.parent / "sample-user"
+    work.mkdir(exist_ok=True)
+    done = subprocess.run(
+        [edgepack, "build", "--config", "sample:llm", "--model", "no-model-here"],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2 and "model path no-model-here does not exist" in done.stderr
+    done = subprocess.run(
+        [edgepack, "build", "--config", "sample:nope"],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2 and "sample:build, sample:llm" in done.stderr
+
+
+@pytest.mark.slow
+def test_the_decoder_sample_config_builds_from_another_folder(
+    installed: tuple[Path, dict[str, str]],
+) -> None:
+    """The README's decoder line with a tiny decoder in place of SmolLM2: the sample's texts come
+    from the installed package."""
+    venv, env = installed
+    edgepack = str(venv / "bin" / "edgepack")
+    work = venv.parent / "llm-user"
+    work.mkdir()
+    model = make_tiny_decoder(work / "tiny")
+    built = _run(
+        [
+            edgepack,
+            "build",
+            "--config",
+            "sample:llm",
+            "--model",
+            str(model),
+            "--precision",
+            "int8",
+            "--target",
+            "arm64",
+            "--out",
+            "dist",
+            "--quiet",
+        ],
+        work,
+        env,
+    )
+    tarball = work / built.stdout.strip().splitlines()[-1]
+    assert tarball.name == "tiny-arm64.tar.gz" and tarball.is_file()
+    assert (work / "dist" / "report.html").is_file()

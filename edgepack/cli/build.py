@@ -34,9 +34,9 @@ def _build_options(values: dict[str, Any]) -> dict[str, Any]:
 @click.command()
 @click.option(
     "--config",
-    "config_path",
-    type=click.Path(path_type=Path),
-    help="Build config TOML (default: the sample in samples/build.toml).",
+    "config_spec",
+    help="Build config TOML, or a shipped sample: sample:build (the default, an encoder) or "
+    "sample:llm (the decoder, SmolLM2-135M).",
 )
 @click.option("--model", help="package:NAME, a local Hugging Face model folder, or a hub id.")
 @click.option("--name", help="Bundle name prefix (default: from the model).")
@@ -60,7 +60,8 @@ def _build_options(values: dict[str, Any]) -> dict[str, Any]:
 @click.option(
     "--max-drop",
     type=FINITE,
-    help="Allowed drop of mean cosine to fp32 (default 0.005); negative turns the search off.",
+    help="Encoders: allowed drop of mean cosine to fp32 (default 0.005; negative turns the "
+    "search off). Decoders: allowed relative perplexity increase over fp32 (default 0.5, +50 %).",
 )
 @click.option("--time-budget", type=FINITE, help="Seconds for the accuracy search (default 900).")
 @click.option("--force", is_flag=True, help="Replace existing bundles.")
@@ -83,15 +84,15 @@ def _build_options(values: dict[str, Any]) -> dict[str, Any]:
     help="Sign each bundle (bundle.sig, OpenSSF model-signing) with this EC private key (PEM).",
 )
 @click.option("--quiet", is_flag=True, help="Only print the bundle paths.")
-def build(config_path: Path | None, quiet: bool, sign_key: Path | None, **flags: Any) -> None:
+def build(config_spec: str | None, quiet: bool, sign_key: Path | None, **flags: Any) -> None:
     """Build one verified bundle per target; the last line printed is the .tar.gz path."""
-    from edgepack.config import overlay, read_config, sample_config_path
+    from edgepack.config import config_path, overlay, read_config
     from edgepack.pipeline import build as run_build
     from edgepack.pipeline import raise_if_tolerance_missed
     from edgepack.progress import Progress
 
-    config = read_config(config_path or sample_config_path())
-    if flags.get("model") and config_path is None:
+    config = read_config(config_path(config_spec))
+    if flags.get("model") and (config_spec is None or config_spec.startswith("sample:")):
         # The sample's name and task data describe the sample; its texts remain the default.
         config = overlay(config, {"name": "", "eval_data": ""}, "--model")
     if flags.get("calibration") and not flags.get("heldout"):

@@ -42,7 +42,8 @@ def evaluate_one(target: Any, data: Any) -> tuple[dict[str, Any] | None, list[An
     "--data",
     "data_path",
     required=True,
-    help="CSV/JSONL: text_a,text_b,score | text,label | tokens,tags | texts.",
+    help="CSV/JSONL: text_a,text_b,score | text,label | tokens,tags | texts (.txt too: all a "
+    "decoder needs for perplexity).",
 )
 @click.option(
     "--reference",
@@ -56,22 +57,34 @@ def evaluate_one(target: Any, data: Any) -> tuple[dict[str, Any] | None, list[An
 def eval_cmd(
     model: Path, data_path: str, reference: Path | None, text_field: str, json_path: Path | None
 ) -> None:
-    """Score MODEL (a bundle, its .tar.gz, or a Hugging Face folder) on labelled data."""
+    """Score MODEL (a bundle, its .tar.gz, or a Hugging Face folder) on labelled data; a decoder
+    on texts: its perplexity, and against --reference the next-token top-1 agreement."""
     from edgepack.errors import UserError
     from edgepack.evaldata import read_eval_data
     from edgepack.evaluable import open_evaluable
     from edgepack.evaluate import fidelity
 
-    data = read_eval_data(data_path, text_field)
-    if data.kind == "texts" and reference is None:
-        raise UserError(f"{data_path} has no labels; pass --reference to measure fidelity instead.")
-    results: dict[str, Any] = {"data": data.source, "kind": data.kind}
+    if not Path(data_path).is_file():
+        raise UserError(f"evaluation file {data_path} does not exist.")
     with tempfile.TemporaryDirectory(prefix="edgepack-eval-") as tmp:
         target = open_evaluable(model, Path(tmp) / "a")
+        if target.family == "decoder":
+            _eval_decoder(target, reference, data_path, text_field, json_path, Path(tmp) / "b")
+            return
+        data = read_eval_data(data_path, text_field)
+        if data.kind == "texts" and reference is None:
+            raise UserError(
+                f"{data_path} has no labels; pass --reference to measure fidelity instead."
+            )
+        results: dict[str, Any] = {"data": data.source, "kind": data.kind}
         metric, outputs = evaluate_one(target, data)
         results["model"] = {"name": target.name, **(metric or {})}
         if reference is not None:
             ref = open_evaluable(reference, Path(tmp) / "b")
+            if ref.family == "decoder":
+                raise UserError(
+                    f"--reference {reference} is a generative decoder; {model} is an encoder."
+                )
             ref_metric, ref_outputs = evaluate_one(ref, data)
             results["reference"] = {"name": ref.name, **(ref_metric or {})}
             results["fidelity"] = fidelity(ref_outputs, outputs, None, target.task)
@@ -93,5 +106,25 @@ def eval_cmd(
         )
     if "drop" in results:
         click.echo(f"drop       {results['drop']:+.4f} (reference minus model)")
+    if json_path:
+        json_path.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+
+
+def _eval_decoder(
+    target: Any,
+    reference: Path | None,
+    data_path: str,
+    text_field: str,
+    json_path: Path | None,
+    workdir: Path,
+) -> None:
+    from edgepack.decoder_eval import describe, evaluate_decoder
+    from edgepack.evaluable import open_evaluable
+    from edgepack.progress import Progress
+
+    ref = open_evaluable(reference, workdir) if reference is not None else None
+    results = evaluate_decoder(target, ref, data_path, text_field, Progress())
+    for line in describe(results):
+        click.echo(line)
     if json_path:
         json_path.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")

@@ -1,7 +1,9 @@
 """Side-by-side view of bench.py JSON reports, from any device, plus a latency-distribution plot.
 
 The first file is the reference: every row shows its p50 as a ratio to the first file's, so
-"1.80" reads as "80% slower than the baseline".
+"1.80" reads as "80% slower than the baseline". Decoder reports (bench_llm.py, ``"kind":
+"decoder"``) measure other things (time to first token, tokens/s), so a mixed set is shown as
+one table per kind, each against its own first report (``compare_llm``).
 
 Usage:
     print(compare([Path("results/pi.json"), Path("results/x86.json")], plot=Path("lat.png")))
@@ -13,8 +15,16 @@ import math
 from pathlib import Path
 from typing import Any
 
+from edgepack.device.compare_llm import (
+    NOTE,
+    check_decoder_report,
+    decoder_rows,
+    plot_decoders,
+)
 from edgepack.errors import UserError
 from edgepack.jsontext import parse_json
+
+KINDS = ("encoder", "decoder")
 
 REQUIRED = (
     "latency_ms.p50",
@@ -76,8 +86,24 @@ def _short(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+def _kind(path: Path, report: Any) -> str:
+    """The report's kind; reports from before the field was written are told by their keys."""
+    if not isinstance(report, dict):
+        raise UserError(f"{path} is not a bench.py report: it holds no JSON object")
+    kind = report.get("kind")
+    if kind is None:
+        kind = (
+            "decoder"
+            if "perf" in report or "agreement" in (report.get("check") or {})
+            else "encoder"
+        )
+    if kind not in KINDS:
+        raise UserError(f"{path}: report kind {kind!r} is not one of {', '.join(KINDS)}")
+    return kind
+
+
 def load_report(path: Path) -> dict[str, Any]:
-    """Read one report and check it has every key the table needs, each of the right type."""
+    """Read one report and check it has every key its kind's table needs, each of the right type."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -87,6 +113,9 @@ def load_report(path: Path) -> dict[str, Any]:
     report = parse_json(text, str(path))
     if not isinstance(report, dict):
         raise UserError(f"{path} is not a bench.py report: it holds no JSON object")
+    if _kind(path, report) == "decoder":
+        check_decoder_report(path, report)
+        return report
     for dotted in REQUIRED:
         try:
             _get(report, dotted)
@@ -114,12 +143,20 @@ def _labels(paths: list[Path]) -> list[str]:
     return stems if len(set(stems)) == len(stems) else [str(p) for p in paths]
 
 
-def compare(paths: list[Path], plot: Path | None) -> str:
-    """Return the comparison table; write a PNG of the latency distributions to ``plot``."""
-    if not paths:
-        raise UserError("compare needs at least one report")
-    reports = [load_report(path) for path in paths]
-    labels = _labels(paths)
+def _aligned(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [
+        "  ".join(
+            cell.ljust(w) if i == 0 else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in rows
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines
+
+
+def _encoder_rows(labels: list[str], reports: list[dict[str, Any]]) -> list[tuple[str, ...]]:
     base = reports[0]["latency_ms"]["p50"]
     rows = [COLUMNS]
     for label, rep in zip(labels, reports, strict=True):
@@ -137,18 +174,44 @@ def compare(paths: list[Path], plot: Path | None) -> str:
                 _fmt(lat["p50"] / base, 2),
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
-    lines = [
-        "  ".join(
-            cell.ljust(w) if i == 0 else cell.rjust(w)
-            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
-        )
-        for row in rows
-    ]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    lines.append("cold ms = import + session create + first inference; p50 x = p50 / first p50")
+    return rows
+
+
+def compare(paths: list[Path], plot: Path | None) -> str:
+    """Return the comparison table (one per kind of report); write the plots to ``plot`` (a mixed
+    set's decoder plot beside it, as NAME-decoder.png)."""
+    if not paths:
+        raise UserError("compare needs at least one report")
+    reports = [load_report(path) for path in paths]
+    labels = _labels(paths)
+    groups: dict[str, tuple[list[str], list[dict[str, Any]]]] = {}
+    for path, label, rep in zip(paths, labels, reports, strict=True):
+        kind = _kind(path, rep)
+        groups.setdefault(kind, ([], []))
+        groups[kind][0].append(label)
+        groups[kind][1].append(rep)
+    mixed = len(groups) > 1
+    lines: list[str] = []
+    for kind in KINDS:
+        if kind not in groups:
+            continue
+        group_labels, group = groups[kind]
+        if mixed:
+            lines += ([""] if lines else []) + [f"{kind} reports ({len(group)}):"]
+        if kind == "encoder":
+            lines += _aligned(_encoder_rows(group_labels, group))
+            lines.append(
+                "cold ms = import + session create + first inference; p50 x = p50 / first p50"
+            )
+        else:
+            lines += _aligned(decoder_rows(group_labels, group))
+            lines.append(NOTE)
     if plot is not None:
-        lines.append(_plot(labels, reports, plot))
+        if "encoder" in groups:
+            lines.append(_plot(*groups["encoder"], plot))
+        if "decoder" in groups:
+            where = plot.with_name(f"{plot.stem}-decoder{plot.suffix}") if mixed else plot
+            lines.append(plot_decoders(*groups["decoder"], where))
     return "\n".join(lines)
 
 

