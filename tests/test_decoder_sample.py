@@ -31,7 +31,7 @@ def sample_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     build = subprocess.run(
         [sys.executable, "-m", "edgepack.cli", "build", "--config", str(ROOT / "samples/llm.toml"),
          "--target", "arm64", "--out", str(out)],
-        capture_output=True, text=True, env=env, timeout=900,
+        capture_output=True, text=True, env=env, timeout=2700,
     )  # fmt: skip
     assert build.returncode == 0, build.stderr[-2000:]
     return out / "SmolLM2-135M-Instruct-arm64"

@@ -38,7 +38,7 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
         [sys.executable, "-m", "edgepack.cli", "build", "--target", "arm64", "--out", str(out)],
         capture_output=True,
         text=True,
-        timeout=1500,
+        timeout=2700,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return out / "all-MiniLM-L6-v2-arm64"

@@ -21,7 +21,7 @@ def sample_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
         [sys.executable, "-m", "edgepack.cli", "build", "--target", "arm64", "--out", str(out)],
         capture_output=True,
         text=True,
-        timeout=1500,
+        timeout=2700,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return out, done.stdout
