@@ -94,6 +94,12 @@ def cached(
     return record, False
 
 
+def lookup(stage: str, settings: Any, input_digest: str, cls: type[R]) -> R | None:
+    """The published entry ``cached`` would return, or None: for callers whose checks before the
+    stage cost more than the hit (a GGUF's metadata takes seconds to parse)."""
+    return _load(cls, cache_root() / stage / stage_key(stage, settings, input_digest))
+
+
 def _load(cls: type[R], folder: Path) -> R | None:
     """The entry's record, or None if there is none (an entry being replaced may vanish)."""
     try:
@@ -306,13 +312,14 @@ class _Wait:
         self.pause = min(self.pause * 2, 0.5)
 
 
-def _describe(fd: int) -> str:
-    """ "pid N on HOST since HH:MM:SS[, stopped]" from what the holder wrote into its lock file."""
+def _describe(fd: int) -> tuple[str, str]:
+    """("pid N on HOST since HH:MM:SS[, stopped]", "N") from what the holder wrote into its lock
+    file; a holder that has not written it yet (it just took the lock) is described as such."""
     try:
         holder = json.loads(os.pread(fd, 4096, 0))
         pid, host, since = int(holder["pid"]), str(holder["host"]), float(holder["since"])
     except (OSError, ValueError, KeyError, TypeError):
-        return "it has not said who it is yet"
+        return "it has not said who it is yet", "<its pid>"
     text = f"pid {pid} on {host} since {time.strftime('%H:%M:%S', time.localtime(since))}"
     if host == socket.gethostname():
         with suppress(OSError, IndexError):
