@@ -21,7 +21,6 @@ from edgepack.bundle import (
     check_destination,
     check_out_root,
     package_decoder,
-    published,
 )
 from edgepack.cache import cached
 from edgepack.calibration import read_texts
@@ -237,11 +236,13 @@ def build_decoder(
     config: BuildConfig,
     model: HFModel,
     progress: Progress,
+    box: Outbox,
     sign_key: Path | None = None,
     versions: dict[str, str] | None = None,
 ) -> list[BuildResult]:
-    """One bundle per target, quantized once per distinct weight-only setting among them; fails
-    (UserError) past the perplexity tolerance, before writing. ``versions`` go in the manifests."""
+    """One bundle per target into ``box`` (the caller publishes it after the report), quantized
+    once per distinct weight-only setting among them; fails (UserError) past the perplexity
+    tolerance, before writing. ``versions`` go in the manifests."""
     from transformers import AutoTokenizer
 
     from edgepack.export import export_decoder_cached
@@ -271,31 +272,55 @@ def build_decoder(
     for setting in dict.fromkeys(settings.values()):
         candidate, fid = _choose(config, fp32, setting, data, progress, steps)
         chosen[setting] = (candidate, *_measure(candidate, fid, prompts, fp32_out, eos))
-    results = []
-    with Outbox(out, config.force) as box:  # published together at the end: bundle/outbox.py
-        for profile in profiles:
-            setting = settings[profile.name]
-            candidate, fid, reference = chosen[setting]
-            manifest = decoder_manifest(
-                config, model, (fp32, candidate), profile, fid, validation, context, versions or {}
-            )
-            manifest["decoder"] = setting_record(config, profile, setting, candidate, fid)
-            with progress.stage("package", profile.name):
-                folder, tar = package_decoder(
-                    box,
-                    f"{name}-{profile.name}",
-                    candidate.path,
-                    candidate.tokenizer_dir,
-                    reference,
-                    manifest,
-                    sign_key,
-                    fmt=profile.section("format"),
-                    check=_host_check(reference, eos),
-                    texts=(texts, [tokenizer(t)["input_ids"] for t in texts]),
-                )
-            results.append(BuildResult(profile.name, folder, tar, manifest, fp32.path))
-        moved = box.publish()
-    return published(results, moved)
+    record = {"validation": validation, "context": context, "versions": versions or {}}
+    texts_ids = (texts, [tokenizer(t)["input_ids"] for t in texts])
+    return [
+        _package(box, config, model, fp32, profile, settings[profile.name], chosen, progress,
+                 name=name, record=record, texts=texts_ids, eos=eos, sign_key=sign_key)
+        for profile in profiles
+    ]  # fmt: skip
+
+
+def _package(
+    box: Outbox,
+    config: BuildConfig,
+    model: HFModel,
+    fp32: OnnxModel,
+    profile: TargetProfile,
+    setting: Setting,
+    chosen: dict[Setting, Any],
+    progress: Progress,
+    **shared: Any,
+) -> BuildResult:
+    """One target's bundle into ``box``; ``shared`` holds what every target's manifest and
+    check take from the build (name, record, texts, eos, sign_key)."""
+    candidate, fid, reference = chosen[setting]
+    record = shared["record"]
+    manifest = decoder_manifest(
+        config,
+        model,
+        (fp32, candidate),
+        profile,
+        fid,
+        record["validation"],
+        record["context"],
+        record["versions"],
+    )
+    manifest["decoder"] = setting_record(config, profile, setting, candidate, fid)
+    with progress.stage("package", profile.name):
+        folder, tar = package_decoder(
+            box,
+            f"{shared['name']}-{profile.name}",
+            candidate.path,
+            candidate.tokenizer_dir,
+            reference,
+            manifest,
+            shared["sign_key"],
+            fmt=profile.section("format"),
+            check=_host_check(reference, shared["eos"]),
+            texts=shared["texts"],
+        )
+    return BuildResult(profile.name, folder, tar, manifest, fp32.path)
 
 
 def _measure(

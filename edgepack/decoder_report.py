@@ -17,8 +17,7 @@ from typing import Any
 import numpy as np
 from rich.table import Table
 
-from edgepack.bundle import WRITE_ERRORS, BuildResult, write_files
-from edgepack.errors import UserError
+from edgepack.bundle import BuildResult, Outbox, write_files
 from edgepack.progress import Progress
 from edgepack.report import png, remove_stale_plots
 
@@ -227,17 +226,10 @@ def write_report(
     return out / "report.md", out / "report.html"
 
 
-def finish_decoder(results: list[BuildResult], progress: Progress, out: Path) -> None:
-    """Host speed, the summary table and the report, as ``pipeline.finish`` does for encoders."""
+def finish_decoder(results: list[BuildResult], progress: Progress, box: Outbox) -> None:
+    """Host speed, the summary table and the report, written into ``box`` to be published with
+    the bundles, as ``pipeline.finish`` does for encoders."""
     speed = measure_speed(results, progress)
     print_summary(results, speed, progress)
-    try:
-        md, page = write_report(results, speed, dict(progress.timings), out)
-    except OSError as exc:
-        if exc.errno not in WRITE_ERRORS:
-            raise
-        raise UserError(
-            f"could not write the build report into {out}: {exc.strerror or exc}; the bundles "
-            "themselves are complete."
-        ) from None
-    progress.note(f"report: {md} and {page}")
+    with box.report_folder() as folder:
+        write_report(results, speed, dict(progress.timings), folder)

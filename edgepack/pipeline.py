@@ -121,9 +121,12 @@ def build(
             from edgepack.decoder_build import build_decoder
             from edgepack.decoder_report import finish_decoder
 
-            results = build_decoder(config, decoder, progress, sign_key, _versions())
-            finish_decoder(results, progress, Path(config.out))
-            return results
+            with Outbox(Path(config.out), config.force) as box:
+                results = build_decoder(config, decoder, progress, box, sign_key, _versions())
+                finish_decoder(results, progress, box)
+                moved = box.publish()
+            progress.note(f"report: {Path(config.out) / 'report.md'} and report.html")
+            return published(results, moved)
         shared, texts, original = _prepare(config, progress)
         shared = replace(shared, sign_key=sign_key)
         profiles = resolve_targets(config.target)

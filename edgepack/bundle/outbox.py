@@ -129,6 +129,13 @@ class Outbox:
             self.report.mkdir()
             yield self.report
 
+    def _drop_stale_plots(self, current: set[Path]) -> None:
+        """Plots an earlier build left beside the report this one replaced: an encoder build's
+        sensitivity plot must not sit beside a decoder build's report looking current."""
+        for path in self.out_root.glob("report-*.png"):
+            if path not in current:
+                path.unlink(missing_ok=True)
+
     def publish(self) -> dict[Path, Path]:
         """Rename every held bundle, archive and report file into ``out_root``; returns each
         private path's published one."""
@@ -145,6 +152,8 @@ class Outbox:
                     os.replace(path, self.out_root / path.name)
                     moved[path] = self.out_root / path.name
                     self.published.append(self.out_root / path.name)
+                if self.report:
+                    self._drop_stale_plots(set(self.published))
         except KeyboardInterrupt as exc:
             if not self.published:
                 raise
