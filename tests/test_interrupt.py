@@ -262,3 +262,23 @@ def test_a_signal_during_publishing_is_raised_after_it_naming_what_was_published
             box.publish()
     assert _everything(out) == ["m-a", "m-a.tar.gz", "m-b", "m-b.tar.gz"]
     assert sorted(p.name for p in raised.value.published) == _everything(out)
+
+
+def test_an_interrupt_while_a_decoder_build_measures_speed_publishes_nothing(
+    tmp_path: Path,
+) -> None:
+    """A decoder build measures host speed after packaging, as an encoder build measures
+    latency: stopped there, it has published nothing either."""
+    from conftest import write_texts
+    from decoder_factory import make_tiny_decoder
+
+    model = make_tiny_decoder(tmp_path / "llama", "llama")
+    texts = write_texts(tmp_path / "texts.txt", 40)
+    out, cache = tmp_path / "dist", tmp_path / "cache"
+    args = ["--model", str(model), "--calibration", str(texts), "--heldout", str(texts)]
+    args += ["--precision", "int8", "--max-drop", "0.2", "--target", "arm64", "--out", str(out)]
+    code, seen = _interrupt_at("speed", 1, signal.SIGINT, args, cache, tmp_path)
+    assert code == 130, seen
+    assert "✓ package" in seen
+    assert "Interrupted; nothing was written to the output folder." in seen
+    assert _everything(out) == []
