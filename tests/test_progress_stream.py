@@ -146,3 +146,24 @@ def test_the_estimate_is_the_pace_since_the_first_step() -> None:
         progress._logged = -1e9  # print the next line too, though it comes at once
         progress.advance(3, 4)
     assert re.search(r"check: 3/4, \d+s elapsed, ~\d+s left", out.getvalue()), out.getvalue()
+
+
+def test_the_encoder_harness_counts_its_inferences(tmp_path: Path) -> None:
+    """bench.py with the emulated check's flags: the first run, the check, one timed run."""
+    from test_harness_integrity import full_bundle
+
+    bench = full_bundle(tmp_path) / "bench.py"
+    assert supports_progress(bench)
+    seen: list[tuple[int, int, str]] = []
+    out = tmp_path / "r.json"
+    args = ["--warmup", "0", "--runs", "1", "--quiet", "--progress", "--json", str(out)]
+    proc = run_streaming(
+        [sys.executable, str(bench), *args],
+        None,
+        HANG_GUARD_S,
+        lambda done, total, what: seen.append((done, total, what)),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "" and "progress" not in proc.stderr
+    assert seen == [(1, 3, "inferences"), (2, 3, "inferences"), (3, 3, "inferences")]
+    assert json.loads(out.read_text())["check"]["passed"] is True
