@@ -12,7 +12,7 @@ import csv
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -20,6 +20,9 @@ from edgepack.calibration import _decode, encode
 from edgepack.errors import UserError
 from edgepack.jsontext import parse_json
 from edgepack.metrics import accuracy, cosine_rows, macro_f1, spearman, token_f1
+
+if TYPE_CHECKING:
+    from edgepack.progress import Advance
 
 KINDS = ("similarity", "classification", "token", "texts")
 
@@ -133,8 +136,10 @@ def score(
     input_names: list[str],
     seq_len: int,
     labels: list[str] | None = None,
+    advance: Advance | None = None,
 ) -> dict[str, Any]:
     """The task metric of one model; ``run(feeds) -> primary output`` hides which runtime it is.
+    ``advance`` hears of each batch of texts run (token tagging runs as one batch).
 
     Long because each data kind's scoring is a few lines and reads best side by side.
     """
@@ -170,12 +175,12 @@ def score(
             "count": len(data.rows),
         }
     texts = data.texts()
-    out = np.concatenate(
-        [
-            _pooled(run, encode(tokenizer, texts[i : i + 32], input_names, seq_len))
-            for i in range(0, len(texts), 32)
-        ]
-    )
+    parts = []
+    for i in range(0, len(texts), 32):
+        parts.append(_pooled(run, encode(tokenizer, texts[i : i + 32], input_names, seq_len)))
+        if advance is not None:
+            advance(len(parts), -(-len(texts) // 32), "batches of 32 texts")
+    out = np.concatenate(parts)
     if data.kind == "similarity":
         n = len(data.rows)
         a, b = out[:n], out[n:]

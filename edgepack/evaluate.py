@@ -7,14 +7,17 @@ cosine per example (per valid token for token outputs), plus top-1 agreement for
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sized
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from edgepack.families import encoder
 from edgepack.metrics import cosine_rows
+
+if TYPE_CHECKING:
+    from edgepack.progress import Advance
 
 
 def session(path: Path | bytes, threads: int = 1) -> Any:
@@ -39,9 +42,14 @@ def onnx_runner(path: Path, threads: int = 1) -> Callable[[dict[str, np.ndarray]
 
 
 def run_onnx(
-    path: Path, feeds: Iterable[dict[str, np.ndarray]], threads: int = 1
+    path: Path,
+    feeds: Iterable[dict[str, np.ndarray]],
+    threads: int = 1,
+    advance: Advance | None = None,
 ) -> list[np.ndarray]:
-    """The first (primary) output for each batch of feeds."""
+    """The first (primary) output for each batch of feeds; a list's batches are counted to
+    ``advance`` as they finish."""
+    total = len(feeds) if isinstance(feeds, Sized) else 0
     sess = session(path, threads)
     names = {i.name for i in sess.get_inputs()}
     batch_dim = sess.get_inputs()[0].shape[0]
@@ -56,6 +64,8 @@ def run_onnx(
             for i in range(0, rows, step)
         ]
         outputs.append(np.concatenate(parts))
+        if advance is not None and total:
+            advance(len(outputs), total, "batches")
     return outputs
 
 

@@ -84,12 +84,13 @@ def _fidelity(
     candidate: OnnxModel,
     heldout_feeds: list[dict[str, np.ndarray]],
     reference_out: list[np.ndarray],
+    progress: Progress,
 ) -> dict[str, Any]:
     from edgepack.evaluate import fidelity, run_onnx
 
     # One thread: reductions then run in a fixed order, so the figures (kept in the manifest)
     # are the same on every rebuild and every host.
-    got = run_onnx(candidate.path, heldout_feeds, threads=1)
+    got = run_onnx(candidate.path, heldout_feeds, threads=1, advance=progress.advance)
     return fidelity(reference_out, got, encoder.masks(heldout_feeds), fp32.task)
 
 
@@ -227,7 +228,7 @@ def _ship(
         candidate = measured.quantized[key]
     if (candidate.sha256, seq_len) not in measured.figures:
         with progress.stage("fidelity", f"{len(shared.heldout.texts)} held-out texts"):
-            fid = _fidelity(fp32, candidate, heldout_feeds, reference_out)
+            fid = _fidelity(fp32, candidate, heldout_feeds, reference_out, progress)
         evaluation = _task_metric(
             shared.model.path, config, fp32, candidate, tokenizer, seq_len, progress
         )

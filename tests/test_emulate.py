@@ -115,7 +115,7 @@ def test_bundle_without_bench_is_a_user_error(tmp_path: Path) -> None:
 def test_harness_failures_are_mapped(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, returncode, stderr, error, match
 ) -> None:
-    def fake_run(args, sysroot=None, timeout=0.0):
+    def fake_run(args, sysroot=None, timeout=0.0, on_progress=None):
         if returncode is None:
             raise subprocess.TimeoutExpired(args, timeout)
         return subprocess.CompletedProcess(args, returncode, "", stderr)

@@ -59,6 +59,9 @@ def test_eval_a_model_folder_on_sts_and_against_a_reference(tiny_st: Path, tmp_p
     assert report["kind"] == "similarity" and report["model"]["metric"] == "spearman"
     assert -1.0 <= report["model"]["value"] <= 1.0
     assert report["drop"] == 0.0 and report["fidelity"]["mean_cosine"] == pytest.approx(1.0)
+    # Progress on stderr (mixed into the output here): each model's batches counted, k/N.
+    assert result.output.count("evaluate: 1/1 batches of 32 texts, ") == 2, result.output
+    assert result.output.count("evaluate: 1/1 batches of outputs, ") == 2
 
 
 def test_eval_a_classifier_bundle(texts_file: Path, tmp_path: Path) -> None:

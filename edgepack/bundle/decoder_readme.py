@@ -103,6 +103,7 @@ prints the JSON report and exits with:
 | `--prompt-tokens N` | 32 | prompt length for the time to first token |
 | `--new-tokens N` | 32 | tokens decoded for tokens/s; prompt plus new tokens must fit the context |
 | `--check-only` | off | run the check, skip the timing |
+| `--progress` | off | one `progress DONE/TOTAL ...` line per graph call of the check on stderr (stdout stays the JSON report) |
 | `--no-verify` | off | skip the bundle check below |
 | `--public-key PUB` | none | also verify the signature `bundle.sig` with this public key (needs `model-signing`) |
 | `--require-signature` | off | with `--public-key`: exit 2, not just warn, when `model-signing` is not installed |

@@ -138,8 +138,11 @@ def verify(bundle: Path, emulate: bool, public_key: Path | None, require_signatu
         if not emulate:
             return
         from edgepack.device import verify_emulated
+        from edgepack.progress import Progress
 
-        check = verify_emulated(folder)
+        progress = Progress()
+        with progress.stage("aarch64", "accuracy check under qemu (emulated, slow)"):
+            check = verify_emulated(folder, on_progress=progress.advance)
     if "agreement" in check:  # a decoder: next tokens, fed the host's, equal to the host's
         figures = (
             f"next-token agreement {check['agreement']} (needs {check.get('min_agreement')}), "

@@ -5,13 +5,19 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
+if TYPE_CHECKING:
+    from edgepack.progress import Progress
 
-def evaluate_one(target: Any, data: Any) -> tuple[dict[str, Any] | None, list[Any]]:
-    """The metric (None for unlabelled data) and the primary outputs on every text."""
+
+def evaluate_one(
+    target: Any, data: Any, progress: Progress
+) -> tuple[dict[str, Any] | None, list[Any]]:
+    """The metric (None for unlabelled data) and the primary outputs on every text, with the
+    batches counted on a ``Progress`` stage line (a big eval file runs for minutes)."""
     from transformers import AutoTokenizer
 
     from edgepack.calibration import encode
@@ -20,19 +26,18 @@ def evaluate_one(target: Any, data: Any) -> tuple[dict[str, Any] | None, list[An
 
     tokenizer = AutoTokenizer.from_pretrained(str(target.tokenizer_dir), local_files_only=True)
     names = [i.name for i in session(target.model_file).get_inputs()]
-
     run = onnx_runner(target.model_file)
-
-    metric = (
-        None
-        if data.kind == "texts"
-        else score(data, run, tokenizer, names, target.seq_len, target.labels)
-    )
     texts = data.texts()
-    outputs = [
-        run(encode(tokenizer, texts[i : i + 32], names, target.seq_len))
-        for i in range(0, len(texts), 32)
-    ]
+    with progress.stage("evaluate", f"{target.name}: {len(texts)} texts"):
+        metric = (
+            None
+            if data.kind == "texts"
+            else score(data, run, tokenizer, names, target.seq_len, target.labels, progress.advance)
+        )
+        outputs = []
+        for i in range(0, len(texts), 32):
+            outputs.append(run(encode(tokenizer, texts[i : i + 32], names, target.seq_len)))
+            progress.advance(len(outputs), -(-len(texts) // 32), "batches of outputs")
     return metric, outputs
 
 
@@ -63,6 +68,7 @@ def eval_cmd(
     from edgepack.evaldata import read_eval_data
     from edgepack.evaluable import open_evaluable
     from edgepack.evaluate import fidelity
+    from edgepack.progress import Progress
 
     if not Path(data_path).is_file():
         raise UserError(f"evaluation file {data_path} does not exist.")
@@ -77,7 +83,8 @@ def eval_cmd(
                 f"{data_path} has no labels; pass --reference to measure fidelity instead."
             )
         results: dict[str, Any] = {"data": data.source, "kind": data.kind}
-        metric, outputs = evaluate_one(target, data)
+        progress = Progress()
+        metric, outputs = evaluate_one(target, data, progress)
         results["model"] = {"name": target.name, **(metric or {})}
         if reference is not None:
             ref = open_evaluable(reference, Path(tmp) / "b")
@@ -85,7 +92,7 @@ def eval_cmd(
                 raise UserError(
                     f"--reference {reference} is a generative decoder; {model} is an encoder."
                 )
-            ref_metric, ref_outputs = evaluate_one(ref, data)
+            ref_metric, ref_outputs = evaluate_one(ref, data, progress)
             results["reference"] = {"name": ref.name, **(ref_metric or {})}
             results["fidelity"] = fidelity(ref_outputs, outputs, None, target.task)
             if metric and ref_metric:

@@ -16,14 +16,10 @@ Two quirks of Debian's qemu-user-static 7.2 are handled here:
   ``proc/cpuinfo`` there is what the guest sees;
 - nothing is registered with binfmt, so the guest Python is started through qemu explicitly.
 
-Usage::
-
-    from edgepack.device.emulate import emulator_available, verify_emulated
-    if (reason := emulator_available()) is None:
-        check = verify_emulated(Path("out/minilm-arm64"))   # {"passed": True, "min_cosine": ...}
+Usage: when ``emulator_available()`` is None, ``verify_emulated(bundle)`` is the bundle's check.
 
 A decoder bundle's bench.py runs with ``--check-only``: its greedy continuations against the
-build host's, no timing (emulated timings mean nothing).
+build host's, no timing. With ``on_progress`` the harness reports each step (stream.py).
 """
 
 from __future__ import annotations
@@ -42,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from edgepack.cache import cache_root
+from edgepack.device.stream import OnProgress, run_streaming, supports_progress
 from edgepack.errors import UserError
 from edgepack.jsontext import parse_json
 
@@ -301,12 +298,8 @@ def _smoke_test(qemu: str, root: Path, python: str) -> None:
         "import platform, onnxruntime, tokenizers; "
         "print(platform.machine(), onnxruntime.__version__)"
     )
-    proc = subprocess.run(
-        _guest_command(qemu, root, python, ["-c", code]),
-        env=_guest_env(root),
-        capture_output=True,
-        text=True,
-        timeout=RUN_TIMEOUT_S,
+    proc = run_streaming(
+        _guest_command(qemu, root, python, ["-c", code]), _guest_env(root), RUN_TIMEOUT_S, None
     )
     if proc.returncode != 0 or not proc.stdout.startswith("aarch64 "):
         raise RuntimeError(
@@ -316,34 +309,40 @@ def _smoke_test(qemu: str, root: Path, python: str) -> None:
 
 
 def run_python_emulated(
-    args: list[str], sysroot: Path | None = None, timeout: float = RUN_TIMEOUT_S
+    args: list[str],
+    sysroot: Path | None = None,
+    timeout: float = RUN_TIMEOUT_S,
+    on_progress: OnProgress | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run the sysroot's aarch64 Python with ``args`` under qemu; output captured as text."""
+    """Run the sysroot's aarch64 Python with ``args`` under qemu; output captured as text, and
+    its ``progress k/N`` stderr lines passed to ``on_progress`` as they come."""
     qemu = find_qemu()
     if qemu is None:
         raise UserError(f"cannot emulate aarch64: {emulator_available()}.")
     sysroot = sysroot or ensure_sysroot()
     python = str(read_sysroot_info(sysroot)["python"])
-    return subprocess.run(
-        _guest_command(qemu, sysroot, python, args),
-        env=_guest_env(sysroot),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    command = _guest_command(qemu, sysroot, python, args)
+    return run_streaming(command, _guest_env(sysroot), timeout, on_progress)
 
 
 def run_harness_emulated(
-    bundle: Path, args: list[str], sysroot: Path | None = None, timeout: float = RUN_TIMEOUT_S
+    bundle: Path,
+    args: list[str],
+    sysroot: Path | None = None,
+    timeout: float = RUN_TIMEOUT_S,
+    on_progress: OnProgress | None = None,
 ) -> dict[str, Any]:
     """Run ``bundle/bench.py args`` on emulated aarch64; returns its JSON report.
 
     Exit 1 (check failed or p50 regressed) still returns the report, so the caller reads
     ``check.passed``; exit 2 (tampered bundle, bad flag) is a UserError with bench.py's line.
+    With ``on_progress``, a harness that takes ``--progress`` reports each step to it.
     """
     bench = bundle / "bench.py"
     if not bench.is_file():
         raise UserError(f"{bundle} has no bench.py; is it an edgepack bundle folder?")
+    if on_progress is not None and supports_progress(bench):
+        args = [*args, "--progress"]
     with tempfile.TemporaryDirectory(prefix="edgepack-emulate-") as tmp:
         report = Path(tmp) / "report.json"
         if "--json" in args:
@@ -351,7 +350,7 @@ def run_harness_emulated(
         else:
             args = [*args, "--json", str(report)]
         try:
-            proc = run_python_emulated([str(bench.resolve()), *args], sysroot, timeout)
+            proc = run_python_emulated([str(bench.resolve()), *args], sysroot, timeout, on_progress)
         except subprocess.TimeoutExpired:
             raise UserError(
                 f"bench.py under qemu aarch64 took over {timeout:.0f} s; try fewer --runs."
@@ -381,7 +380,10 @@ def _check_args(bundle: Path) -> list[str]:
 
 
 def verify_emulated(
-    bundle: Path, sysroot: Path | None = None, timeout: float = RUN_TIMEOUT_S
+    bundle: Path,
+    sysroot: Path | None = None,
+    timeout: float = RUN_TIMEOUT_S,
+    on_progress: OnProgress | None = None,
 ) -> dict[str, Any]:
     """Run only the bundle's accuracy check on emulated aarch64; returns the report's ``check``.
 
@@ -391,7 +393,7 @@ def verify_emulated(
     """
     if not bundle.is_dir():
         raise UserError(f"bundle folder {bundle} does not exist.")
-    report = run_harness_emulated(bundle, _check_args(bundle), sysroot, timeout)
+    report = run_harness_emulated(bundle, _check_args(bundle), sysroot, timeout, on_progress)
     check = dict(report["check"])
     check["machine"] = report.get("env", {}).get("machine")
     return check

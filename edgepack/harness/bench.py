@@ -666,6 +666,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --public-key: fail, not warn, when model-signing is not installed")  # fmt: skip
     add("--skip-check", action="store_true", help="skip the accuracy check")
     add("--quiet", action="store_true", help="print no table")
+    add("--progress", action="store_true", help="one progress line per inference on stderr")
     add("--cold-child", action="store_true", help=argparse.SUPPRESS)
     return parser
 
@@ -748,12 +749,23 @@ def first_run(session: Any, feeds: Dict[str, np.ndarray], args: argparse.Namespa
         ) from None
 
 
+def progress_line(args: argparse.Namespace, done: int) -> None:
+    """``progress DONE/TOTAL inferences`` on stderr with --progress, for a caller that reads it
+    live (edgepack's emulated verify under qemu); TOTAL counts the first run, the check, the
+    warmup and at most --runs timed runs. stdout keeps the table or nothing."""
+    if args.progress:
+        total = 2 + args.warmup + args.runs
+        sys.stderr.write("progress {}/{} inferences\n".format(min(done, total), total))
+        sys.stderr.flush()
+
+
 def measure(
     session: Any, feeds: Dict[str, np.ndarray], args: argparse.Namespace
 ) -> Tuple[List[float], float]:
     """Warm up, then time single queries until --runs or --duration ends; (latencies, wall s)."""
-    for _ in range(args.warmup):
+    for n in range(args.warmup):
         session.run(None, feeds)
+        progress_line(args, 3 + n)
     latencies = []  # type: List[float]
     clock = time.perf_counter
     start = clock()
@@ -763,8 +775,11 @@ def measure(
         session.run(None, feeds)
         t1 = clock()
         latencies.append((t1 - t0) * 1000.0)
+        progress_line(args, 2 + args.warmup + len(latencies))
         if t1 >= deadline:
             break
+    if len(latencies) < args.runs:  # --duration ended the runs early
+        progress_line(args, 2 + args.warmup + args.runs)
     return latencies, clock() - start
 
 
@@ -807,6 +822,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     t0 = time.perf_counter()
     first_run(session, feeds, args)
     first_ms = (time.perf_counter() - t0) * 1000.0
+    progress_line(args, 1)
     cold = {"import": import_ms, "session_create": create_ms, "first_inference": first_ms}
     cold = {key: round(value, 4) for key, value in cold.items()}
 
@@ -816,6 +832,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
                  "threshold": threshold, "skipped": True}  # fmt: skip
     else:
         check = run_check(session, bundle, manifest)
+    progress_line(args, 2)
 
     latencies, wall_s = measure(session, feeds, args)
     es_value, es_discarded = early_stopping_estimate(latencies)

@@ -28,7 +28,7 @@ import onnxruntime as ort
 sys.dont_write_bytecode = True  # a __pycache__ in the bundle would fail its own check
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bundle_check import HarnessError, bundle_relpath, load_json, verify_bundle  # noqa: E402
-from edgepack_decode import empty_past, greedy, step, teacher_forced  # noqa: E402
+from edgepack_decode import empty_past, greedy_stream, step, teacher_forced  # noqa: E402
 
 # More intra-op threads than this only thrash; onnxruntime takes negative counts as an error.
 MAX_THREADS = 1024
@@ -49,6 +49,16 @@ def read_json(path, what):
         return load_json(Path(path), what)
     except HarnessError as exc:
         fail(str(exc))
+
+
+def progress_line(done, total, what):
+    """One machine-readable line on stderr: ``progress DONE/TOTAL WHAT``.
+
+    With ``--progress`` (edgepack's emulated verify asks for it) a caller that reads stderr live
+    can show how far a check under qemu has got, and estimate what remains; stdout stays the JSON
+    report alone."""
+    sys.stderr.write("progress %d/%d %s\n" % (done, total, what))
+    sys.stderr.flush()
 
 
 def kv_bytes(sess, context):
@@ -81,6 +91,7 @@ def main():
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--check-only", action="store_true")
+    p.add_argument("--progress", action="store_true", help="one progress line per step on stderr")
     p.add_argument("--no-verify", action="store_true", help="skip the bundle checks")
     p.add_argument("--public-key", type=Path, help="also check bundle.sig with this public key")
     p.add_argument("--require-signature", action="store_true")
@@ -123,12 +134,25 @@ def main():
     check = manifest["check"]
     agree = total = 0
     prefixes = []
-    for item in reference["prompts"]:
+    prompts = reference["prompts"]
+    # A step is one graph call: the forced pass of each prompt, then each free greedy token.
+    steps = len(prompts) + sum(len(i["continuation"]) for i in prompts)
+    done = 0
+    for n, item in enumerate(prompts, 1):
         want = item["continuation"]
         forced = teacher_forced(sess, item["prompt"], want)
         agree += sum(1 for a, b in zip(forced, want) if a == b)  # noqa: B905 (Python 3.8)
         total += len(want)
-        got = greedy(sess, item["prompt"], len(want), eos)
+        done += 1
+        if args.progress:
+            progress_line(done, steps, "check steps (prompt %d/%d forced)" % (n, len(prompts)))
+        got = []
+        for token in greedy_stream(sess, item["prompt"], len(want), eos):
+            got.append(token)
+            done += 1
+            if args.progress:
+                progress_line(done, steps, "check steps (prompt %d/%d greedy)" % (n, len(prompts)))
+        done += len(want) - len(got)  # an end-of-sequence token ends the path early
         same = 0
         while same < min(len(got), len(want)) and got[same] == want[same]:
             same += 1

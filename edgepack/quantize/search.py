@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -30,6 +30,9 @@ from edgepack.families import encoder
 from edgepack.metrics import cosine_rows
 from edgepack.quantize.embed import restore_fp32_embeddings
 from edgepack.quantize.graph import drop_dead_nodes
+
+if TYPE_CHECKING:
+    from edgepack.progress import Advance
 
 Feeds = dict[str, np.ndarray]
 CALIBRATION_ALTERNATIVES = ("percentile", "entropy")
@@ -101,11 +104,13 @@ def search(
     out_model: Path,
     work_dir: Path,
     note: Callable[[str], None] = lambda _: None,
+    advance: Advance | None = None,
 ) -> dict[str, Any]:
     """Write the best int8 model found to ``out_model``; return the search record.
 
     ``quantize(settings, path) -> record`` runs the recipe; drop = 1 - mean cosine to fp32 on
-    ``dev_feeds`` (texts never used for the final held-out figure).
+    ``dev_feeds`` (texts never used for the final held-out figure). ``advance`` hears how many
+    quantized linears' sensitivities are measured, the part that grows with the model.
     Long because the search's phases (candidates, ranking, greedy fallback, time budget) share its closure state and log.
     """
     import onnx
@@ -178,6 +183,8 @@ def search(
         trial = work_dir / "trial.onnx"
         onnx.save(bypass(base, {name}), str(trial))
         gains.append((base_drop - drop(trial, RANKING_BATCHES), name))
+        if advance is not None:
+            advance(len(gains), len(candidates), "linears' sensitivity measured")
     gains.sort(key=lambda g: (-g[0], g[1]))
     if best["drop"] > max_drop and not stopped:
         chosen: list[str] = []

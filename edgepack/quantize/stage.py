@@ -78,6 +78,7 @@ def quantize_stage(
                 out / "model.onnx",
                 work,
                 progress.note,
+                progress.advance,
             )
         else:
             record = quantize(qs, out / "model.onnx")
