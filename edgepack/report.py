@@ -34,6 +34,17 @@ def _node_counts(result: BuildResult) -> str:
     return f"{int8} int8 / {ops['MatMul'] - int8} fp32 MatMuls, {ops['QuantizeLinear']} Q"
 
 
+def _ratio(lat: dict[str, Any]) -> str:
+    """The median per-round ratio and its range; a latency record without rounds (older callers)
+    gives the ratio of medians."""
+    ratio = lat.get("ratio")
+    if not ratio:
+        return f"{lat['model']['p50_ms'] / lat['fp32']['p50_ms']:.2f}"
+    return f"{ratio['median']:.2f} ({ratio['min']:.2f}–{ratio['max']:.2f})" + (
+        " noisy" if ratio["noisy"] else ""
+    )
+
+
 def _rows(results: list[BuildResult], latency: dict[str, dict[str, Any]]) -> list[list[str]]:
     rows = []
     for r in results:
@@ -51,7 +62,7 @@ def _rows(results: list[BuildResult], latency: dict[str, dict[str, Any]]) -> lis
                 metric,
                 f"{lat['model']['p50_ms']:.2f} / {lat['model']['p90_ms']:.2f}",
                 f"{lat['fp32']['p50_ms']:.2f}",
-                f"{lat['model']['p50_ms'] / lat['fp32']['p50_ms']:.2f}",
+                _ratio(lat),
                 _node_counts(r),
             ]
         )
@@ -66,7 +77,7 @@ HEADER = [
     "task metric (fp32 → model)",
     "host p50 / p90 ms",
     "fp32 p50 ms",
-    "ratio",
+    "ratio (round range)",
     "nodes",
 ]
 
