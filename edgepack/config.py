@@ -162,6 +162,11 @@ def resolve_recorded(
 
     resolved = dict(values)
     for key, digest in inputs.items():
+        if key not in PATH_KEYS or not isinstance(digest, str) or len(digest) != 64:
+            raise UserError(
+                f"the manifest's build.inputs.{key} is not an input file's sha256; the manifest "
+                f"was edited or damaged (inputs are {', '.join(PATH_KEYS)})."
+            )
         name = str(values.get(key) or "")
         if name.startswith(SAMPLE_PREFIX):
             places = [_samples_folder() / name[len(SAMPLE_PREFIX) :]]

@@ -87,3 +87,5 @@ def test_manifest_names_inputs_portably_and_rebuild_finds_them(
     mine.write_text("changed\n")
     with pytest.raises(UserError, match=r"heldout file .*texts.txt has sha256 \w{12}, not the"):
         resolve_recorded(values, inputs, [mine.parent])
+    with pytest.raises(UserError, match=r"build.inputs.model is not an input file's sha256"):
+        resolve_recorded(values, {"model": 5}, [])
