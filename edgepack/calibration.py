@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from edgepack.config import BuildConfig
+from edgepack.config import BuildConfig, portable_name
 from edgepack.errors import UserError
 from edgepack.jsontext import parse_json
 
@@ -43,7 +43,10 @@ class TextSet:
         return hashlib.sha256("\n".join(self.texts).encode("utf-8")).hexdigest()
 
     def record(self) -> dict[str, Any]:
-        return {"source": self.source, "count": len(self.texts), "sha256": self.sha256}
+        # The source is a path, maybe with " (not sampled)" after it: named as the build config is.
+        path, space, note = self.source.partition(" (")
+        source = portable_name(path) + space + note
+        return {"source": source, "count": len(self.texts), "sha256": self.sha256}
 
 
 def _decode(path: Path) -> str:

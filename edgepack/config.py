@@ -122,3 +122,66 @@ def overlay(
             value = str((base / value).resolve())
         changes[key] = value
     return replace(config, **changes)
+
+
+def portable_name(path: str) -> str:
+    """How a manifest names an input file: ``sample:FILE`` for a file shipped in samples/, else
+    its file name. Never the build machine's path, and not one relative to the current folder
+    either, so the same build from another folder or machine records the same manifest (and a
+    rebuild's own record matches it); the sha256 beside it tells files of one name apart."""
+    if not path:
+        return path
+    real = Path(path).resolve()
+    if real.is_relative_to(_samples_folder()):
+        return SAMPLE_PREFIX + real.relative_to(_samples_folder()).as_posix()
+    return real.name
+
+
+def recorded_config(config: BuildConfig) -> dict[str, Any]:
+    """``build.config`` and ``build.inputs`` of a manifest: the settings with input files named
+    portably, and each input's sha256 so ``edgepack rebuild`` can tell the same file from another
+    one of the same name."""
+    from edgepack.artifacts import sha256_file
+
+    values = {k: v for k, v in config.__dict__.items() if k not in ("out", "force")}
+    inputs = {}
+    for key in PATH_KEYS:
+        if values[key] and Path(values[key]).is_file():
+            inputs[key] = sha256_file(Path(values[key]))
+            values[key] = portable_name(values[key])
+    return {"config": values, "inputs": inputs}
+
+
+def resolve_recorded(
+    values: dict[str, Any], inputs: dict[str, str], folders: list[Path]
+) -> dict[str, Any]:
+    """The recorded config with each input file found again: ``sample:FILE`` in the installed
+    samples, a relative name in the current folder or one of ``folders``; the file whose sha256
+    matches the recorded one is used. A missing or changed input is a one-line UserError."""
+    from edgepack.artifacts import sha256_file
+
+    resolved = dict(values)
+    for key, digest in inputs.items():
+        if key not in PATH_KEYS or not isinstance(digest, str) or len(digest) != 64:
+            raise UserError(
+                f"the manifest's build.inputs.{key} is not an input file's sha256; the manifest "
+                f"was edited or damaged (inputs are {', '.join(PATH_KEYS)})."
+            )
+        name = str(values.get(key) or "")
+        if name.startswith(SAMPLE_PREFIX):
+            places = [_samples_folder() / name[len(SAMPLE_PREFIX) :]]
+        else:
+            places = [Path(name)] if Path(name).is_absolute() else []
+            places += [base / name for base in (Path.cwd(), *folders)]
+        found = [p for p in dict.fromkeys(places) if p.is_file()]
+        match = next((p for p in found if sha256_file(p) == digest), None)
+        if match is None and found:
+            raise UserError(
+                f"{key} file {found[0]} has sha256 {sha256_file(found[0])[:12]}, not the recorded "
+                f"{digest[:12]}; restore the original {name} to rebuild."
+            )
+        if match is None:
+            where = ", ".join(str(p.parent) for p in places)
+            raise UserError(f"{key} file {name} is missing (looked in {where}); put it there.")
+        resolved[key] = str(match.resolve())
+    return resolved

@@ -8,7 +8,7 @@ import datetime
 from typing import Any
 
 from edgepack.artifacts import HFModel, OnnxModel
-from edgepack.config import BuildConfig
+from edgepack.config import BuildConfig, portable_name, recorded_config
 from edgepack.profiles import TargetProfile
 
 Setting = tuple[str, int | None]  # (precision, MatMulNBits accuracy level; None for fp32)
@@ -65,11 +65,12 @@ def provenance(
     """What ``edgepack rebuild`` reads: the config (with this bundle's own target, so one bundle
     of a matrix rebuilds alone), the tools' versions, and when it was built, as encoders record."""
     now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
-    recorded = {k: v for k, v in config.__dict__.items() if k not in ("out", "force")}
+    recorded = recorded_config(config)
     return {
         "built_at": now.isoformat(),
         "build": {
-            "config": {**recorded, "target": profile.name},
+            "config": {**recorded["config"], "target": profile.name},
+            "inputs": recorded["inputs"],
             "command": "edgepack rebuild manifest.json",
         },
         "versions": versions,
@@ -124,6 +125,6 @@ def decoder_manifest(
         "export_validation": validation,
         "quantization": candidate.records.get("quantization"),
         "fidelity": fid,
-        "heldout": config.heldout,
+        "heldout": portable_name(config.heldout),
         **provenance(config, profile, versions),
     }

@@ -12,22 +12,27 @@ from pathlib import Path
 from typing import Any
 
 from edgepack.bundle import VOLATILE_KEYS, read_manifest, read_sums, verify_bundle
-from edgepack.config import BuildConfig, overlay
+from edgepack.config import BuildConfig, overlay, resolve_recorded
 from edgepack.errors import UserError
 from edgepack.profiles import builtin_targets
 from edgepack.progress import Progress
 
 
-def _recorded(manifest: dict[str, Any]) -> dict[str, Any]:
+def _recorded(manifest: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """build.config with its input files found again on this machine (by name and sha256: the
+    current folder, the bundle's folder and the two above it (the default out is dist/ beside
+    the config, so a bundle sits at dist/NAME), or the installed samples)."""
     build = manifest.get("build")
     recorded = build.get("config") if isinstance(build, dict) else None
     if not recorded or not isinstance(recorded, dict):
         raise UserError("the manifest has no build.config; it cannot be rebuilt.")
-    return dict(recorded)
+    inputs = build.get("inputs")
+    inputs = inputs if isinstance(inputs, dict) else {}
+    return resolve_recorded(dict(recorded), inputs, [folder, folder.parent, folder.parent.parent])
 
 
-def _config_from(manifest: dict[str, Any]) -> BuildConfig:
-    recorded = _recorded(manifest)
+def _config_from(manifest: dict[str, Any], folder: Path) -> BuildConfig:
+    recorded = _recorded(manifest, folder)
     section = manifest.get("target")
     target = section.get("name") if isinstance(section, dict) else None
     if target not in builtin_targets():
@@ -54,14 +59,16 @@ def rebuild(bundle: Path, target_file: str | None, progress: Progress) -> list[s
 
     folder = bundle.parent if bundle.name == "manifest.json" else bundle
     old = read_manifest(folder)
+    old_files = _read_sums(folder)  # a tampered bundle is refused before its inputs are sought
     config = (
-        _config_from(old)
+        _config_from(old, folder)
         if target_file is None
         else replace(
-            overlay(BuildConfig(), _recorded(old), "manifest"), target=target_file, force=True
+            overlay(BuildConfig(), _recorded(old, folder), "manifest"),
+            target=target_file,
+            force=True,
         )
     )
-    old_files = _read_sums(folder)
     with tempfile.TemporaryDirectory(prefix="edgepack-rebuild-") as tmp:
         (result,) = build(replace(config, out=tmp), progress)
         new = read_manifest(result.folder)

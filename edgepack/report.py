@@ -34,6 +34,17 @@ def _node_counts(result: BuildResult) -> str:
     return f"{int8} int8 / {ops['MatMul'] - int8} fp32 MatMuls, {ops['QuantizeLinear']} Q"
 
 
+def _ratio(lat: dict[str, Any]) -> str:
+    """The median per-round ratio and its range; a latency record without rounds (older callers)
+    gives the ratio of medians."""
+    ratio = lat.get("ratio")
+    if not ratio:
+        return f"{lat['model']['p50_ms'] / lat['fp32']['p50_ms']:.2f}"
+    return f"{ratio['median']:.2f} ({ratio['min']:.2f}–{ratio['max']:.2f})" + (
+        " noisy" if ratio["noisy"] else ""
+    )
+
+
 def _rows(results: list[BuildResult], latency: dict[str, dict[str, Any]]) -> list[list[str]]:
     rows = []
     for r in results:
@@ -51,7 +62,7 @@ def _rows(results: list[BuildResult], latency: dict[str, dict[str, Any]]) -> lis
                 metric,
                 f"{lat['model']['p50_ms']:.2f} / {lat['model']['p90_ms']:.2f}",
                 f"{lat['fp32']['p50_ms']:.2f}",
-                f"{lat['model']['p50_ms'] / lat['fp32']['p50_ms']:.2f}",
+                _ratio(lat),
                 _node_counts(r),
             ]
         )
@@ -66,7 +77,7 @@ HEADER = [
     "task metric (fp32 → model)",
     "host p50 / p90 ms",
     "fp32 p50 ms",
-    "ratio",
+    "ratio (round range)",
     "nodes",
 ]
 
@@ -77,7 +88,8 @@ def png(fig: Any) -> bytes:
     import matplotlib.pyplot as plt
 
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
+    # "tight" grows the canvas to every label, so a long layer name or tick is never cut off.
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight", pad_inches=0.1)
     plt.close(fig)
     return buffer.getvalue()
 
@@ -104,23 +116,15 @@ def _plots(results: list[BuildResult], latency: dict[str, dict[str, Any]]) -> di
         latency[r.target]["model"]["times_ms"] for r in results
     ]
     ax.boxplot(series, showfliers=False)
-    ax.set_xticks(range(1, len(series) + 1), ["fp32"] + [r.target for r in results], rotation=20)
+    ax.set_xticks(
+        range(1, len(series) + 1), ["fp32"] + [r.target for r in results], rotation=30, ha="right"
+    )
     ax.set_ylabel("latency per query, ms (host)")
     ax.set_title("Latency distribution per variant")
     fig.tight_layout()
     plots["report-latency.png"] = png(fig)
 
-    fig, ax = plt.subplots(figsize=(5.5, 3.5))
-    for r in results:
-        m = r.manifest
-        ax.scatter(m["model"]["bytes"] / 1e6, 1 - m["fidelity"]["mean_cosine"], label=r.target)
-    ax.set_xlabel("model size, MB")
-    ax.set_ylabel("1 - mean cosine to fp32")
-    ax.set_title("Size vs fidelity loss")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    plots["report-size.png"] = png(fig)
-
+    plots["report-size.png"] = _size_plot(results)
     sens = next(
         (
             ((r.manifest.get("quantization") or {}).get("accuracy_search") or {}).get("sensitivity")
@@ -130,15 +134,62 @@ def _plots(results: list[BuildResult], latency: dict[str, dict[str, Any]]) -> di
         None,
     )
     if sens:
-        fig, ax = plt.subplots(figsize=(7, max(3, 0.18 * len(sens))))
-        names = [s["name"].replace("/MatMul", "").replace("/0/encoder/", "") for s in sens][::-1]
-        ax.barh(names, [s["dev_drop_recovered"] for s in sens][::-1])
-        ax.set_xlabel("fidelity drop recovered with this layer's activation in fp32")
-        ax.set_title("Per-layer int8 sensitivity (dev texts)")
-        ax.tick_params(axis="y", labelsize=6)
-        fig.tight_layout()
-        plots["report-sensitivity.png"] = png(fig)
+        plots["report-sensitivity.png"] = _sensitivity_plot(sens)
     return plots
+
+
+def _size_plot(results: list[BuildResult]) -> bytes:
+    """fp32 beside each bundle's model, in MB, with the ratio on each bar: one scatter point per
+    target said nothing once the targets' sizes coincided."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = [r.target for r in results]
+    fp32 = [r.manifest["model"]["fp32_bytes"] / 1e6 for r in results]
+    model = [r.manifest["model"]["bytes"] / 1e6 for r in results]
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(names) + 2), 3.6))
+    x = np.arange(len(names))
+    ax.bar(x - 0.2, fp32, 0.4, color="grey", label="fp32 export")
+    bars = ax.bar(x + 0.2, model, 0.4, color="tab:blue", label="bundle's model")
+    labels = [
+        f"{m / f:.2f}x\n{r.manifest['model']['precision']}"
+        for m, f, r in zip(model, fp32, results, strict=True)
+    ]
+    ax.bar_label(bars, labels, fontsize=7, padding=2)
+    ax.set_xticks(x, names, rotation=30, ha="right")
+    ax.set_ylabel("model file, MB")
+    ax.set_ylim(0, max(fp32 + model) * 1.3)
+    ax.set_title("Model size: fp32 export vs each bundle")
+    ax.legend(fontsize=8, loc="upper left")
+    return png(fig)
+
+
+def _sensitivity_plot(sens: list[dict[str, Any]]) -> bytes:
+    """One bar per layer, names without the prefixes every layer shares, and plain tick numbers
+    (matplotlib's "1e-5" offset text landed on the axis label)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    names = [_layer_name(s["name"]) for s in sens][::-1]
+    fig, ax = plt.subplots(figsize=(7, max(3, 0.22 * len(sens) + 1)))
+    ax.barh(names, [s["dev_drop_recovered"] for s in sens][::-1])
+    ax.xaxis.set_major_locator(MaxNLocator(5))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.2g}"))
+    ax.tick_params(axis="x", labelsize=8, rotation=30)
+    ax.tick_params(axis="y", labelsize=7)
+    ax.set_xlabel("mean cosine drop recovered when this layer stays fp32")
+    ax.set_title("Per-layer int8 sensitivity (dev texts)")
+    return png(fig)
+
+
+def _layer_name(name: str) -> str:
+    """A layer's node or weight name without what every layer shares (``/0/encoder/``,
+    ``0.model.``, ``/MatMul``, ``.weight``), so the label fits beside the bar."""
+    for prefix in ("/0/encoder/", "/0/model/", "0.model.", "/encoder/", "/model/", "model."):
+        name = name.removeprefix(prefix)
+    for suffix in ("/MatMul", ".weight"):
+        name = name.removesuffix(suffix)
+    return name
 
 
 def write_report(

@@ -23,7 +23,7 @@ def measure_latency(
     """
     from edgepack.evaluate import host_latency
 
-    latency = {}
+    latency: dict[str, dict[str, Any]] = {}
     for r in results:
         m = r.manifest
         threads = min(int(m["harness"]["threads"]), os.cpu_count() or 1)
@@ -35,15 +35,47 @@ def measure_latency(
         if original is not None:
             models["original"] = original
         with progress.stage("latency", f"{r.target}, {threads} threads, host"):
-            lat = host_latency(models, feeds, threads=threads, rounds=10)
+            lat = host_latency(models, feeds, threads=threads, rounds=ROUNDS, per_round=PER_ROUND)
         lat.setdefault("fp32", lat["model"])
-        latency[r.target] = {**lat, "threads": threads}
+        ratio = speed_ratio(lat["model"]["times_ms"], lat["fp32"]["times_ms"], PER_ROUND)
+        latency[r.target] = {**lat, "threads": threads, "ratio": ratio}
         if original is not None:
             latency[r.target]["original_bytes"] = original.stat().st_size
     return latency
 
 
-COLUMNS = ("target", "prec", "MB", "size x", "cos", "min cos", "p50 ms", "p50 x")
+# host_latency runs the models in turn, PER_ROUND calls each, ROUNDS times: 50 calls a model, a
+# second or two for a small encoder. Each round gives one ratio measured under the same load.
+ROUNDS, PER_ROUND = 10, 5
+# Per-round ratios spread wider than this fraction of their median: the machine was busy.
+NOISY_SPREAD = 0.25
+
+
+def speed_ratio(model_ms: list[float], fp32_ms: list[float], per_round: int) -> dict[str, Any]:
+    """The model's latency over fp32's, from timings taken interleaved in rounds of ``per_round``
+    calls each: the median of the per-round ratios (each round's medians, measured moments apart,
+    so a load that comes and goes shifts both), and their min and max. One ratio of two medians
+    taken a second apart printed int8 1.72x slower than fp32 on a loaded machine."""
+    rounds = min(len(model_ms), len(fp32_ms)) // per_round
+    if rounds == 0:
+        raise ValueError("no complete round of timings")
+    ratios = [
+        float(np.median(model_ms[i * per_round : (i + 1) * per_round]))
+        / float(np.median(fp32_ms[i * per_round : (i + 1) * per_round]))
+        for i in range(rounds)
+    ]
+    median = float(np.median(ratios))
+    low, high = min(ratios), max(ratios)
+    return {
+        "median": round(median, 3),
+        "min": round(low, 3),
+        "max": round(high, 3),
+        "rounds": rounds,
+        "noisy": (high - low) > NOISY_SPREAD * median,
+    }
+
+
+COLUMNS = ("target", "prec", "MB", "size x", "cos", "min cos", "p50 ms", "p50 x", "x range")
 
 
 def print_summary(
@@ -64,9 +96,20 @@ def print_summary(
             f"{m['fidelity']['mean_cosine']:.4f}",
             f"{m['fidelity']['min_cosine']:.4f}",
             f"{lat['model']['p50_ms']:.2f}",
-            f"{lat['model']['p50_ms'] / lat['fp32']['p50_ms']:.2f}",
+            f"{lat['ratio']['median']:.2f}",
+            f"{lat['ratio']['min']:.2f}-{lat['ratio']['max']:.2f}",
         )
     progress.console.print(table)
+    progress.note(
+        f"p50 x: median over {ROUNDS} interleaved rounds of the bundle's model / fp32 on this "
+        "host; x range: the lowest and highest round"
+    )
+    noisy = [r.target for r in results if latency[r.target]["ratio"]["noisy"]]
+    if noisy:
+        progress.note(
+            f"noisy: the machine is busy ({', '.join(noisy)}: rounds differ by more than "
+            f"{NOISY_SPREAD:.0%}); rerun on an idle host before trusting p50 x"
+        )
     for r in results:
         lat = latency[r.target]
         if "original" in lat:

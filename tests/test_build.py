@@ -157,21 +157,56 @@ def test_classifiers_report_top1_agreement(kind: str, texts_file: Path, tmp_path
     assert 0.0 <= manifest["fidelity"]["top1_agreement"] <= 1.0
 
 
-def test_rebuild_from_manifest_reproduces_the_hashes(matrix: Path) -> None:
+def test_rebuild_from_manifest_reproduces_the_hashes(
+    matrix: Path, texts_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(texts_file.parent)  # the manifest names calib.txt, found where rebuild runs
     code, output = run("rebuild", str(matrix / "tiny-cpu" / "manifest.json"))
     assert code == 0, output
     assert "reproduced every file hash" in output
 
 
-def test_rebuild_notices_a_changed_input(matrix: Path, tmp_path: Path) -> None:
+def test_manifest_is_the_same_from_another_folder(
+    tiny_st: Path, texts_file: Path, tmp_path: Path
+) -> None:
+    """No path of the build machine in the manifest: the texts in two folders, one manifest."""
+    manifests = []
+    for where in ("a", "b"):
+        texts = tmp_path / where / "calib.txt"
+        texts.parent.mkdir()
+        texts.write_bytes(texts_file.read_bytes())
+        code, output = run(*build_args(tiny_st, texts, tmp_path / where / "out", "--target", "cpu"))
+        assert code == 0, output
+        manifest = (tmp_path / where / "out" / f"{tiny_st.name}-cpu" / "manifest.json").read_text()
+        assert str(tmp_path / where) not in manifest
+        manifests.append(json.loads(manifest))
+    for manifest in manifests:
+        manifest.pop("built_at")
+    assert manifests[0] == manifests[1]
+    assert manifests[0]["build"]["config"]["calibration"] == "calib.txt"
+    assert manifests[0]["calibration"]["source"] == "calib.txt"
+    assert len(manifests[0]["build"]["inputs"]["calibration"]) == 64
+
+
+def test_rebuild_notices_a_changed_input(
+    matrix: Path, texts_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import hashlib
     import shutil
 
     folder = shutil.copytree(matrix / "tiny-arm64", tmp_path / "tiny-arm64")
     manifest = json.loads((folder / "manifest.json").read_text())
-    texts = Path(manifest["build"]["config"]["calibration"])
+    assert manifest["build"]["config"]["calibration"] == "calib.txt"
+    monkeypatch.chdir(tmp_path)
+    code, output = run("rebuild", str(folder))
+    assert code == 2 and "calibration file calib.txt is missing" in output
+    assert len(output.strip().splitlines()) == 1
     changed = tmp_path / "calib.txt"
-    changed.write_text(texts.read_text().replace("the", "a"))
-    manifest["build"]["config"]["calibration"] = str(changed)
+    changed.write_text(texts_file.read_text().replace("the", "a"))
+    code, output = run("rebuild", str(folder))
+    assert code == 2 and f"calibration file {changed} has sha256" in output
+    digest = hashlib.sha256(changed.read_bytes()).hexdigest()
+    manifest["build"]["inputs"]["calibration"] = digest
     (folder / "manifest.json").write_text(json.dumps(manifest))
     code, output = run("rebuild", str(folder))
     assert code == 2 and "manifest.json does not match SHA256SUMS" in output  # verified first

@@ -59,3 +59,33 @@ def test_build_resolves_sample_names(tmp_path: Path, monkeypatch) -> None:
     assert result.exit_code == 2 and f"model path {missing} does not exist" in result.output
     result = CliRunner().invoke(cli, ["build", "--config", "sample:nope"])
     assert result.exit_code == 2 and "sample:llm" in result.output
+
+
+def test_manifest_names_inputs_portably_and_rebuild_finds_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Shipped samples are named sample:FILE and come back from the package, from any folder;
+    other files by name, found by name and sha256; a changed or missing one is a one-line error."""
+    from edgepack.config import recorded_config, resolve_recorded
+
+    mine = tmp_path / "data" / "texts.txt"
+    mine.parent.mkdir()
+    mine.write_text("one\ntwo\n")
+    config = overlay(read_config(sample_config_path()), {"heldout": str(mine)}, "test")
+    record = recorded_config(config)
+    values, inputs = record["config"], record["inputs"]
+    assert values["calibration"] == "sample:calibration.txt"
+    assert values["heldout"] == "texts.txt" and str(tmp_path) not in str(record)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=r"^heldout file texts.txt is missing \(looked in"):
+        resolve_recorded(values, inputs, [])
+    found = resolve_recorded(values, inputs, [mine.parent])
+    assert found["heldout"] == str(mine.resolve())
+    assert found["calibration"] == str(sample_config_path().parent / "calibration.txt")
+    (tmp_path / "texts.txt").write_text("one\nthree\n")  # same name, other texts, looked at first
+    assert resolve_recorded(values, inputs, [mine.parent])["heldout"] == str(mine.resolve())
+    mine.write_text("changed\n")
+    with pytest.raises(UserError, match=r"heldout file .*texts.txt has sha256 \w{12}, not the"):
+        resolve_recorded(values, inputs, [mine.parent])
+    with pytest.raises(UserError, match=r"build.inputs.model is not an input file's sha256"):
+        resolve_recorded(values, {"model": 5}, [])

@@ -13,7 +13,6 @@ from conftest import write_texts
 from decoder_factory import build_tiny_decoder, make_tiny_decoder
 
 from edgepack.cli import cli
-from edgepack.progress import Progress
 
 
 @pytest.fixture(scope="module")
@@ -96,28 +95,33 @@ def test_the_manifest_records_what_a_rebuild_needs(built: tuple[Path, dict, Path
     assert manifest["decoder"]["precision_from"] == "build config"
 
 
-def test_rebuild_reproduces_every_hash(built: tuple[Path, dict, Path]) -> None:
-    folder, _, _ = built
+def test_rebuild_reproduces_every_hash(
+    built: tuple[Path, dict, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder, manifest, root = built
+    # Inputs are recorded by name and sha256, never by the build machine's path.
+    assert manifest["heldout"] == manifest["build"]["config"]["heldout"] == "texts.txt"
+    assert str(root) not in (folder / "manifest.json").read_text().replace(str(root / "m"), "")
+    monkeypatch.chdir(tmp_path)  # texts.txt is found beside dist/, where the build put it
     result = CliRunner().invoke(cli, ["rebuild", str(folder)])
     assert result.exit_code == 0, result.output
     assert "reproduced every file hash" in result.output
 
 
-def test_rebuild_names_a_changed_input(built: tuple[Path, dict, Path], tmp_path: Path) -> None:
+def test_rebuild_names_a_changed_input(
+    built: tuple[Path, dict, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import shutil
-
-    from edgepack.rebuild import rebuild
 
     folder, _, root = built
     copy = tmp_path / "copy"
     shutil.copytree(folder, copy)
-    texts = (root / "texts.txt").read_text()
-    try:
-        (root / "texts.txt").write_text(texts.replace("a", "the", 5))
-        diffs = rebuild(copy, None, Progress(quiet=True))
-    finally:
-        (root / "texts.txt").write_text(texts)
-    assert "reference.json" in " ".join(diffs) or "manifest.fidelity differs" in diffs
+    (tmp_path / "texts.txt").write_text((root / "texts.txt").read_text().replace("a", "the", 5))
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli, ["rebuild", str(copy)])
+    assert result.exit_code == 2
+    assert f"file {tmp_path / 'texts.txt'} has sha256" in result.output
+    assert "restore the original texts.txt" in result.output
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from edgepack.bundle.write import (
     write_tar,
 )
 from edgepack.calibration import TextSet, encode
-from edgepack.config import BuildConfig
+from edgepack.config import BuildConfig, recorded_config
 from edgepack.evaluate import fidelity, run_onnx
 from edgepack.export import labels_of
 from edgepack.families import encoder
@@ -335,14 +335,16 @@ def _manifest(
         },
         "build": {
             # This bundle's own target, so `edgepack rebuild` of one bundle of a matrix works.
-            "config": {
-                **{k: v for k, v in shared.config.__dict__.items() if k not in ("out", "force")},
-                "target": profile.name,
-            },
+            **_recorded(shared.config, profile.name),
             "command": "edgepack rebuild manifest.json",
         },
         "versions": shared.versions,
     }
+
+
+def _recorded(config: BuildConfig, target: str) -> dict[str, Any]:
+    recorded = recorded_config(config)
+    return {**recorded, "config": {**recorded["config"], "target": target}}
 
 
 def fidelity_on(
