@@ -19,7 +19,7 @@ from rich.table import Table
 
 from edgepack.bundle import BuildResult, Outbox, write_files
 from edgepack.progress import Progress
-from edgepack.report import png, remove_stale_plots
+from edgepack.report import png
 
 ROUNDS = 5  # interleaved rounds per model; the median of each figure is kept
 NEW_TOKENS = 16  # decode steps timed per round
@@ -245,7 +245,6 @@ def write_report(
     )
     files = {**plots, "report.md": ("\n".join(md) + "\n").encode(), "report.html": page.encode()}
     write_files(out, files)
-    remove_stale_plots(out, set(plots))
     return out / "report.md", out / "report.html"
 
 

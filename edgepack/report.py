@@ -94,15 +94,6 @@ def png(fig: Any) -> bytes:
     return buffer.getvalue()
 
 
-def remove_stale_plots(out_root: Path, keep: set[str]) -> None:
-    """Remove report plots an earlier build left beside the report that this build rewrote: an
-    encoder build's sensitivity plot must not sit beside a decoder build's report, nor the
-    reverse, looking current."""
-    for path in out_root.glob("report-*.png"):
-        if path.name not in keep:
-            path.unlink(missing_ok=True)
-
-
 def _plots(results: list[BuildResult], latency: dict[str, dict[str, Any]]) -> dict[str, bytes]:
     """The report's figures as PNG bytes by file name; nothing is written here."""
     import matplotlib
@@ -259,5 +250,4 @@ def write_report(
     )
     files = {**plots, "report.md": ("\n".join(md) + "\n").encode(), "report.html": page.encode()}
     write_files(out_root, files)
-    remove_stale_plots(out_root, set(plots))
     return out_root / "report.md", out_root / "report.html"
