@@ -235,13 +235,20 @@ def test_an_interrupt_between_two_decoder_bundles_publishes_neither(tmp_path: Pa
     assert all(Path(tar).is_file() for tar in rerun.stdout.split())
 
 
+@pytest.mark.parametrize("receiver", ["process", "worker thread"])
 def test_a_signal_during_publishing_is_raised_after_it_naming_what_was_published(
-    tmp_path: Path,
+    tmp_path: Path, receiver: str
 ) -> None:
     """The final renames run with SIGINT held: all of them happen, then the interrupt, whose
-    message can name every published path."""
+    message can name every published path. The kernel may hand a process signal to any thread
+    that leaves it unblocked (torch and onnxruntime keep such workers), so a signal that reaches a
+    worker thread must be held too."""
     from edgepack.bundle import Outbox
     from edgepack.errors import Interrupted
+
+    stop = threading.Event()
+    worker = threading.Thread(target=stop.wait)
+    worker.start()
 
     out = tmp_path / "dist"
     with pytest.raises(Interrupted) as raised, Outbox(out, force=False) as box:
@@ -255,11 +262,18 @@ def test_a_signal_during_publishing_is_raised_after_it_naming_what_was_published
 
         def replace_then_interrupt(src: str | Path, dst: str | Path) -> None:
             real(src, dst)
-            os.kill(os.getpid(), signal.SIGINT)  # a Ctrl-C right after the first rename
+            if receiver == "process":  # a Ctrl-C right after the first rename
+                os.kill(os.getpid(), signal.SIGINT)
+            else:
+                signal.pthread_kill(worker.ident or 0, signal.SIGINT)
 
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(os, "replace", replace_then_interrupt)
-            box.publish()
+        try:
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(os, "replace", replace_then_interrupt)
+                box.publish()
+        finally:
+            stop.set()
+            worker.join()
     assert _everything(out) == ["m-a", "m-a.tar.gz", "m-b", "m-b.tar.gz"]
     assert sorted(p.name for p in raised.value.published) == _everything(out)
 

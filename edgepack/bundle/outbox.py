@@ -30,12 +30,26 @@ HELD = {signal.SIGINT, signal.SIGTERM}
 
 @contextlib.contextmanager
 def signals_held() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM for the block; one that came meanwhile is raised as it ends."""
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, HELD)
+    """Hold SIGINT and SIGTERM for the block; one that came meanwhile is raised as it ends.
+
+    A thread signal mask is not enough: torch and onnxruntime keep worker threads that leave the
+    signals unblocked, the kernel may deliver a process signal to any of them, and Python then
+    runs the handler in the main thread in the middle of the block. Swapping the Python handlers
+    holds the signal whichever thread it reached.
+    """
+    pending: list[int] = []
+
+    def hold(signum: int, _frame: object) -> None:
+        pending.append(signum)
+
+    old = {signum: signal.signal(signum, hold) for signum in HELD}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)  # runs a pending signal's handler
+        for signum, handler in old.items():
+            signal.signal(signum, handler)
+        if pending:
+            signal.raise_signal(pending[0])  # the handler the build had, as if it came now
 
 
 @contextlib.contextmanager
