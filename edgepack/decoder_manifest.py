@@ -5,6 +5,7 @@ as the encoder manifests record them)."""
 from __future__ import annotations
 
 import datetime
+import json
 from typing import Any
 
 from edgepack.artifacts import HFModel, OnnxModel
@@ -77,6 +78,15 @@ def provenance(
     }
 
 
+def _gguf_source(model: HFModel) -> dict[str, Any]:
+    """What a GGUF source already was (its quantization per tensor type): the build's fp32 is
+    that model dequantized, and fidelity is measured against it."""
+    from edgepack.load.gguf import RECORD
+
+    record = model.path / RECORD
+    return {"gguf": json.loads(record.read_text())} if record.is_file() else {}
+
+
 def decoder_manifest(
     config: BuildConfig,
     model: HFModel,
@@ -98,6 +108,7 @@ def decoder_manifest(
             "model": model.source,
             "weights_sha256": model.weights_sha256,
             "files_sha256": model.files_sha256,
+            **_gguf_source(model),
         },
         "target": {
             "name": profile.name,

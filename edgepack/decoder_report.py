@@ -206,6 +206,18 @@ def _table(results: list[BuildResult], speed: dict[str, dict[str, Any]]) -> list
     return rows
 
 
+def _gguf_note(manifest: dict[str, Any]) -> str:
+    """A GGUF source is already quantized: its "fp32" is that model dequantized."""
+    gguf = manifest["source"].get("gguf")
+    if not gguf:
+        return ""
+    kinds = ", ".join(f"{k} {v:,}" for k, v in gguf["parameters_by_type"].items())
+    return (
+        f" The source is a GGUF of type {gguf['file_type']} (parameters by tensor type: {kinds}): "
+        "fp32 here is that model dequantized, and fidelity is measured against it."
+    )
+
+
 def write_report(
     results: list[BuildResult],
     speed: dict[str, dict[str, Any]],
@@ -222,7 +234,8 @@ def write_report(
         f"{first['versions'].get('edgepack')}, onnxruntime {first['versions'].get('onnxruntime')}. "
         f"Perplexity and top-1 agreement (next token, the same positions as fp32) on "
         f"{first['fidelity']['tokens']} held-out tokens; the greedy prefix is how many tokens "
-        f"of each reference continuation stay on fp32's path. Stage times: {stages}."
+        f"of each reference continuation stay on fp32's path.{_gguf_note(first)} "
+        f"Stage times: {stages}."
     )
     md = [f"# {title}", "", intro, "", "| " + " | ".join(HEADER) + " |"]
     md += ["|" + "---|" * len(HEADER)] + ["| " + " | ".join(row) + " |" for row in rows]

@@ -80,10 +80,16 @@ def _variant_config(kind: str, vocab: int) -> Any:
 
 
 def make_tiny_decoder(
-    folder: Path, kind: str = "llama", seed: int = 0, head: str = "lm", eos: int | None = 3
+    folder: Path,
+    kind: str = "llama",
+    seed: int = 0,
+    head: str = "lm",
+    eos: int | None = 3,
+    **config: Any,
 ) -> Path:
     """Two layers, width 64 (GPT-2: 32), grouped-query attention where the architecture has it; ~100 tokens.
-    ``eos=None`` lets every greedy run go the whole way (a random model soon says [SEP])."""
+    ``eos=None`` lets every greedy run go the whole way (a random model soon says [SEP]);
+    ``config`` overrides the architecture's config values."""
     import torch
     import transformers
 
@@ -91,14 +97,14 @@ def make_tiny_decoder(
     write_tokenizer(folder)
     vocab = len((folder / "vocab.txt").read_text().split())
     if kind in VARIANTS:
-        config = _variant_config(kind, vocab)
+        cfg = _variant_config(kind, vocab)
     elif kind == "gpt2":
-        config = transformers.GPT2Config(
+        cfg = transformers.GPT2Config(
             vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=128, eos_token_id=3
         )
     else:
         cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[kind]
-        config = cls(
+        cfg = cls(
             vocab_size=vocab,
             hidden_size=64,  # head size 16: the smallest GroupQueryAttention takes
             intermediate_size=128,
@@ -110,13 +116,15 @@ def make_tiny_decoder(
             bos_token_id=2,
             eos_token_id=3,
         )
-    config.eos_token_id = eos
+    cfg.eos_token_id = eos
+    for key, value in config.items():
+        setattr(cfg, key, value)
     if head == "seq":
-        config.num_labels = 2
-        config.pad_token_id = 0
-        model = transformers.AutoModelForSequenceClassification.from_config(config)
+        cfg.num_labels = 2
+        cfg.pad_token_id = 0
+        model = transformers.AutoModelForSequenceClassification.from_config(cfg)
     else:
-        model = transformers.AutoModelForCausalLM.from_config(config)
+        model = transformers.AutoModelForCausalLM.from_config(cfg)
     # Random weights at the default 0.02 scale give near-uniform logits, where greedy ties make
     # fp32 kernels disagree by chance; a wider init gives decided argmaxes like a trained model.
     std = 0.3 if kind == "gpt2" else 0.2  # the same spread of logits at twice the width
@@ -184,7 +192,58 @@ def build_tiny_decoder(root: Path, kind: str = "llama", seed: int = 0, **overrid
 
 # llama.cpp's architecture name per kind, and what it adds to norm weights: Gemma's are stored as
 # 1 + w (transformers subtracts the 1 when loading).
-GGUF_ARCHS = {"gemma3": ("gemma3", 1.0), "qwen3": ("qwen3", 0.0), "phi3": ("phi3", 0.0)}
+GGUF_ARCHS = {
+    "gemma3": ("gemma3", 1.0),
+    "qwen3": ("qwen3", 0.0),
+    "phi3": ("phi3", 0.0),
+    "llama3": ("llama", 0.0),
+}
+# Gemma 3 as a GGUF can hold it: llama.cpp fixes the local rope base (10000), the sliding pattern
+# (five local layers, then a global one) and the query scale (the key width) for the small sizes.
+GEMMA3_AS_GGUF = {
+    "rope_local_base_freq": 10_000.0,
+    "query_pre_attn_scalar": 32,
+    "layer_types": ["sliding_attention", "sliding_attention"],
+}
+
+
+def _llama_cpp_extras(writer: Any, cfg: Any, head_dim: int) -> None:
+    """What llama.cpp's converter writes beyond the common hyperparameters: llama3 rope scaling
+    as per-frequency divisors, Phi-3's rotary width and longrope tables."""
+    import math
+
+    import numpy as np
+
+    rope = getattr(cfg, "rope_scaling", None) or {}
+    kind = rope.get("rope_type") or rope.get("type")
+    if kind == "llama3":
+        freqs = cfg.rope_theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+        low, high = rope["low_freq_factor"], rope["high_freq_factor"]
+        original, factor = rope["original_max_position_embeddings"], rope["factor"]
+        smooth = np.clip((original * freqs / (2 * math.pi) - low) / (high - low), 0.0, 1.0)
+        divisors = 1.0 / ((1 - smooth) / factor + smooth)
+        writer.add_tensor("rope_freqs.weight", divisors.astype(np.float32))
+    if cfg.model_type == "phi3":
+        writer.add_rope_dimension_count(int(head_dim * cfg.partial_rotary_factor))
+    if kind == "longrope":
+        scale = cfg.max_position_embeddings / cfg.original_max_position_embeddings
+        writer.add_rope_scaling_attn_factors(
+            math.sqrt(1 + math.log(scale) / math.log(cfg.original_max_position_embeddings))
+        )
+        writer.add_rope_scaling_orig_ctx_len(cfg.original_max_position_embeddings)
+        for which in ("long", "short"):
+            table = np.asarray(rope[f"{which}_factor"], dtype=np.float32)
+            writer.add_tensor(f"rope_factors_{which}.weight", table)
+
+
+def _rotary_halves_interleaved(weight: Any, heads: int) -> Any:
+    """llama.cpp's converter reorders Llama's q/k rows per head (rotary halves -> pairs), and
+    transformers reorders them back when it loads a "llama" GGUF."""
+    rows = weight.shape[0]
+    return weight.reshape(heads, 2, rows // heads // 2, -1).swapaxes(1, 2).reshape(weight.shape)
+
+
+_FILE_TYPES = {"F32": 0, "Q4_0": 2, "Q8_0": 7}
 
 
 def write_model_gguf(folder: Path, kind: str, path: Path, quant: str = "F32") -> Path:
@@ -211,8 +270,10 @@ def write_model_gguf(folder: Path, kind: str, path: Path, quant: str = "F32") ->
     writer.add_value_length(head_dim)
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_rope_freq_base(cfg.rope_theta)
+    writer.add_file_type(_FILE_TYPES[quant])
     if getattr(cfg, "sliding_window", None):
         writer.add_sliding_window(cfg.sliding_window)
+    _llama_cpp_extras(writer, cfg, head_dim)
     words = (folder / "vocab.txt").read_text().split()
     writer.add_tokenizer_model("llama")
     writer.add_token_list(words)
@@ -230,6 +291,9 @@ def write_model_gguf(folder: Path, kind: str, path: Path, quant: str = "F32") ->
         array = value.float().numpy()
         if base.endswith("norm"):
             array = array + np.float32(norm_offset)
+        if arch == "llama" and base.endswith(("q_proj", "k_proj")):
+            heads = cfg.num_attention_heads if "q_proj" in base else cfg.num_key_value_heads
+            array = _rotary_halves_interleaved(array, heads)
         if array.ndim == 2 and kind_of != gguf.GGMLQuantizationType.F32:
             data = gguf.quants.quantize(array, kind_of)
             writer.add_tensor(f"{names.get_name(base)}.{suffix}", data, raw_dtype=kind_of)

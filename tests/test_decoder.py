@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from decoder_factory import (
+    GEMMA3_AS_GGUF,
     KINDS,
     VARIANTS,
     make_tiny_decoder,
@@ -163,7 +164,8 @@ def test_fused_variants_match_pytorch_token_for_token(tmp_path: Path, kind: str)
 
 
 @pytest.mark.parametrize(
-    ("kind", "quant"), [("gemma3", "Q4_0"), ("qwen3", "Q8_0"), ("phi3", "Q4_0")]
+    ("kind", "quant"),
+    [("gemma3", "Q4_0"), ("qwen3", "Q8_0"), ("phi3", "Q4_0"), ("llama3", "Q4_0")],
 )
 def test_quantized_gguf_of_each_architecture_exports_fused(
     tmp_path: Path, kind: str, quant: str
@@ -180,7 +182,7 @@ def test_quantized_gguf_of_each_architecture_exports_fused(
 
     folder = make_tiny_decoder(tmp_path / "m", kind)
     model = load_model(str(write_model_gguf(folder, kind, tmp_path / "m.gguf", quant)))
-    assert model.model_type == {"gemma3": "gemma3_text"}.get(kind, kind)
+    assert model.model_type == {"gemma3": "gemma3_text", "llama3": "llama"}.get(kind, kind)
     original = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
     loaded = transformers.AutoModelForCausalLM.from_pretrained(str(model.path), dtype=torch.float32)
     key = "model.layers.0.mlp.down_proj.weight"
@@ -190,6 +192,42 @@ def test_quantized_gguf_of_each_architecture_exports_fused(
     assert exported.records["graph"] == "fused"
     record = validate_generation(exported, model, prompts_for(folder), new_tokens=32)
     assert record["max_abs_logit_diff_vs_pytorch"] < 1e-3 and np.isfinite(error)
+
+
+@pytest.mark.parametrize("kind", ["llama3", "phi3", "gemma3", "qwen3"])
+def test_an_f32_gguf_is_the_model_it_was_written_from(tmp_path: Path, kind: str) -> None:
+    """What llama.cpp's converter writes beyond the sizes (llama3 rope divisors, Phi-3's rotary
+    width and longrope tables and sliding window, Gemma 3's query scale, Qwen3's head width)
+    reaches the model: an unquantized GGUF gives the original's logits, and gguf.json says what
+    the file was and what was restored."""
+    import json
+
+    import torch
+    import transformers
+
+    overrides = GEMMA3_AS_GGUF if kind == "gemma3" else {}
+    folder = make_tiny_decoder(tmp_path / "m", kind, **overrides)
+    model = load_model(str(write_model_gguf(folder, kind, tmp_path / "m.gguf")))
+    original = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(str(model.path), dtype=torch.float32)
+    ids = torch.tensor([list(range(4, 64))])  # 60 positions: past the windows and rope blends
+    with torch.no_grad():
+        diff = (loaded(ids).logits - original(ids).logits).abs().max().item()
+    assert diff < 1e-4
+    record = json.loads((model.path / "gguf.json").read_text())
+    assert record["file_type"] == "ALL_F32" and set(record["parameters_by_type"]) == {"F32"}
+    assert record["restored"]  # each of these kinds needs something transformers drops
+
+
+def test_llama3_rope_divisors_that_fit_no_llama3_scaling_are_refused() -> None:
+    import numpy as np
+
+    from edgepack.load.gguf_config import llama3_rope
+
+    freqs = np.ones(8, dtype=np.float32)
+    freqs[3] = 5.0  # one scaled frequency among unscaled faster ones: no llama3 curve does that
+    with pytest.raises(UserError, match="not llama3 rope scaling"):
+        llama3_rope(freqs, 16, 10_000.0, None)
 
 
 def test_validation_reports_every_mismatch(tmp_path: Path) -> None:

@@ -376,3 +376,18 @@ def test_the_decoder_bundle_checks_its_tokenizer_as_the_runtime_uses_it(
     threads = subprocess.run([sys.executable, str(folder / "bench.py"), "--threads", "0"],
                              capture_output=True, text=True, timeout=120)  # fmt: skip
     assert threads.returncode == 2 and "--threads 0 is out of range" in threads.stderr
+
+
+def test_a_gguf_build_says_what_the_file_already_was(tmp_path: Path) -> None:
+    """A GGUF's "fp32" is a dequantized low-bit model: the manifest records the file's type and
+    parameters per tensor type, and the report says fidelity is measured against it."""
+    from decoder_factory import write_model_gguf
+
+    gguf = write_model_gguf(make_tiny_decoder(tmp_path / "src", "qwen3"), "qwen3",
+                            tmp_path / "m.gguf", "Q8_0")  # fmt: skip
+    result = build_tiny_decoder(tmp_path / "b", "qwen3", model=str(gguf))
+    source = result.manifest["source"]["gguf"]
+    assert source["file_type"] == "MOSTLY_Q8_0" and source["parameters_by_type"]["Q8_0"] > 0
+    assert source["restored"] == {"head_dim": 128}
+    report = (tmp_path / "b" / "dist" / "report.md").read_text()
+    assert "a GGUF of type MOSTLY_Q8_0" in report and "fidelity is measured against it" in report

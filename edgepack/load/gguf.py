@@ -8,6 +8,7 @@ one line instead of deep inside transformers.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from edgepack.artifacts import HFModel, sha256_file
 from edgepack.cache import cached, lookup
 from edgepack.errors import UserError
 from edgepack.families import decoder
+from edgepack.load import gguf_config
 
 MAGIC = b"GGUF"
 # save_pretrained copies the whole GGUF into the folder under this name (94 MB for the sample);
@@ -22,7 +24,9 @@ MAGIC = b"GGUF"
 GGUF_COPY = "tokenizer.model"
 # The conversion's code version, in its cache key beside the GGUF's SHA-256 and transformers'
 # version: bump when the folder written here changes.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: config values transformers drops restored; gguf.json
+# What the file was, beside the folder's config (the decoder manifest's source.gguf).
+RECORD = "gguf.json"
 # GGUF metadata (under the architecture's prefix) -> the config.json size transformers fills.
 SIZES = {
     "block_count": "num_hidden_layers",
@@ -40,9 +44,10 @@ PARAMS_PER_BYTE = 8
 MODEL_TYPE_OF = {"gemma3": "gemma3_text"}
 
 
-def read_architecture(path: Path) -> str:
-    """The ``general.architecture`` of a GGUF file; UserError when the file is not a whole GGUF.
-    The sizes its metadata declares are checked too, since transformers allocates them."""
+def read_architecture(path: Path) -> tuple[str, Any]:
+    """The ``general.architecture`` of a GGUF file and its reader; UserError when the file is not
+    a whole GGUF. The sizes its metadata declares are checked too, since transformers allocates
+    them."""
     with open(path, "rb") as handle:
         if handle.read(4) != MAGIC:
             raise UserError(f"{path} is not a GGUF file (it does not start with 'GGUF').")
@@ -62,7 +67,7 @@ def read_architecture(path: Path) -> str:
     config["model_type"] = MODEL_TYPE_OF.get(arch, arch)
     if config["model_type"] in decoder.MODEL_TYPES:
         decoder.check_config(config, path, path.stat().st_size, PARAMS_PER_BYTE)
-    return arch
+    return arch, reader
 
 
 def _declared(reader: Any, arch: str) -> dict[str, Any]:
@@ -108,25 +113,29 @@ def gguf_folder(path: Path) -> Path:
     settings = {"v": FORMAT_VERSION, "transformers": transformers.__version__}
     if (hit := lookup("gguf", settings, digest, HFModel)) is not None:
         return hit.path
-    arch = read_architecture(path)
+    arch, reader = read_architecture(path)
     supported = _supported()
     if arch not in supported:
         raise UserError(
             f"{path}: GGUF architecture {arch!r} is not supported; supported: {', '.join(supported)}."
         )
     record, _ = cached(
-        "gguf", settings, digest, HFModel, lambda out: _convert(path, arch, digest, out)
+        "gguf", settings, digest, HFModel, lambda out: _convert(path, (arch, reader), digest, out)
     )
     return record.path
 
 
-def _convert(path: Path, arch: str, digest: str, out: Path) -> HFModel:
+def _convert(path: Path, read: tuple[str, Any], digest: str, out: Path) -> HFModel:
+    """The Hugging Face folder, with what transformers drops from the config restored and a
+    ``gguf.json`` saying what the file was (its quantization, what was restored)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    arch, reader = read
+    overrides = gguf_config.restored(reader, arch)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            str(path.parent), gguf_file=path.name, dtype=torch.float32
+            str(path.parent), gguf_file=path.name, dtype=torch.float32, **overrides
         )
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
@@ -135,6 +144,14 @@ def _convert(path: Path, arch: str, digest: str, out: Path) -> HFModel:
     model.save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))
     (folder / GGUF_COPY).unlink(missing_ok=True)
+    record = {
+        "file": path.name,
+        "sha256": digest,
+        "architecture": arch,
+        **gguf_config.source_quantization(reader),
+        "restored": overrides,
+    }
+    (folder / RECORD).write_text(json.dumps(record, indent=2) + "\n")
     return HFModel(
         path=folder,
         task="text-generation",
