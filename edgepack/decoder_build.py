@@ -307,6 +307,7 @@ def _package(
         record["versions"],
     )
     manifest["decoder"] = setting_record(config, profile, setting, candidate, fid)
+    manifest["resources"] = progress.resources()
     with progress.stage("package", profile.name):
         folder, tar = package_decoder(
             box,

@@ -195,7 +195,10 @@ def _prepare(config: BuildConfig, progress: Progress) -> tuple[Shared, TextSet, 
     model = _model_stages(original, config, texts.fit, progress)
     seq_len = max(_seq_len(p, model) for p in profiles)
     fp32 = _export(model, tokenizer, list(heldout.texts[:8]), seq_len, progress)
-    shared = Shared(name, model, fp32, calib, heldout, tokenizer, config, _versions())
+    shared = Shared(
+        name, model, fp32, calib, heldout, tokenizer, config, _versions(),
+        resources=progress.resources,
+    )  # fmt: skip
     return shared, dev, original
 
 

@@ -9,6 +9,8 @@ from typing import Any
 
 from rich.console import Console
 
+from edgepack.memory import peak_mb, reset_peak
+
 # ``advance(done, total, what)``: how a long step says how far it has got (Progress.advance).
 Advance = Callable[[int, int, str], None]
 
@@ -43,6 +45,7 @@ class Progress:
     def __init__(self, quiet: bool = False) -> None:
         self.console = Console(stderr=True, quiet=quiet, highlight=False)
         self.timings: dict[str, float] = {}
+        self.peaks: dict[str, float] = {}  # each stage's peak resident memory, MB
         self._status: Any = None
         self._stage: tuple[str, str, float] | None = None
         self._first: tuple[float, int] | None = None  # (time, done) of the stage's first advance
@@ -50,6 +53,7 @@ class Progress:
 
     @contextmanager
     def stage(self, name: str, detail: str = "") -> Iterator[None]:
+        reset_peak()
         start = time.perf_counter()
         with self.console.status(f"[bold]{name}[/] {detail}") as status:
             self._status, self._stage, self._logged = status, (name, detail, start), -LOG_EVERY_S
@@ -59,7 +63,13 @@ class Progress:
                 self._status, self._stage, self._first = None, None, None
         took = time.perf_counter() - start
         self.timings[name] = self.timings.get(name, 0.0) + round(took, 2)
-        self.console.print(f"[green]✓[/] {name:<10} {took:7.1f}s  {detail}")
+        peak = peak_mb()
+        self.peaks[name] = max(self.peaks.get(name, 0.0), peak)
+        self.console.print(f"[green]✓[/] {name:<10} {took:7.1f}s {peak / 1e3:6.2f} GB  {detail}")
+
+    def resources(self) -> dict[str, dict[str, float]]:
+        """The stages so far: wall seconds and peak resident MB (the manifest's ``resources``)."""
+        return {"stage_seconds": dict(self.timings), "stage_peak_rss_mb": dict(self.peaks)}
 
     def note(self, text: str) -> None:
         self.console.print(f"  {text}")

@@ -27,6 +27,9 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
 
 def test_bundle_contract(built: tuple[Path, dict]) -> None:
     folder, manifest = built
+    peaks = manifest["resources"]["stage_peak_rss_mb"]  # what the build host needs, per stage
+    assert {"export", "validate", "quantize", "fidelity"} <= set(peaks)
+    assert all(mb > 0 for mb in peaks.values())
     assert verify_bundle(folder, None, False) >= 6
     assert manifest["model"]["precision"] == "int8"
     assert manifest["quantization"]["matmul_nbits"] == 11  # 2 x (qkv, o, gate, up, down) + head

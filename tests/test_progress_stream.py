@@ -167,3 +167,23 @@ def test_the_encoder_harness_counts_its_inferences(tmp_path: Path) -> None:
     assert proc.stdout == "" and "progress" not in proc.stderr
     assert seen == [(1, 3, "inferences"), (2, 3, "inferences"), (3, 3, "inferences")]
     assert json.loads(out.read_text())["check"]["passed"] is True
+
+
+def test_each_stage_reports_its_own_peak_memory() -> None:
+    """The peak is reset as a stage starts: a stage that holds 400 MB reports it, and the small
+    stage after it does not inherit it (on Linux, where /proc/self/clear_refs allows the reset)."""
+    import numpy as np
+
+    from edgepack.memory import CLEAR_REFS
+    from edgepack.progress import Progress
+
+    progress = Progress(quiet=True)
+    with progress.stage("big"):
+        block = np.ones(50_000_000)  # 400 MB, touched
+        del block
+    with progress.stage("small"):
+        pass
+    peaks = progress.resources()["stage_peak_rss_mb"]
+    assert peaks["big"] > 400
+    if CLEAR_REFS.exists():
+        assert peaks["small"] < peaks["big"] - 300

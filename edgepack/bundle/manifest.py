@@ -17,8 +17,9 @@ from edgepack.jsontext import parse_json
 SCHEMA_VERSION = 1
 SUMS = "SHA256SUMS"
 MANIFEST = "manifest.json"
-# The one field allowed to differ between two builds of the same inputs.
-VOLATILE_KEYS = ("built_at",)
+# The fields allowed to differ between two builds of the same inputs: when, and what the build
+# host spent (stage seconds, peak memory).
+VOLATILE_KEYS = ("built_at", "resources")
 
 
 def bundle_files(folder: Path) -> list[str]:

@@ -6,6 +6,7 @@ safely.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -150,6 +151,8 @@ class Shared:
     config: BuildConfig
     versions: dict[str, str]
     sign_key: Path | None = None  # EC private key: each bundle gets a bundle.sig
+    # The build's stage seconds and peak memory so far (Progress.resources), read at packaging.
+    resources: Callable[[], dict[str, Any]] = dict
 
 
 @dataclass(frozen=True)
@@ -294,6 +297,7 @@ def _manifest(
     fp32, model, profile, int8 = shared.fp32, shared.model, ship.profile, ship.precision == "int8"
     return {
         "built_at": _now(),
+        "resources": shared.resources(),
         "task": fp32.task,
         "model": {
             "file": "model.ort" if profile.section("format")["model"] == "ort" else "model.onnx",
