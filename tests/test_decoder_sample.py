@@ -61,12 +61,13 @@ def test_sample_llm_build_and_device_check(sample_bundle: Path) -> None:
 
 
 def test_sample_llm_check_on_emulated_aarch64(sysroot: Path, sample_bundle: Path) -> None:
-    """The check a Raspberry Pi 5 would run (~1.5 min under qemu): greedy continuations of the
-    four reference prompts against the build host's, on the aarch64 onnxruntime wheel."""
+    """The check a Raspberry Pi 5 would run, on the aarch64 onnxruntime wheel: fed the build
+    host's continuations of the four reference prompts, the next-token picks agree (emulation
+    skips the free greedy runs, 3/4 of its time, which the pass/fail gate does not read)."""
     from edgepack.device import emulate
 
     check = emulate.verify_emulated(sample_bundle, sysroot)
-    assert check["machine"] == "aarch64" and len(check["greedy_prefix_tokens"]) == 4
+    assert check["machine"] == "aarch64" and check["tokens"] >= 4 * 16
     assert check["passed"], check
     # int8 activations round differently on ARM: free greedy paths part from x86's at near-ties
     # (measured prefixes [4, 0, 13, 32]), but fed x86's tokens the picks agree.

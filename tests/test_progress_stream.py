@@ -18,7 +18,7 @@ import pytest
 from decoder_factory import build_tiny_decoder
 from rich.console import Console
 
-from edgepack.device.stream import run_streaming, supports_progress
+from edgepack.device.stream import run_streaming, supports_flag
 from edgepack.progress import Progress, advance_text
 
 HANG_GUARD_S = 600
@@ -65,7 +65,7 @@ def test_streaming_hands_over_progress_while_the_child_runs(decoder_bundle: Path
     bench.py, on the host Python, through the function ``verify --emulate`` runs qemu with."""
     seen: list[tuple[int, int, str]] = []
     bench = decoder_bundle / "bench.py"
-    assert supports_progress(bench)
+    assert supports_flag(bench, "--progress")
     proc = run_streaming(
         [sys.executable, str(bench), "--check-only", "--progress"],
         None,
@@ -110,8 +110,8 @@ def test_a_bundle_harness_without_the_flag_is_run_without_it(tmp_path: Path) -> 
     """A bundle built before ``--progress`` existed would refuse the flag (exit 2)."""
     old = tmp_path / "bench.py"
     old.write_text('p.add_argument("--check-only", action="store_true")\n')
-    assert not supports_progress(old)
-    assert not supports_progress(tmp_path / "missing.py")
+    assert not supports_flag(old, "--progress")
+    assert not supports_flag(tmp_path / "missing.py", "--progress")
 
 
 def test_advance_renders_done_of_total_elapsed_and_remaining() -> None:
@@ -153,7 +153,7 @@ def test_the_encoder_harness_counts_its_inferences(tmp_path: Path) -> None:
     from test_harness_integrity import full_bundle
 
     bench = full_bundle(tmp_path) / "bench.py"
-    assert supports_progress(bench)
+    assert supports_flag(bench, "--progress")
     seen: list[tuple[int, int, str]] = []
     out = tmp_path / "r.json"
     args = ["--warmup", "0", "--runs", "1", "--quiet", "--progress", "--json", str(out)]

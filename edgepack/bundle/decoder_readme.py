@@ -112,7 +112,7 @@ prints the JSON report and exits with:
 
 | key | type | meaning |
 | --- | --- | --- |
-| `check` | object | `passed`, `agreement` (share of positions whose argmax is the host's token), `min_agreement`, `tokens` (positions compared), `greedy_prefix_tokens` (per prompt, how many free-running greedy tokens equal the host's) |
+| `check` | object | `passed`, `agreement` (share of positions whose argmax is the host's token), `min_agreement`, `tokens` (positions compared), `greedy_prefix_tokens` (per prompt, how many free-running greedy tokens equal the host's; null with `--forced-only`) |
 | `env` | object | `machine`, `python`, `onnxruntime` |
 | `perf` | object | absent with `--check-only`: `threads`, `prompt_tokens`, `ttft_ms` (time to first token), `decode_tokens_per_s`, `peak_rss_mb`, `kv_cache_mb_at_context` (fp32 KV cache at the full context), `context_length` |
 

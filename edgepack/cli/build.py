@@ -144,10 +144,9 @@ def verify(bundle: Path, emulate: bool, public_key: Path | None, require_signatu
         with progress.stage("aarch64", "accuracy check under qemu (emulated, slow)"):
             check = verify_emulated(folder, on_progress=progress.advance)
     if "agreement" in check:  # a decoder: next tokens, fed the host's, equal to the host's
-        figures = (
-            f"next-token agreement {check['agreement']} (needs {check.get('min_agreement')}), "
-            f"greedy prefix tokens {check['greedy_prefix_tokens']}"
-        )
+        figures = f"next-token agreement {check['agreement']} (needs {check.get('min_agreement')})"
+        if check.get("greedy_prefix_tokens") is not None:
+            figures += f", greedy prefix tokens {check['greedy_prefix_tokens']}"
     else:
         figures = f"min cosine {check.get('min_cosine')}, max abs diff {check.get('max_abs_diff')}"
     click.echo(

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from edgepack.cache import cache_root
-from edgepack.device.stream import OnProgress, run_streaming, supports_progress
+from edgepack.device.stream import OnProgress, run_streaming, supports_flag
 from edgepack.errors import UserError
 from edgepack.jsontext import parse_json
 
@@ -341,7 +341,7 @@ def run_harness_emulated(
     bench = bundle / "bench.py"
     if not bench.is_file():
         raise UserError(f"{bundle} has no bench.py; is it an edgepack bundle folder?")
-    if on_progress is not None and supports_progress(bench):
+    if on_progress is not None and supports_flag(bench, "--progress"):
         args = [*args, "--progress"]
     with tempfile.TemporaryDirectory(prefix="edgepack-emulate-") as tmp:
         report = Path(tmp) / "report.json"
@@ -376,7 +376,11 @@ def _check_args(bundle: Path) -> list[str]:
         family = parse_json(text, "manifest.json").get("family")
     except (OSError, ValueError, AttributeError, UserError):
         family = None
-    return ["--check-only"] if family == "decoder" else ["--warmup", "0", "--runs", "1"]
+    if family != "decoder":
+        return ["--warmup", "0", "--runs", "1"]
+    # The forced agreement is the gate; the free greedy runs are 3/4 of the emulated time.
+    forced = supports_flag(bundle / "bench.py", "--forced-only")
+    return ["--check-only", "--forced-only"] if forced else ["--check-only"]
 
 
 def verify_emulated(
@@ -389,7 +393,7 @@ def verify_emulated(
 
     The dict is bench.py's ``check`` - for an encoder passed, max_abs_diff, min_cosine, threshold,
     skipped; for a decoder (manifest family "decoder") passed, agreement, min_agreement, tokens,
-    greedy_prefix_tokens - plus ``machine``, the guest's ``platform.machine()`` ("aarch64"), so callers can show what ran.
+    greedy_prefix_tokens, None where the harness skips the greedy runs as emulation does) - plus ``machine``, the guest's ``platform.machine()`` ("aarch64"), so callers can show what ran.
     """
     if not bundle.is_dir():
         raise UserError(f"bundle folder {bundle} does not exist.")

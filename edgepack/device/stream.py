@@ -20,11 +20,11 @@ PROGRESS_LINE = re.compile(r"progress (\d+)/(\d+)(?: (.*))?")
 OnProgress = Callable[[int, int, str], None]
 
 
-def supports_progress(harness: Path) -> bool:
-    """Whether a bundle's harness takes ``--progress``: bundles built before it was added refuse
-    an unknown flag (exit 2), so they run as before, without progress."""
+def supports_flag(harness: Path, flag: str) -> bool:
+    """Whether a bundle's harness takes ``flag`` (``--progress``, ``--forced-only``): bundles
+    built before it was added refuse an unknown flag (exit 2), so they run as before without it."""
     try:
-        return b'"--progress"' in harness.read_bytes()
+        return f'"{flag}"'.encode() in harness.read_bytes()
     except OSError:
         return False
 
