@@ -47,7 +47,9 @@ class BuildConfig:
     # A negative value turns the search off (the recipe alone).
     max_drop: float = 0.005
     time_budget: float = 900.0  # seconds for the accuracy search; the best model so far is kept
-    prune: float = 0.0  # fraction of encoder MACs to remove before export (0 = off)
+    # Fraction to remove before export (0 = off): of encoder MACs for an encoder, of the parameters
+    # outside the embedding and lm_head for a decoder.
+    prune: float = 0.0
     distill_layers: int = 0  # train a student with this many layers first (0 = off)
     distill_data: str = ""  # texts for distillation
     distill_seconds: float = 600.0  # time budget for distillation; it stops cleanly and saves

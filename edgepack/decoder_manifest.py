@@ -5,6 +5,7 @@ as the encoder manifests record them)."""
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 from typing import Any
 
@@ -87,6 +88,20 @@ def _gguf_source(model: HFModel) -> dict[str, Any]:
     return {"gguf": json.loads(record.read_text())} if record.is_file() else {}
 
 
+def _pruning(model: HFModel) -> dict[str, Any]:
+    """The pruning plan, when the model was pruned: what was kept, by which measure, and the
+    parameter counts (the folder's decoder_pruning.json holds the kept channel indices too)."""
+    from edgepack.prune.decoder import RECORD
+
+    path = model.path / RECORD
+    if not path.is_file():
+        return {}
+    record = json.loads(path.read_text())
+    plan = {k: v for k, v in record.items() if k not in ("kept_channels", "source")}
+    plan["record_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return {"pruning": plan}
+
+
 def decoder_manifest(
     config: BuildConfig,
     model: HFModel,
@@ -108,8 +123,10 @@ def decoder_manifest(
             "model": model.source,
             "weights_sha256": model.weights_sha256,
             "files_sha256": model.files_sha256,
+            "history": list(model.history),
             **_gguf_source(model),
         },
+        **_pruning(model),
         "target": {
             "name": profile.name,
             "description": _description(profile, candidate),

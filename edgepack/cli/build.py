@@ -68,9 +68,14 @@ def _build_options(values: dict[str, Any]) -> dict[str, Any]:
 @click.option("--truncate", is_flag=True, help="Cut calibration texts longer than the model takes.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow models that ship their own code.")
 @click.option(
-    "--prune", type=FINITE, help="Fraction of encoder MACs to prune before export (0-0.9)."
+    "--prune",
+    type=FINITE,
+    help="Prune before export: for encoders the fraction of encoder MACs (0-0.9), for decoders "
+    "the fraction of parameters outside the embedding and lm_head (layers and FFN channels).",
 )
-@click.option("--distill-layers", type=int, help="First distil a student with this many layers.")
+@click.option(
+    "--distill-layers", type=int, help="First distil a student with this many layers (encoders)."
+)
 @click.option("--distill-data", help="Texts to distil on (.txt/.jsonl/.csv).")
 @click.option("--distill-seconds", type=FINITE, help="Time budget for distillation (default 600).")
 @click.option(

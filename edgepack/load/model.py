@@ -235,10 +235,14 @@ def load_model(spec: str, task: str | None = None, trust_remote_code: bool = Fal
     digest = hashlib.sha256()
     for w in weights:
         digest.update((hashes.get(w.relative_to(folder).as_posix()) or sha256_file(w)).encode())
-    # A student or pruned folder made by edgepack keeps its provenance into the bundle manifest.
+    # A student or pruned folder (encoder or decoder) made by edgepack keeps its provenance into the bundle manifest.
     history = tuple(
         {"stage": stage, "record": name, "record_sha256": sha256_file(folder / name)}
-        for stage, name in (("distill", "distillation.json"), ("prune", "pruning.json"))
+        for stage, name in (
+            ("distill", "distillation.json"),
+            ("prune", "pruning.json"),
+            ("prune", "decoder_pruning.json"),
+        )
         if (folder / name).is_file()
     )
     return HFModel(

@@ -3,6 +3,12 @@
 Other stages use only the names below; the modules inside are this stage's own business.
 """
 
+from edgepack.prune.decoder import (
+    DECODER_PRUNE_VERSION,
+    DecoderPruneSettings,
+    check_decoder_prune,
+    prune_decoder,
+)
 from edgepack.prune.saved import RECORD, export_pruned, is_pruned, load_pruned
 from edgepack.prune.settings import (
     ALLOCATION,
@@ -15,13 +21,17 @@ from edgepack.prune.stage import prune_model
 
 __all__ = [
     "ALLOCATION",
+    "DECODER_PRUNE_VERSION",
     "IMPORTANCE",
     "PRUNE_VERSION",
     "RECORD",
+    "DecoderPruneSettings",
     "PruneSettings",
+    "check_decoder_prune",
     "check_settings",
     "export_pruned",
     "is_pruned",
     "load_pruned",
+    "prune_decoder",
     "prune_model",
 ]
