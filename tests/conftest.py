@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -210,6 +212,21 @@ SYSROOT_CACHE = Path(
 UNREACHABLE = re.compile(
     r"resolve|unreachable|timed? ?out|failed to fetch|connection|network", re.IGNORECASE
 )
+
+
+@pytest.fixture(scope="session")
+def sample_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """``edgepack build --target arm64`` of the real sample, as a user runs it (the output folder
+    and stdout), built once for every test that reads it: the bundle tests and the runtime's."""
+    out = tmp_path_factory.mktemp("dist")
+    done = subprocess.run(
+        [sys.executable, "-m", "edgepack.cli", "build", "--target", "arm64", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=2700,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out, done.stdout
 
 
 @pytest.fixture(scope="session")

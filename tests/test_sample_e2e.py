@@ -15,16 +15,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def sample_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    out = tmp_path_factory.mktemp("dist")
-    done = subprocess.run(
-        [sys.executable, "-m", "edgepack.cli", "build", "--target", "arm64", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=2700,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return out, done.stdout
+def sample_bundle(sample_build: tuple[Path, str]) -> tuple[Path, str]:
+    return sample_build
 
 
 def test_last_line_is_the_tarball(sample_bundle: tuple[Path, str]) -> None:
