@@ -7,7 +7,6 @@ streams with a KV cache, quantization is weight-only, fidelity is perplexity and
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from edgepack.bundle import (
 from edgepack.cache import cached
 from edgepack.calibration import read_texts
 from edgepack.config import BuildConfig
+from edgepack.decoder_before_export import check_decoder_flags, pruned
 from edgepack.decoder_manifest import (
     DEVICE_MIN_AGREEMENT,
     NEW_TOKENS,
@@ -62,68 +62,6 @@ PROMPT_TOKENS = 32
 # cosine drop): edgepack's int4 costs SmolLM2-135M 29 % (30.53 -> 39.40) on samples/heldout.txt,
 # onnxruntime-genai's 32 % (40.34).
 DEFAULT_MAX_INCREASE = 0.5
-
-
-# Build flags only the encoder path reads: a decoder build refuses them rather than ship a bundle
-# that silently ignored them. Values are compared with BuildConfig's defaults (a config file may
-# spell a default out); the message says what a decoder does instead.
-ENCODER_ONLY = {
-    "distill_layers": "distillation is not yet for decoders",
-    "distill_data": "distillation is not yet for decoders",
-    "distill_seconds": "distillation is not yet for decoders",
-    "samples": "decoders calibrate on the whole --calibration file",
-    "eval_data": "decoders are judged by held-out perplexity, not a task metric",
-    "min_cosine": "decoders are gated by --max-drop on perplexity",
-    "time_budget": "the decoder accuracy search has no time budget",
-    "truncate": "decoder texts are one token stream, never cut per text",
-    "with_runtime": "decoder bundles do not carry wheels yet",
-}
-
-
-def check_decoder_flags(config: BuildConfig, model_type: str) -> None:
-    """One line for each flag a decoder build cannot honour, before anything long runs."""
-    default = BuildConfig()
-    for key, why in ENCODER_ONLY.items():
-        if getattr(config, key) != getattr(default, key):
-            flag = "--" + key.replace("_", "-")
-            raise UserError(f"{flag} is an encoder option: {why} ({model_type} is a decoder).")
-    if config.prune:
-        from edgepack.prune import DecoderPruneSettings, check_decoder_prune
-
-        check_decoder_prune(model_type, DecoderPruneSettings(fraction=config.prune))
-        if not config.calibration:
-            raise UserError("--prune on a decoder needs --calibration texts to measure on.")
-
-
-def _pruned(config: BuildConfig, model: HFModel, tokenizer: Any, progress: Progress) -> HFModel:
-    """The model with ``config.prune`` of its non-embedding parameters removed, behind the cache;
-    everything after (export, validation, quantization, fidelity) runs on the pruned folder."""
-    from edgepack.prune import DECODER_PRUNE_VERSION, DecoderPruneSettings, prune_decoder
-
-    settings = DecoderPruneSettings(fraction=config.prune)
-    ids = _calibration_ids(config, tokenizer)
-    key = {
-        "settings": dataclasses.asdict(settings),
-        "calibration": hashlib.sha256(json.dumps(ids).encode()).hexdigest(),
-        "v": __version__,
-        "code": DECODER_PRUNE_VERSION,
-    }
-    with progress.stage("prune", f"{config.prune:.0%} of decoder parameters outside the embedding"):
-        pruned, hit = cached(
-            "prune",
-            key,
-            model.digest,
-            HFModel,
-            lambda out: prune_decoder(model, ids, settings, out),
-        )
-    summary = pruned.history[-1]
-    progress.note(
-        f"prune: layers {summary['layers']}, FFN {summary['ffn']}, "
-        f"{summary['removed_fraction']:.1%} of non-embedding parameters removed; calibration "
-        f"perplexity {summary['calibration_perplexity_before']:.2f} -> "
-        f"{summary['calibration_perplexity_after']:.2f}" + (" (cached)" if hit else "")
-    )
-    return pruned
 
 
 def _tolerance(config: BuildConfig) -> float:
@@ -321,7 +259,7 @@ def build_decoder(
     tokenizer = AutoTokenizer.from_pretrained(str(model.path), local_files_only=True)
     heldout = read_texts(config.heldout or config.calibration, config.text_field)
     if config.prune:
-        model = _pruned(config, model, tokenizer, progress)
+        model = pruned(config, model, _calibration_ids(config, tokenizer), progress)
     with progress.stage("export", model.source):
         fp32, _ = export_decoder_cached(model)
     context = min(fp32.records["context_length"], model.max_length)

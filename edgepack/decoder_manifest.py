@@ -82,18 +82,18 @@ def provenance(
 def _gguf_source(model: HFModel) -> dict[str, Any]:
     """What a GGUF source already was (its quantization per tensor type): the build's fp32 is
     that model dequantized, and fidelity is measured against it."""
-    from edgepack.load.gguf import RECORD
+    from edgepack.load import GGUF_RECORD
 
-    record = model.path / RECORD
+    record = model.path / GGUF_RECORD
     return {"gguf": json.loads(record.read_text())} if record.is_file() else {}
 
 
 def _pruning(model: HFModel) -> dict[str, Any]:
     """The pruning plan, when the model was pruned: what was kept, by which measure, and the
     parameter counts (the folder's decoder_pruning.json holds the kept channel indices too)."""
-    from edgepack.prune.decoder import RECORD
+    from edgepack.prune import DECODER_RECORD
 
-    path = model.path / RECORD
+    path = model.path / DECODER_RECORD
     if not path.is_file():
         return {}
     record = json.loads(path.read_text())

@@ -26,6 +26,7 @@ FLOOR = {
     "families",
     "folders",
     "jsontext",
+    "memory",
     "metrics",
     "profiles",
     "progress",
@@ -35,6 +36,7 @@ STAGES = {"load", "export", "quantize", "prune", "distill", "bundle"}
 TOP = {
     "pipeline",
     "decoder_build",
+    "decoder_before_export",
     "decoder_manifest",
     "decoder_eval",
     "decoder_report",

@@ -366,11 +366,9 @@ def run_harness_emulated(
 
 
 def _check_args(bundle: Path) -> list[str]:
-    """bench.py's flags for its accuracy check alone; the two harnesses take different ones.
-
-    An unreadable manifest gets the encoder's flags: bench.py's own integrity check then refuses
-    the bundle with its one line (exit 2), which is the message worth showing.
-    """
+    """bench.py's flags for its accuracy check alone (the two harnesses take different ones). An
+    unreadable manifest gets the encoder's: bench.py's own integrity check then refuses the
+    bundle with its one line (exit 2), which is the message worth showing."""
     try:
         text = (bundle / "manifest.json").read_text(encoding="utf-8")
         family = parse_json(text, "manifest.json").get("family")
@@ -389,12 +387,10 @@ def verify_emulated(
     timeout: float = RUN_TIMEOUT_S,
     on_progress: OnProgress | None = None,
 ) -> dict[str, Any]:
-    """Run only the bundle's accuracy check on emulated aarch64; returns the report's ``check``.
-
-    The dict is bench.py's ``check`` - for an encoder passed, max_abs_diff, min_cosine, threshold,
-    skipped; for a decoder (manifest family "decoder") passed, agreement, min_agreement, tokens,
-    greedy_prefix_tokens, None where the harness skips the greedy runs as emulation does) - plus ``machine``, the guest's ``platform.machine()`` ("aarch64"), so callers can show what ran.
-    """
+    """The bundle's accuracy check alone on emulated aarch64: bench.py's ``check`` (an encoder's
+    passed, max_abs_diff, min_cosine, threshold, skipped; a decoder's passed, agreement,
+    min_agreement, tokens, greedy_prefix_tokens - None, as emulation skips the greedy runs) plus
+    ``machine``, the guest's ``platform.machine()`` ("aarch64"), so callers can show what ran."""
     if not bundle.is_dir():
         raise UserError(f"bundle folder {bundle} does not exist.")
     report = run_harness_emulated(bundle, _check_args(bundle), sysroot, timeout, on_progress)

@@ -59,7 +59,7 @@ def run_streaming(
             reader.start()
         try:
             proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
+        except BaseException:  # a timeout, or Ctrl-C: the readers end only when the child does
             proc.kill()
             raise
         finally:

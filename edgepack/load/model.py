@@ -19,6 +19,14 @@ from edgepack.families import family_of
 from edgepack.folders import WEIGHT_FILES, content_digest, inside, model_files, module_dirs
 from edgepack.load.gguf import gguf_folder
 
+# Records edgepack's own stages leave in a model folder (distilled student, pruned encoder or
+# decoder), carried into the manifest's source.history.
+STAGE_RECORDS = (
+    ("distill", "distillation.json"),
+    ("prune", "pruning.json"),
+    ("prune", "decoder_pruning.json"),
+)
+
 
 def resolve_path(spec: str) -> tuple[Path, str]:
     """Turn ``package:NAME``, a local folder or a hub id into a local folder and a display source."""
@@ -235,14 +243,10 @@ def load_model(spec: str, task: str | None = None, trust_remote_code: bool = Fal
     digest = hashlib.sha256()
     for w in weights:
         digest.update((hashes.get(w.relative_to(folder).as_posix()) or sha256_file(w)).encode())
-    # A student or pruned folder (encoder or decoder) made by edgepack keeps its provenance into the bundle manifest.
+    # A student or pruned folder made by edgepack keeps its provenance into the bundle manifest.
     history = tuple(
         {"stage": stage, "record": name, "record_sha256": sha256_file(folder / name)}
-        for stage, name in (
-            ("distill", "distillation.json"),
-            ("prune", "pruning.json"),
-            ("prune", "decoder_pruning.json"),
-        )
+        for stage, name in STAGE_RECORDS
         if (folder / name).is_file()
     )
     return HFModel(

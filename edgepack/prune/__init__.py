@@ -9,6 +9,9 @@ from edgepack.prune.decoder import (
     check_decoder_prune,
     prune_decoder,
 )
+from edgepack.prune.decoder import (
+    RECORD as DECODER_RECORD,
+)
 from edgepack.prune.saved import RECORD, export_pruned, is_pruned, load_pruned
 from edgepack.prune.settings import (
     ALLOCATION,
@@ -22,6 +25,7 @@ from edgepack.prune.stage import prune_model
 __all__ = [
     "ALLOCATION",
     "DECODER_PRUNE_VERSION",
+    "DECODER_RECORD",
     "IMPORTANCE",
     "PRUNE_VERSION",
     "RECORD",

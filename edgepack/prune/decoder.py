@@ -219,28 +219,13 @@ def _round(value: float) -> float:
     return float(f"{value:.6g}")
 
 
-def prune_decoder(
-    model: HFModel, ids: list[int], settings: DecoderPruneSettings, out_dir: Path
-) -> HFModel:
-    """Prune ``model`` on the calibration token stream ``ids``; write a loadable folder."""
-    import torch
-    import transformers
+def _candidates(
+    net: Any, rows: Any, settings: DecoderPruneSettings, by_layer: Any, by_channel: Any
+) -> tuple[list[dict[str, Any]], list[tuple[list[int], list[list[int]]]]]:
+    """Each depth/width mix of the budget, cut and scored on the calibration windows."""
+    from edgepack.prune.decoder_scores import mean_loss
 
-    from edgepack.folders import copy_support_files
-    from edgepack.load import load_model
-    from edgepack.prune.decoder_scores import channel_scores, layer_scores, mean_loss, windows
-
-    check_decoder_prune(model.model_type, settings)
-    torch.manual_seed(0)
-    net = transformers.AutoModelForCausalLM.from_pretrained(
-        str(model.path), local_files_only=True, dtype=torch.float32
-    ).eval()
-    ids = ids[: settings.tokens]
-    rows = windows(ids, settings.seq_len)
     s = sizes(net)
-    base = mean_loss(net, rows)
-    by_layer = layer_scores(net, rows, settings.layer_measure)
-    by_channel = channel_scores(net, rows)
     candidates: list[dict[str, Any]] = []
     cuts: list[tuple[list[int], list[list[int]]]] = []
     for share in settings.depth_shares:
@@ -259,6 +244,30 @@ def prune_decoder(
             }
         )
         cuts.append((keep, channels))
+    return candidates, cuts
+
+
+def prune_decoder(
+    model: HFModel, ids: list[int], settings: DecoderPruneSettings, out_dir: Path
+) -> HFModel:
+    """Prune ``model`` on the calibration token stream ``ids``; write a loadable folder."""
+    import torch
+    import transformers
+
+    from edgepack.prune.decoder_scores import channel_scores, layer_scores, mean_loss, windows
+
+    check_decoder_prune(model.model_type, settings)
+    torch.manual_seed(0)
+    net = transformers.AutoModelForCausalLM.from_pretrained(str(model.path), dtype=torch.float32)
+    net.eval()
+    kv = getattr(net.config, "num_key_value_heads", None)
+    ids = ids[: settings.tokens]
+    rows = windows(ids, settings.seq_len)
+    s = sizes(net)
+    base = mean_loss(net, rows)
+    by_layer = layer_scores(net, rows, settings.layer_measure)
+    by_channel = channel_scores(net, rows)
+    candidates, cuts = _candidates(net, rows, settings, by_layer, by_channel)
     chosen = _choose(candidates, settings.prefer_depth_within)
     keep, channels = cuts[chosen]
     pruned = apply_cut(net, keep, channels)
@@ -292,14 +301,18 @@ def prune_decoder(
         "layer_scores": [_round(v) for v in by_layer],
         "candidates": candidates,
         "chosen": chosen,
-        "attention": {
-            "heads": net.config.num_attention_heads,
-            "kv_heads": getattr(net.config, "num_key_value_heads", None),
-            "pruned": False,
-        },
+        "attention": {"heads": net.config.num_attention_heads, "pruned": False, "kv_heads": kv},
         "kept_channels": channels,
     }
-    out_dir = Path(out_dir)
+    return _save(model, pruned, record, Path(out_dir))
+
+
+def _save(model: HFModel, pruned: Any, record: dict[str, Any], out_dir: Path) -> HFModel:
+    """The pruned folder (the source's tokenizer and support files, the weights, the plan) as
+    the record every later stage reads, with the plan's summary in its history."""
+    from edgepack.folders import copy_support_files
+    from edgepack.load import load_model
+
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
@@ -308,6 +321,7 @@ def prune_decoder(
     (out_dir / RECORD).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
     loaded = load_model(str(out_dir), task=model.task)
     ref = [h for h in loaded.history if h.get("record") == RECORD]
+    summary = record["summary"]
     return dataclasses.replace(
         loaded,
         source=model.source,
