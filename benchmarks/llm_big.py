@@ -88,7 +88,11 @@ def main(workdir: Path, layers: int, hidden: int, intermediate: int, vocab: int)
         text=True,
     )
     seconds = time.monotonic() - start
-    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    children_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    stages = {}
+    for manifest in out.glob("*/manifest.json"):
+        stages = json.loads(manifest.read_text())["resources"]["stage_peak_rss_mb"]
+    peak_mb = max([children_mb, *(mb * 1e6 / 2**20 for mb in stages.values())])
     result = {
         "model": name,
         "parameters": count,
@@ -97,6 +101,7 @@ def main(workdir: Path, layers: int, hidden: int, intermediate: int, vocab: int)
         "build_seconds": round(seconds, 1),
         "build_peak_rss_mb": round(peak_mb),
         "peak_rss_over_fp32": round(peak_mb * 2**20 / (count * 4), 2),
+        "stage_peak_rss_mb": stages,
         "bundles": sorted(str(p) for p in out.glob("*.tar.gz")),
         "stderr_tail": run.stderr[-600:] if run.returncode else "",
     }

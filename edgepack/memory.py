@@ -4,6 +4,10 @@ needs, stage by stage (a 1B-class model must fit a 24 GB machine).
 The process peak (VmHWM) is reset as each stage starts by writing 5 to /proc/self/clear_refs
 (Linux 4.0+), so a figure is that stage's own peak. Where the reset is refused or /proc is absent,
 the figure is the process peak so far (getrusage), which is never below the stage's.
+
+The reset is the kernel's own high-water mark, so a parent's ``ru_maxrss`` of the build (what
+``/usr/bin/time`` prints) covers only the stages since the last reset: read the manifest's
+per-stage peaks instead (their largest is the build's peak).
 """
 
 from __future__ import annotations

@@ -254,18 +254,23 @@ def test_a_prompt_that_does_not_fit_is_refused_at_its_real_length(
     assert verify_bundle(folder) >= 6
 
 
-def test_a_rebuild_reuses_the_greedy_validation(tmp_path: Path) -> None:
-    """The check against PyTorch is kept with the export: building the same checkpoint again adds
-    no validation entry and records the same figures."""
+def test_a_rebuild_reuses_the_greedy_validation_and_the_perplexity(tmp_path: Path) -> None:
+    """The check against PyTorch and the held-out perplexity are kept with the export: building
+    the same checkpoint again adds no validation or fidelity entry and records the same figures;
+    other held-out text is measured afresh."""
     from edgepack.cache import cache_root
 
     first = build_tiny_decoder(tmp_path / "a", seed=3)
-    entries = sorted((cache_root() / "validate").iterdir())
+    entries = {k: sorted((cache_root() / k).iterdir()) for k in ("validate", "fidelity")}
     second = build_tiny_decoder(tmp_path / "b", seed=3)
-    assert sorted((cache_root() / "validate").iterdir()) == entries
+    assert {k: sorted((cache_root() / k).iterdir()) for k in entries} == entries
     validation = first.manifest["export_validation"]
     assert validation == second.manifest["export_validation"]
     assert validation["greedy_tokens_matched"] > 0
+    assert first.manifest["fidelity"] == second.manifest["fidelity"]
+    other = write_texts(tmp_path / "other.txt", 30)
+    build_tiny_decoder(tmp_path / "c", seed=3, heldout=str(other))
+    assert len(list((cache_root() / "fidelity").iterdir())) == len(entries["fidelity"]) + 1
 
 
 @pytest.mark.slow

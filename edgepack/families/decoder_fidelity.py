@@ -17,6 +17,8 @@ from edgepack.families.generate import greedy, teacher_forced, token_scores, win
 # Perplexity windows: 256 tokens, non-overlapping, each scored fresh (the notes' anchors use the
 # same, so figures compare across builds and with the benchmark table).
 WINDOW = 256
+# Part of the fidelity cache key (decoder_build): bump when the figures measured here change.
+FIDELITY_VERSION = 1
 
 
 def perplexity_and_top1(
