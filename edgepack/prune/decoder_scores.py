@@ -99,7 +99,6 @@ def cosine_changes(model: Any, rows: torch.Tensor, batch: int = 4) -> list[float
     layer changes what flows past it (one forward pass)."""
     layers = list(layers_of(model))
     sums = [0.0] * len(layers)
-    count = 0
 
     def hook(i: int) -> Any:
         def record(_m: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
@@ -113,6 +112,14 @@ def cosine_changes(model: Any, rows: torch.Tensor, batch: int = 4) -> list[float
     handles = [
         layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)
     ]
+    count = _run_hooked(model, rows, batch, handles)
+    return [s / count for s in sums]
+
+
+def _run_hooked(model: Any, rows: torch.Tensor, batch: int, handles: list[Any]) -> int:
+    """Feed every calibration window through ``model`` with the recording hooks in place, then
+    remove them; returns the tokens fed."""
+    count = 0
     try:
         for start in range(0, len(rows), batch):
             chunk = rows[start : start + batch]
@@ -121,7 +128,7 @@ def cosine_changes(model: Any, rows: torch.Tensor, batch: int = 4) -> list[float
     finally:
         for handle in handles:
             handle.remove()
-    return [s / count for s in sums]
+    return count
 
 
 @torch.no_grad()
@@ -130,7 +137,6 @@ def channel_scores(model: Any, rows: torch.Tensor, batch: int = 4) -> list[torch
     of the down projection's column, i.e. how much each channel writes into the residual stream."""
     layers = list(layers_of(model))
     sums = [torch.zeros(layer.mlp.down_proj.in_features, dtype=torch.float64) for layer in layers]
-    count = 0
 
     def hook(i: int) -> Any:
         def record(_m: Any, args: tuple[Any, ...]) -> None:
@@ -141,14 +147,7 @@ def channel_scores(model: Any, rows: torch.Tensor, batch: int = 4) -> list[torch
     handles = [
         layer.mlp.down_proj.register_forward_pre_hook(hook(i)) for i, layer in enumerate(layers)
     ]
-    try:
-        for start in range(0, len(rows), batch):
-            chunk = rows[start : start + batch]
-            model(input_ids=chunk, use_cache=False)
-            count += chunk.numel()
-    finally:
-        for handle in handles:
-            handle.remove()
+    count = _run_hooked(model, rows, batch, handles)
     return [
         (s / count).float() * layer.mlp.down_proj.weight.float().norm(dim=0)
         for s, layer in zip(sums, layers, strict=True)
