@@ -197,6 +197,7 @@ GGUF_ARCHS = {
     "qwen3": ("qwen3", 0.0),
     "phi3": ("phi3", 0.0),
     "llama3": ("llama", 0.0),
+    "qwen2": ("qwen2", 0.0),
 }
 # Gemma 3 as a GGUF can hold it: llama.cpp fixes the local rope base (10000), the sliding pattern
 # (five local layers, then a global one) and the query scale (the key width) for the small sizes.
