@@ -257,3 +257,30 @@ def test_validation_reports_every_mismatch(tmp_path: Path) -> None:
     message = str(caught.value)
     assert "prompt 0: greedy tokens differ" in message
     assert "prompt 1:" in message and "max |logit diff|" in message
+
+
+def test_a_graph_past_two_gb_streams_its_weights_to_external_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past protobuf's 2 GB the weights go to model.onnx_data as the graph is written (the 2 GB
+    line lowered to 0 here): the graph file holds no weight, and onnxruntime reads the pair to
+    the same logits as the single file."""
+    import numpy as np
+
+    from edgepack.evaluate import session
+    from edgepack.export import decoder_graph
+    from edgepack.families.generate import token_scores
+
+    folder = make_tiny_decoder(tmp_path / "m", "llama")
+    single, split = tmp_path / "one" / "model.onnx", tmp_path / "two" / "model.onnx"
+    single.parent.mkdir()
+    split.parent.mkdir()
+    decoder_graph.write_fused(folder, single, 64)
+    monkeypatch.setattr(decoder_graph, "TWO_GB", 0)
+    decoder_graph.write_fused(folder, split, 64)
+    data = split.parent / "model.onnx_data"
+    assert data.stat().st_size > 0.9 * single.stat().st_size > 10 * split.stat().st_size
+    ids = list(range(4, 40))
+    a, top_a = token_scores(session(single), ids)
+    b, top_b = token_scores(session(split), ids)
+    assert np.array_equal(top_a, top_b) and np.allclose(a, b, atol=1e-5)

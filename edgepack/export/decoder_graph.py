@@ -188,15 +188,18 @@ def _embed(g: Graph, w: dict[str, np.ndarray], arch: DecoderArch, d: Dims) -> st
     return g.op("Mul", [x, g.const("/embed_scale", np.array(d.hidden**0.5, dtype=np.float32))])
 
 
-def build_graph(net: Any, config: dict[str, Any], context: int) -> Any:
-    """The fused fp32 ModelProto of a loaded transformers causal LM (weights copied, not shared).
-    Each norm takes the previous output plus the residual and hands on their sum."""
+def build_graph(
+    net: Any, config: dict[str, Any], context: int, external: Path | None = None
+) -> Any:
+    """The fused fp32 ModelProto of a loaded transformers causal LM (weights copied, not shared,
+    or streamed to ``external``). Each norm takes the previous output plus the residual and
+    hands on their sum."""
     from onnx import helper
 
     d, arch = dims_of(config), ARCHS[config["model_type"]]
     activation = config.get(arch.activation_key, "silu")
     w = {k: v.detach().float().cpu().numpy() for k, v in net.state_dict().items()}
-    g = Graph()
+    g = Graph(external)
     tables = _tables(g, net, arch, context)
     lengths = _preamble(g)
     windows = layer_windows(config, d.layers, context)
@@ -233,13 +236,15 @@ def build_graph(net: Any, config: dict[str, Any], context: int) -> Any:
 
 
 def save_model(model: Any, path: Path) -> None:
-    """Weights go to ``model.onnx_data`` beside the graph past protobuf's 2 GB limit."""
+    """The graph at ``path``; a graph built with external weights (``Graph(external=...)``)
+    already wrote them to ``model.onnx_data`` beside it."""
     import onnx
 
-    if model.ByteSize() < TWO_GB:
-        onnx.save(model, str(path))
-    else:
-        onnx.save(model, str(path), save_as_external_data=True, location=path.name + "_data")
+    onnx.save(model, str(path))
+
+
+def _weight_bytes(net: Any) -> int:
+    return sum(p.numel() * 4 for p in net.parameters())
 
 
 def write_fused(model_dir: Path, out: Path, context: int) -> None:
@@ -256,4 +261,6 @@ def write_fused(model_dir: Path, out: Path, context: int) -> None:
     )
     if not hasattr(getattr(net, "model", None), "rotary_emb"):
         raise UserError(f"{model_dir}: no rotary embedding module where a {kind} has one.")
-    save_model(build_graph(net, net.config.to_dict(), context), out)
+    # Past protobuf's 2 GB the weights stream to model.onnx_data as the graph is written.
+    external = out.parent / (out.name + "_data") if _weight_bytes(net) >= TWO_GB else None
+    save_model(build_graph(net, net.config.to_dict(), context, external), out)

@@ -4,6 +4,7 @@ weights as an architecture spec (families/decoder_arch.py) describes them."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,15 +26,28 @@ class Dims:
     eps: float
 
 
+# Weights at least this large go to the external data file when the graph has one.
+EXTERNAL_MIN_BYTES = 1024
+PAGE = 4096
+
+
 class Graph:
     """Nodes and initializers under construction, with unique output names; a constant named twice
-    (a shape every layer reshapes by) is stored once."""
+    (a shape every layer reshapes by) is stored once.
 
-    def __init__(self) -> None:
+    With ``external``, every weight of a KB or more is appended to that file as it is made and the
+    graph keeps only its reference: a model past protobuf's 2 GB limit is written without ever
+    holding its weights in the protobuf (or twice in memory).
+    """
+
+    def __init__(self, external: Path | None = None) -> None:
         self.nodes: list[Any] = []
         self.inits: list[Any] = []
         self._names: set[str] = set()
         self._count = 0
+        self.external = external
+        if external is not None:
+            external.write_bytes(b"")
 
     def const(self, name: str, array: np.ndarray) -> str:
         from onnx import numpy_helper
@@ -41,8 +55,36 @@ class Graph:
         if name in self._names:
             return name
         self._names.add(name)
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        array = np.ascontiguousarray(array)
+        if self.external is not None and array.nbytes >= EXTERNAL_MIN_BYTES:
+            self.inits.append(self._external(name, array))
+        else:
+            self.inits.append(numpy_helper.from_array(array, name))
         return name
+
+    def _external(self, name: str, array: np.ndarray) -> Any:
+        """A TensorProto whose data is appended (page-aligned) to the external file."""
+        from onnx import TensorProto, helper
+
+        assert self.external is not None
+        with open(self.external, "ab") as handle:
+            offset = -handle.tell() % PAGE
+            handle.write(b"\0" * offset)
+            start = handle.tell()
+            handle.write(array.tobytes())
+        tensor = TensorProto()
+        tensor.name = name
+        tensor.dims.extend(array.shape)
+        tensor.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
+        tensor.data_location = TensorProto.EXTERNAL
+        for key, value in (
+            ("location", self.external.name),
+            ("offset", str(start)),
+            ("length", str(array.nbytes)),
+        ):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        return tensor
 
     def op(self, op: str, inputs: list[str], outputs: int | list[str] = 1, **attrs: Any) -> Any:
         """Append a node; returns its output name (or names, when more than one)."""
