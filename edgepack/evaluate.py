@@ -20,11 +20,16 @@ if TYPE_CHECKING:
     from edgepack.progress import Advance
 
 
-def session(path: Path | bytes, threads: int = 1) -> Any:
-    """A CPU session on a file, or on a serialized model (graphs edited in memory)."""
+def session(path: Path | bytes, threads: int = 1, weights_folder: Path | None = None) -> Any:
+    """A CPU session on a file, or on a serialized model (graphs edited in memory); such a graph
+    whose weights are external data reads them from ``weights_folder``."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    if weights_folder is not None:
+        options.add_session_config_entry(
+            "session.model_external_initializers_file_folder_path", str(weights_folder)
+        )
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3

@@ -263,8 +263,9 @@ def test_a_graph_past_two_gb_streams_its_weights_to_external_data(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Past protobuf's 2 GB the weights go to model.onnx_data as the graph is written (the 2 GB
-    line lowered to 0 here): the graph file holds no weight, and onnxruntime reads the pair to
-    the same logits as the single file."""
+    line lowered to 0 here): the graph file holds no weight, onnxruntime reads the pair to the
+    same logits as the single file, and the calibration probe (a graph edited in memory) reads
+    the same activations."""
     import numpy as np
 
     from edgepack.evaluate import session
@@ -284,3 +285,7 @@ def test_a_graph_past_two_gb_streams_its_weights_to_external_data(
     a, top_a = token_scores(session(single), ids)
     b, top_b = token_scores(session(split), ids)
     assert np.array_equal(top_a, top_b) and np.allclose(a, b, atol=1e-5)
+    from edgepack.quantize import activation_power
+
+    one, two = activation_power(single, ids), activation_power(split, ids)
+    assert one.keys() == two.keys() and all(np.allclose(one[k], two[k]) for k in one)

@@ -27,14 +27,16 @@ def _probe(path: Path) -> tuple[Any, list[str]]:
 
     from edgepack.evaluate import session
 
-    model = onnx.load(str(path))
+    # The weights stay where they are: a model past 2 GB cannot be serialized with them, and
+    # the edited graph alone reads them from the model's folder.
+    model = onnx.load(str(path), load_external_data=False)
     inits = {i.name for i in model.graph.initializer}
     names = sorted(
         {n.input[0] for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits}
     )
     known = {o.name for o in model.graph.output}
     model.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in known)
-    return session(model.SerializeToString(), threads=2), names
+    return session(model.SerializeToString(), threads=2, weights_folder=path.parent), names
 
 
 def activation_power(path: Path, ids: Sequence[int], window: int = WINDOW) -> dict[str, np.ndarray]:
