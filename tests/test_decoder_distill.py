@@ -74,6 +74,40 @@ def test_distilling_a_pruned_student_brings_it_closer_to_the_teacher(tmp_path: P
     assert (out.path / "decoder_pruning.json").is_file()  # the plan travels with the student
 
 
+def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from safetensors.torch import load_file
+
+    from edgepack.distill.causal import CausalLoop
+
+    teacher, pruned, ids = _teacher_and_pruned(tmp_path)
+    settings = CausalDistillSettings(
+        seq_len=32, batch_size=8, lr=1e-3, epochs=10, max_steps=20, checkpoint_every=10
+    )
+    models = load_model(str(teacher)), load_model(str(pruned))
+    whole = distill_decoder(*models, ids, settings, tmp_path / "whole")
+    train_step = CausalLoop._train_step
+
+    def interrupted(self: Any, indices: list[int]) -> float:
+        if self.step == 13:
+            raise KeyboardInterrupt
+        return train_step(self, indices)
+
+    monkeypatch.setattr(CausalLoop, "_train_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        distill_decoder(*models, ids, settings, tmp_path / "resumed")
+    monkeypatch.setattr(CausalLoop, "_train_step", train_step)
+    resumed = distill_decoder(*models, ids, settings, tmp_path / "resumed", resume=True)
+    a = load_file(str(whole.path / "model.safetensors"))
+    b = load_file(str(resumed.path / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (
+        json.loads((resumed.path / "decoder_distillation.json").read_text())["summary"]["steps"]
+        == 20
+    )
+
+
 def test_the_loss_is_soft_kl_times_t_squared_plus_hard_next_token_ce() -> None:
     torch.manual_seed(0)
     temperature, alpha, vocab = 2.0, 0.3, 7

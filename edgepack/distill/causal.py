@@ -96,11 +96,12 @@ def token_windows(ids: list[int], seq_len: int) -> Any:
 
 
 def heldout_scores(student: Any, teacher: Any, rows: Any, batch: int = 8) -> dict[str, float]:
-    """Student perplexity and mean per-token KL(teacher ‖ student) at T = 1 on ``rows``."""
+    """Student and teacher perplexity and mean per-token KL(teacher ‖ student) at T = 1 on
+    ``rows``, from one forward pass of each."""
     import torch
     import torch.nn.functional as F
 
-    nll = kl = 0.0
+    nll = kl = t_nll = 0.0
     count = 0
     with torch.no_grad():
         for start in range(0, len(rows), batch):
@@ -109,9 +110,14 @@ def heldout_scores(student: Any, teacher: Any, rows: Any, batch: int = 8) -> dic
             t = teacher(input_ids=x).logits[:, :-1].float()
             log_s, log_t = F.log_softmax(s, -1), F.log_softmax(t, -1)
             nll -= float(log_s.gather(-1, x[:, 1:, None]).sum())
+            t_nll -= float(log_t.gather(-1, x[:, 1:, None]).sum())
             kl += float((log_t.exp() * (log_t - log_s)).sum())
             count += x[:, 1:].numel()
-    return {"perplexity": round(math.exp(nll / count), 4), "kl": round(kl / count, 6)}
+    return {
+        "perplexity": round(math.exp(nll / count), 4),
+        "kl": round(kl / count, 6),
+        "teacher_perplexity": round(math.exp(t_nll / count), 4),
+    }
 
 
 class CausalLoop(Loop):
@@ -246,7 +252,6 @@ def distill_decoder(
         teacher_net, student_net = _load(teacher).eval(), _load(student)
         held = rows[held_idx]
         before = heldout_scores(student_net.eval(), teacher_net, held)
-        teacher_ppl = heldout_scores(teacher_net, teacher_net, held)["perplexity"]
         loop = CausalLoop(
             settings=settings,
             runtime=runtime,
@@ -266,7 +271,7 @@ def distill_decoder(
         result = loop.run()
         if runtime.rank == 0:
             trained = loop.plain_student().eval()
-            after = heldout_scores(trained, teacher_net, held)
+            after = result["curve"][-1]  # run() ends with a held-out score of the final weights
             record = {
                 "format": 1,
                 "teacher": {"source": teacher.source, "weights_sha256": teacher.weights_sha256},
@@ -274,7 +279,7 @@ def distill_decoder(
                 "settings": dataclasses.asdict(settings),
                 "data": {"tokens": len(ids), "windows": len(rows), "sha256": ids_sha,
                          "train_windows": len(train_idx), "heldout_windows": len(held_idx)},
-                "summary": _summary(settings, result, teacher_ppl, before, after, started),
+                "summary": _summary(settings, result, before, after, started),
                 "curve": result["curve"],
             }  # fmt: skip
             _save(student, trained, record, out_dir)
@@ -285,7 +290,7 @@ def distill_decoder(
     return _described(student, out_dir)
 
 
-def _summary(s, result, teacher_ppl: float, before, after, started: float) -> dict[str, Any]:
+def _summary(s, result, before, after, started: float) -> dict[str, Any]:
     """What the manifest and the build's notes show: the recovery in held-out perplexity."""
     losses = [p["train_loss"] for p in result["curve"] if "train_loss" in p]
     return {
@@ -301,7 +306,7 @@ def _summary(s, result, teacher_ppl: float, before, after, started: float) -> di
         "seconds": round(time.monotonic() - started, 1),
         "train_loss_first": losses[0] if losses else None,
         "train_loss_last": losses[-1] if losses else None,
-        "heldout_perplexity_teacher": teacher_ppl,
+        "heldout_perplexity_teacher": before["teacher_perplexity"],
         "heldout_perplexity_before": before["perplexity"],
         "heldout_perplexity_after": after["perplexity"],
         "heldout_kl_before": before["kl"],
