@@ -69,6 +69,7 @@ def test_distilling_a_pruned_student_brings_it_closer_to_the_teacher(tmp_path: P
     summary = record["summary"]
     assert summary["steps"] == 100 and summary["stopped_by"] == "planned steps"
     assert summary["heldout_kl_after"] < summary["heldout_kl_before"]
+    assert summary["train_loss_last_tenth"] < summary["train_loss_first_tenth"]
     assert not (out.path / "checkpoints").exists()
     assert out.history[-1]["record"] == "decoder_distillation.json"
     assert (out.path / "decoder_pruning.json").is_file()  # the plan travels with the student

@@ -152,6 +152,7 @@ class CausalLoop(Loop):
         self.scheduler = _make_scheduler(self.optimizer, self.total, self.s.warmup_fraction)
         self.step, self.elapsed_before = 0, 0.0
         self.curve: list[dict[str, Any]] = []
+        self.step_losses: list[float] = []  # this session's, for the record's loss summary
 
     def _train_step(self, indices: list[int]) -> float:
         import torch
@@ -168,7 +169,8 @@ class CausalLoop(Loop):
         torch.nn.utils.clip_grad_norm_(self.plain_student().parameters(), 1.0)
         self.optimizer.step()
         self.scheduler.step()
-        return float(loss.detach())
+        self.step_losses.append(float(loss.detach()))
+        return self.step_losses[-1]
 
     def _evaluate(self, losses: list[float]) -> None:
         """Held-out perplexity and KL to the teacher (rank 0; the others wait)."""
@@ -279,7 +281,7 @@ def distill_decoder(
                 "settings": dataclasses.asdict(settings),
                 "data": {"tokens": len(ids), "windows": len(rows), "sha256": ids_sha,
                          "train_windows": len(train_idx), "heldout_windows": len(held_idx)},
-                "summary": _summary(settings, result, before, after, started),
+                "summary": _summary(settings, result, loop.step_losses, before, after, started),
                 "curve": result["curve"],
             }  # fmt: skip
             _save(student, trained, record, out_dir)
@@ -290,9 +292,10 @@ def distill_decoder(
     return _described(student, out_dir)
 
 
-def _summary(s, result, before, after, started: float) -> dict[str, Any]:
+def _summary(s, result, losses: list[float], before, after, started: float) -> dict[str, Any]:
     """What the manifest and the build's notes show: the recovery in held-out perplexity."""
-    losses = [p["train_loss"] for p in result["curve"] if "train_loss" in p]
+    head = losses[: max(1, len(losses) // 10)]  # a tenth of the steps each end: one is noise
+    tail = losses[-len(head) :]
     return {
         "stage": "distill",
         "kind": "decoder",
@@ -304,8 +307,8 @@ def _summary(s, result, before, after, started: float) -> dict[str, Any]:
         "stopped_by": result["stopped_by"],
         "world_size": result["world_size"],
         "seconds": round(time.monotonic() - started, 1),
-        "train_loss_first": losses[0] if losses else None,
-        "train_loss_last": losses[-1] if losses else None,
+        "train_loss_first_tenth": round(sum(head) / len(head), 6) if losses else None,
+        "train_loss_last_tenth": round(sum(tail) / len(tail), 6) if losses else None,
         "heldout_perplexity_teacher": before["teacher_perplexity"],
         "heldout_perplexity_before": before["perplexity"],
         "heldout_perplexity_after": after["perplexity"],
