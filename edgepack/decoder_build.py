@@ -25,7 +25,7 @@ from edgepack.bundle import (
 from edgepack.cache import cached
 from edgepack.calibration import read_texts
 from edgepack.config import BuildConfig
-from edgepack.decoder_before_export import check_decoder_flags, pruned
+from edgepack.decoder_before_export import check_decoder_flags, smaller
 from edgepack.decoder_manifest import (
     DEVICE_MIN_AGREEMENT,
     NEW_TOKENS,
@@ -277,7 +277,7 @@ def build_decoder(
     tokenizer = AutoTokenizer.from_pretrained(str(model.path), local_files_only=True)
     heldout = read_texts(config.heldout or config.calibration, config.text_field)
     if config.prune:
-        model = pruned(config, model, _calibration_ids(config, tokenizer), progress)
+        model = smaller(config, model, _calibration_ids(config, tokenizer), tokenizer, progress)
     with progress.stage("export", model.source):
         fp32, _ = export_decoder_cached(model)
     context = min(fp32.records["context_length"], model.max_length)

@@ -102,6 +102,19 @@ def _pruning(model: HFModel) -> dict[str, Any]:
     return {"pruning": plan}
 
 
+def _distillation(model: HFModel) -> dict[str, Any]:
+    """The recovery training's summary, when the pruned model was distilled: held-out perplexity
+    of teacher and student before and after, steps and time (the folder's record has the curve)."""
+    from edgepack.distill import DECODER_DISTILL_RECORD
+
+    path = model.path / DECODER_DISTILL_RECORD
+    if not path.is_file():
+        return {}
+    record = json.loads(path.read_text())
+    summary = {**record["summary"], "record_sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    return {"distillation": summary}
+
+
 def decoder_manifest(
     config: BuildConfig,
     model: HFModel,
@@ -127,6 +140,7 @@ def decoder_manifest(
             **_gguf_source(model),
         },
         **_pruning(model),
+        **_distillation(model),
         "target": {
             "name": profile.name,
             "description": _description(profile, candidate),

@@ -186,8 +186,8 @@ def _fails_with(args: list[str], out: Path, *words: str) -> None:
     [
         ("gpt2", ["--prune", "0.25"], ("does not serve gpt2 decoders",)),
         ("llama", ["--prune", "0.25", "--calibration", ""], ("needs --calibration",)),
-        ("llama", ["--distill-layers", "1"], ("--distill-layers", "not yet for decoders")),
-        ("llama", ["--distill-data", "TEXTS"], ("--distill-data", "not yet for decoders")),
+        ("llama", ["--distill-layers", "1"], ("--distill-layers", "encoder option")),
+        ("llama", ["--distill-data", "TEXTS"], ("--distill-data", "add --prune")),
         ("llama", ["--min-cosine", "0.5"], ("--min-cosine", "encoder option")),
         ("llama", ["--with-runtime"], ("--with-runtime", "encoder option")),
     ],

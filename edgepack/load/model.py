@@ -23,6 +23,7 @@ from edgepack.load.gguf import gguf_folder
 # decoder), carried into the manifest's source.history.
 STAGE_RECORDS = (
     ("distill", "distillation.json"),
+    ("distill", "decoder_distillation.json"),
     ("prune", "pruning.json"),
     ("prune", "decoder_pruning.json"),
 )
