@@ -75,6 +75,7 @@ def test_distilling_a_pruned_student_brings_it_closer_to_the_teacher(tmp_path: P
     assert (out.path / "decoder_pruning.json").is_file()  # the plan travels with the student
 
 
+@pytest.mark.slow
 def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
