@@ -31,8 +31,6 @@ from edgepack.artifacts import HFModel
 from edgepack.distill.data import split_heldout, steps_per_epoch
 from edgepack.distill.loop import (
     Loop,
-    _make_optimizer,
-    _make_scheduler,
     start_distributed,
     stop_distributed,
 )
@@ -142,14 +140,7 @@ class CausalLoop(Loop):
         self.ckpt_dir, self.fingerprint = kw["checkpoint_dir"], kw["fingerprint"]
         self.progress, self.started = kw["progress"], kw["started"]
         self.frozen = 0
-        if self.rt.world > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            self.model = DistributedDataParallel(student)
-        else:
-            self.model = student
-        self.optimizer = _make_optimizer(student, self.s.lr, self.s.weight_decay)
-        self.scheduler = _make_scheduler(self.optimizer, self.total, self.s.warmup_fraction)
+        self._training(student)
         self.step, self.elapsed_before = 0, 0.0
         self.curve: list[dict[str, Any]] = []
         self.step_losses: list[float] = []  # this session's, for the record's loss summary

@@ -146,6 +146,14 @@ class Loop:
         first = self._batch(self.train_texts[: self.s.batch_size])
         self.objective = kw["objective"].calibrate(self.teacher, first)
         self.frozen = _freeze_unreached(student, self.teacher, self.objective, first)
+        self._training(student)
+        self.step = 0
+        self.elapsed_before = 0.0
+        self.curve: list[dict[str, Any]] = []
+        self._held_ref: list[Any] | None = None
+
+    def _training(self, student: Any) -> None:
+        """The model the steps run (DDP-wrapped under torchrun), its optimizer and schedule."""
         if self.rt.world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -154,10 +162,6 @@ class Loop:
             self.model = student
         self.optimizer = _make_optimizer(student, self.s.lr, self.s.weight_decay)
         self.scheduler = _make_scheduler(self.optimizer, self.total, self.s.warmup_fraction)
-        self.step = 0
-        self.elapsed_before = 0.0
-        self.curve: list[dict[str, Any]] = []
-        self._held_ref: list[Any] | None = None
 
     def plain_student(self) -> Any:
         return getattr(self.model, "module", self.model)
