@@ -18,6 +18,7 @@ import contextlib
 import os
 import shutil
 import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
@@ -37,6 +38,9 @@ def signals_held() -> Iterator[None]:
     runs the handler in the main thread in the middle of the block. Swapping the Python handlers
     holds the signal whichever thread it reached.
     """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # Python delivers signals to the main thread alone; only it can swap handlers
+        return
     pending: list[int] = []
 
     def hold(signum: int, _frame: object) -> None:
