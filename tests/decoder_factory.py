@@ -305,3 +305,22 @@ def write_model_gguf(folder: Path, kind: str, path: Path, quant: str = "F32") ->
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def build_fails_with(args: list[str], out: Path, *words: str) -> str:
+    """``edgepack build`` exits 2 with exactly one ``Error:`` line holding every word, writing
+    nothing; returns that line."""
+    from click.testing import CliRunner
+
+    from edgepack.cli import cli
+
+    result = CliRunner().invoke(cli, ["build", *args, "--out", str(out), "--quiet"])
+    assert result.exit_code == 2, (result.output, result.exception)
+    lines = result.output.strip().splitlines()
+    assert lines and lines[-1].startswith("Error: "), result.output
+    assert sum(line.startswith("Error") for line in lines) == 1, result.output
+    assert "Traceback" not in result.output
+    for word in words:
+        assert word in lines[-1], (word, lines[-1])
+    assert not out.exists() or not any(out.iterdir()), sorted(out.iterdir())
+    return lines[-1]

@@ -13,28 +13,13 @@ import json
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 from conftest import write_texts
+from decoder_factory import build_fails_with as _fails_with
 from decoder_factory import build_tiny_decoder, make_tiny_decoder, write_gguf
 
-from edgepack.cli import cli
 from edgepack.config import BuildConfig
 from edgepack.pipeline import build
 from edgepack.progress import Progress
-
-
-def _fails_with(args: list[str], out: Path, *words: str) -> str:
-    """The build exits 2 with exactly one ``Error:`` line holding every word, writing nothing."""
-    result = CliRunner().invoke(cli, ["build", *args, "--out", str(out), "--quiet"])
-    assert result.exit_code == 2, (result.output, result.exception)
-    lines = result.output.strip().splitlines()
-    assert lines and lines[-1].startswith("Error: "), result.output
-    assert sum(line.startswith("Error") for line in lines) == 1, result.output
-    assert "Traceback" not in result.output
-    for word in words:
-        assert word in lines[-1], (word, lines[-1])
-    assert not out.exists() or not any(out.iterdir()), sorted(out.iterdir())
-    return lines[-1]
 
 
 @pytest.fixture(scope="module")

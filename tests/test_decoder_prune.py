@@ -9,11 +9,10 @@ from typing import Any
 
 import pytest
 import torch
-from click.testing import CliRunner
 from conftest import write_texts
+from decoder_factory import build_fails_with as _fails_with
 from decoder_factory import make_tiny_decoder, tiny_decoder_config
 
-from edgepack.cli import cli
 from edgepack.load import load_model
 from edgepack.prune.decoder import (
     RECORD,
@@ -168,17 +167,6 @@ def test_a_pruned_build_records_the_plan_and_a_rebuild_hits_the_cache(
     monkeypatch.setattr("edgepack.prune.prune_decoder", fail)
     again = _build(tmp_path, model=str(model), prune=0.3, force=True)
     assert again.manifest["pruning"] == plan
-
-
-def _fails_with(args: list[str], out: Path, *words: str) -> None:
-    result = CliRunner().invoke(cli, ["build", *args, "--out", str(out), "--quiet"])
-    assert result.exit_code == 2, (result.output, result.exception)
-    lines = result.output.strip().splitlines()
-    assert lines[-1].startswith("Error: ") and sum(x.startswith("Error") for x in lines) == 1
-    assert "Traceback" not in result.output
-    for word in words:
-        assert word in lines[-1], (word, lines[-1])
-    assert not out.exists() or not any(out.iterdir())
 
 
 @pytest.mark.parametrize(
