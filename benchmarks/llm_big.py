@@ -78,15 +78,17 @@ def main(workdir: Path, layers: int, hidden: int, intermediate: int, vocab: int)
     count = write_model(folder, layers, hidden, intermediate, vocab)
     out = workdir / "dist"
     start = time.monotonic()
-    run = subprocess.run(
-        [
-            *(str(Path(sys.executable).parent / "edgepack"), "build", "--model", str(folder)),
-            *("--target", "arm64", "--precision", "int4", "--max-drop", "100", "--force"),
-            *("--calibration", str(REPO / "samples" / "calibration.txt"), "--out", str(out)),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    log = workdir / "build.log"  # the build's stage lines, to follow a run of half an hour
+    with open(log, "w") as stderr:
+        run = subprocess.run(
+            [
+                *(str(Path(sys.executable).parent / "edgepack"), "build", "--model", str(folder)),
+                *("--target", "arm64", "--precision", "int4", "--max-drop", "100", "--force"),
+                *("--calibration", str(REPO / "samples" / "calibration.txt"), "--out", str(out)),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
     seconds = time.monotonic() - start
     children_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     stages = {}
@@ -103,7 +105,7 @@ def main(workdir: Path, layers: int, hidden: int, intermediate: int, vocab: int)
         "peak_rss_over_fp32": round(peak_mb * 2**20 / (count * 4), 2),
         "stage_peak_rss_mb": stages,
         "bundles": sorted(str(p) for p in out.glob("*.tar.gz")),
-        "stderr_tail": run.stderr[-600:] if run.returncode else "",
+        "stderr_tail": log.read_text()[-600:] if run.returncode else "",
     }
     print(json.dumps(result, indent=2))
     sys.exit(run.returncode)

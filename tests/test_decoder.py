@@ -264,8 +264,8 @@ def test_a_graph_past_two_gb_streams_its_weights_to_external_data(
 ) -> None:
     """Past protobuf's 2 GB the weights go to model.onnx_data as the graph is written (the 2 GB
     line lowered to 0 here): the graph file holds no weight, onnxruntime reads the pair to the
-    same logits as the single file, and the calibration probe (a graph edited in memory) reads
-    the same activations."""
+    same logits as the single file, the calibration probe (a graph edited in memory) reads the
+    same activations and the int4 graph is the same file."""
     import numpy as np
 
     from edgepack.evaluate import session
@@ -289,3 +289,10 @@ def test_a_graph_past_two_gb_streams_its_weights_to_external_data(
 
     one, two = activation_power(single, ids), activation_power(split, ids)
     assert one.keys() == two.keys() and all(np.allclose(one[k], two[k]) for k in one)
+    # Weight-only int4 reads the external weights one matrix at a time: the same graph, byte for
+    # byte, as from the single file.
+    from edgepack.quantize.weight_only import WeightOnlySettings, quantize_weights
+
+    for src in (single, split):
+        quantize_weights(src, src.with_name("int4.onnx"), WeightOnlySettings(), dict(one))
+    assert (single.parent / "int4.onnx").read_bytes() == (split.parent / "int4.onnx").read_bytes()

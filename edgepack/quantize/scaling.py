@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from edgepack.quantize.weight_store import Weights
+
 GRID = (0.0, 0.25, 0.5, 0.75)
 NORMS = ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization")
 
@@ -34,9 +36,7 @@ class Group:
     fold_columns: bool
 
 
-def _groups(
-    model: Any, arrays: dict[str, np.ndarray], importance: dict[str, np.ndarray]
-) -> list[Group]:
+def _groups(model: Any, arrays: Weights, importance: dict[str, np.ndarray]) -> list[Group]:
     producer = {o: n for n in model.graph.node for o in n.output}
     users: dict[str, list[Any]] = {}
     for n in model.graph.node:
@@ -71,31 +71,33 @@ def _groups(
 
 def fold_scales(
     model: Any,
-    arrays: dict[str, np.ndarray],
+    arrays: Weights,
     importance: dict[str, np.ndarray],
     error: Callable[[np.ndarray, np.ndarray], float],
     grid: tuple[float, ...] = GRID,
 ) -> dict[str, float]:
-    """Scale and fold every group in place (``arrays`` and ``importance`` updated); returns the
-    alpha chosen per activation. ``error(weight_kn, importance_k)`` is the quantizer's error."""
+    """Scale and fold every group (recorded in ``arrays`` as factors to apply on read;
+    ``importance`` updated); returns the alpha chosen per activation. ``error(weight_kn,
+    importance_k)`` is the quantizer's error. One group's weights are in memory at a time."""
     chosen = {}
     for group in _groups(model, arrays, importance):
         power = importance[group.activation].astype(np.float64)
         rms = np.sqrt(np.maximum(power, 1e-12))
+        weights = [arrays[w] for w in group.weights]
         best, best_err = 0.0, np.inf
         for alpha in grid:
             s = _scales(rms, alpha)
-            err = sum(error(arrays[w] * s[:, None], power / s**2) for w in group.weights)
+            err = sum(error(w * s[:, None], power / s**2) for w in weights)
             if err < best_err:
                 best, best_err = alpha, err
+        del weights
         chosen[group.activation] = best
         if best == 0.0:
             continue
         s = _scales(rms, best)
         for w in group.weights:
-            arrays[w] = (arrays[w] * s[:, None]).astype(np.float32)
-        fold = arrays[group.fold]
-        arrays[group.fold] = (fold / (s[None, :] if group.fold_columns else s)).astype(np.float32)
+            arrays.scale(w, s)
+        arrays.scale(group.fold, s, axis=1 if group.fold_columns else 0, divide=True)
         importance[group.activation] = (power / s**2).astype(np.float32)
     return chosen
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from edgepack.errors import UserError
 from edgepack.quantize.blockwise import SEARCH, pack, quantize_rows
+from edgepack.quantize.weight_store import Weights, make_internal
 
 UNTIED = "lm_head.untied_weight"
 METHODS = ("search", "rtn", "awq")
@@ -64,23 +65,20 @@ def check_settings(settings: WeightOnlySettings) -> None:
         raise UserError(f"weight-only method must be one of {METHODS}, got {settings.method!r}.")
 
 
-def untie_lm_head(model: Any) -> str | None:
+def untie_lm_head(model: Any, weights: Weights) -> str | None:
     """Give the logits MatMul its own weight when it reads a Transpose of an initializer (a tied
-    embedding); returns the embedding's initializer name, or None when nothing was tied."""
-    from onnx import numpy_helper
-
+    embedding); returns the embedding's initializer name, or None when nothing was tied. The new
+    weight is a view in ``weights``, read (transposed) only when it is quantized."""
     graph = model.graph
-    inits = {i.name: i for i in graph.initializer}
     producer = {o: n for n in graph.node for o in n.output}
     head = producer.get("logits")
     if head is None or head.op_type != "MatMul":
         return None
     transpose = producer.get(head.input[1])
-    if transpose is None or transpose.op_type != "Transpose" or transpose.input[0] not in inits:
+    if transpose is None or transpose.op_type != "Transpose" or transpose.input[0] not in weights:
         return None
     embedding = transpose.input[0]
-    weight = numpy_helper.to_array(inits[embedding]).T.copy()
-    graph.initializer.append(numpy_helper.from_array(weight, UNTIED))
+    weights.transposed(UNTIED, embedding)
     head.input[1] = UNTIED
     if not any(transpose.output[0] in n.input for n in graph.node):
         graph.node.remove(transpose)
@@ -88,13 +86,11 @@ def untie_lm_head(model: Any) -> str | None:
 
 
 class _Rewrite:
-    """The graph being rewritten: its fp32 initializers, and what replaces them."""
+    """The graph being rewritten: its fp32 initializers (read one at a time), and what replaces
+    them."""
 
-    def __init__(self, model: Any, settings: WeightOnlySettings) -> None:
-        from onnx import numpy_helper
-
-        self.model, self.settings = model, settings
-        self.arrays = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    def __init__(self, model: Any, settings: WeightOnlySettings, weights: Weights) -> None:
+        self.model, self.settings, self.arrays = model, settings, weights
         self.added: list[Any] = []
         self.quantized: dict[str, tuple[str, str]] = {}  # fp32 weight -> (bytes, scales)
 
@@ -128,13 +124,12 @@ def _matmuls(rw: _Rewrite, importance: dict[str, np.ndarray]) -> None:
 
     s = rw.settings
     for index, node in enumerate(rw.model.graph.node):
-        weight = rw.arrays.get(node.input[1]) if node.op_type == "MatMul" else None
-        if weight is None or weight.ndim != 2 or weight.dtype != np.float32:
+        if node.op_type != "MatMul" or not rw.arrays.is_float_matrix(node.input[1]):
             continue
-        k, n = weight.shape
+        k, n = rw.arrays.shape(node.input[1])
         head = "logits" in node.output
         data, scales = rw.quantize(
-            node.input[1], weight.T, importance.get(node.input[0]), head=head
+            node.input[1], rw.arrays[node.input[1]].T, importance.get(node.input[0]), head=head
         )
         rw.quantized[node.input[1]] = (data, scales)
         rw.model.graph.node[index].CopyFrom(
@@ -153,24 +148,29 @@ def _matmuls(rw: _Rewrite, importance: dict[str, np.ndarray]) -> None:
         )
 
 
-def _tied_head(rw: _Rewrite, table: np.ndarray) -> str | None:
-    """The quantized MatMul weight that is this embedding table transposed, if any."""
-    for name in rw.quantized:
-        weight = rw.arrays[name]
-        if weight.shape == table.T.shape and np.array_equal(weight.T, table):
-            return name
-    return None
+def _tied_head(rw: _Rewrite, name: str) -> str | None:
+    """The quantized MatMul weight that is the embedding table ``name`` transposed, if any: an
+    untied view of it, or a weight of the transposed shape with the same values."""
+    shape = rw.arrays.shape(name)[::-1]
+    candidates = [h for h in rw.quantized if rw.arrays.shape(h) == shape]
+    for head in candidates:
+        if rw.arrays.transposes.get(head) == name:
+            return head
+    table = rw.arrays[name] if candidates else None
+    return next((h for h in candidates if np.array_equal(rw.arrays[h].T, table)), None)
 
 
-def _shared_gather(rw: _Rewrite, node: Any, head: str, table: np.ndarray, attrs: dict) -> list[Any]:
+def _shared_gather(
+    rw: _Rewrite, node: Any, head: str, table: tuple[int, ...], attrs: dict
+) -> list[Any]:
     """Gather rows straight from the head's MatMulNBits bytes [vocab, blocks, blob]: the scales
     need a trailing axis there, and the gathered blocks are flattened back to rows."""
     from onnx import helper
 
     data, scales = rw.quantized[head]
-    blocks = table.shape[1] // rw.settings.head_block_size
-    shape3 = rw.add(f"{node.input[0]}_scale_shape", np.array([table.shape[0], blocks, 1]))
-    width = rw.add(f"{node.input[0]}_width", np.array([table.shape[1]]))
+    blocks = table[1] // rw.settings.head_block_size
+    shape3 = rw.add(f"{node.input[0]}_scale_shape", np.array([table[0], blocks, 1]))
+    width = rw.add(f"{node.input[0]}_width", np.array([table[1]]))
     scales3, gathered = f"{scales}_3d", f"{node.output[0]}_blocks"
     shape, ids = f"{gathered}_shape", node.input[1]
     return [
@@ -205,16 +205,16 @@ def _embedding(rw: _Rewrite, tied: str | None) -> dict[str, Any]:
         ),
         None,
     )
-    if index is None or rw.arrays[graph.node[index].input[0]].shape[1] % s.head_block_size:
+    if index is None or rw.arrays.shape(graph.node[index].input[0])[1] % s.head_block_size:
         # (padded blocks would widen the gathered rows)
         return {"embedding": None, "shared_with_lm_head": None}
     node = graph.node[index]
-    table = rw.arrays[node.input[0]]
-    head = _tied_head(rw, table)
+    head = _tied_head(rw, node.input[0])
     attrs = {"domain": MS, "bits": s.bits, "block_size": s.head_block_size, "gather_axis": 0}
     if head is not None:
-        nodes = _shared_gather(rw, node, head, table, attrs)
+        nodes = _shared_gather(rw, node, head, rw.arrays.shape(node.input[0]), attrs)
     else:
+        table = rw.arrays[node.input[0]]
         data, scales = rw.quantize(node.input[0], table, None, flat=True, head=True)
         inputs = [data, node.input[1], scales]
         name = node.name or "/embedding"
@@ -234,13 +234,11 @@ def _embedding(rw: _Rewrite, tied: str | None) -> dict[str, Any]:
     return {"embedding": node.input[0], "shared_with_lm_head": head}
 
 
-def fold_channel_scales(
-    model: Any, importance: dict[str, np.ndarray], settings: WeightOnlySettings
+def _fold(
+    model: Any, weights: Weights, importance: dict[str, np.ndarray], settings: WeightOnlySettings
 ) -> dict[str, float]:
-    """AWQ-style channel scales folded into the fp32 initializers of ``model`` (in place; the
-    graph computes the same function); ``importance`` is updated to the scaled activations."""
-    from onnx import numpy_helper
-
+    """AWQ-style channel scales recorded in ``weights`` (the graph computes the same function once
+    they are applied); ``importance`` is updated to the scaled activations."""
     from edgepack.quantize.blockwise import dequantize
     from edgepack.quantize.scaling import fold_scales
 
@@ -251,12 +249,29 @@ def fold_channel_scales(
         diff = dequantize(codes, scales, s.bits, weight.shape[0]) - weight.T
         return float((np.square(diff) * power[None, :]).sum())
 
-    arrays = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    before = {k: id(v) for k, v in arrays.items()}
-    alphas = fold_scales(model, arrays, importance, error)
+    return fold_scales(model, weights, importance, error)
+
+
+def _store_kept(model: Any, weights: Weights) -> None:
+    """The fp32 initializers the rewritten graph still reads, in its own protobuf: scaled ones
+    with their scales applied, external ones read in (norm weights and the like: small)."""
+    from onnx import numpy_helper
+
     for init in model.graph.initializer:
-        if id(arrays[init.name]) != before[init.name]:
-            init.CopyFrom(numpy_helper.from_array(arrays[init.name], init.name))
+        if init.name in weights.factors:
+            init.CopyFrom(numpy_helper.from_array(weights[init.name], init.name))
+        else:
+            make_internal(init, weights.folder)
+
+
+def fold_channel_scales(
+    model: Any, importance: dict[str, np.ndarray], settings: WeightOnlySettings
+) -> dict[str, float]:
+    """AWQ-style channel scales folded into the fp32 initializers of a loaded ``model`` (in place;
+    the graph computes the same function); ``importance`` is updated to the scaled activations."""
+    weights = Weights(model.graph, Path("."))
+    alphas = _fold(model, weights, importance, settings)
+    _store_kept(model, weights)
     return alphas
 
 
@@ -273,12 +288,13 @@ def quantize_weights(
     import onnx
 
     check_settings(settings)
-    model = onnx.load(str(src))
-    tied = untie_lm_head(model) if settings.untie_lm_head else None
+    model = onnx.load(str(src), load_external_data=False)
+    weights = Weights(model.graph, src.parent)
+    tied = untie_lm_head(model, weights) if settings.untie_lm_head else None
     importance = dict(importance or {})
     awq = settings.method == "awq" and importance
-    alphas = fold_channel_scales(model, importance, settings) if awq else {}
-    rw = _Rewrite(model, settings)
+    alphas = _fold(model, weights, importance, settings) if awq else {}
+    rw = _Rewrite(model, settings, weights)
     _matmuls(rw, importance)
     embedding = (
         _embedding(rw, tied)
@@ -288,7 +304,9 @@ def quantize_weights(
     used = {name for n in model.graph.node for name in n.input}
     kept = [i for i in model.graph.initializer if i.name in used]
     del model.graph.initializer[:]
-    model.graph.initializer.extend(kept + [i for i in rw.added if i.name in used])
+    model.graph.initializer.extend(kept)
+    _store_kept(model, weights)
+    model.graph.initializer.extend(i for i in rw.added if i.name in used)
     if not any(o.domain == MS for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid(MS, 1))
     onnx.save(model, str(dst))
