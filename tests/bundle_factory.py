@@ -169,7 +169,7 @@ def make_bundle(
     primary = "last_hidden_state" if token_output else "sentence_embedding"
     np.savez(bundle / "reference" / "inputs.npz", **inputs)
     np.savez(bundle / "reference" / "outputs_fp32.npz", **{primary: expected})
-    for file in ("bench.py", "bundle_check.py", "run.sh"):
+    for file in ("bench.py", "bench_env.py", "bundle_check.py", "run.sh"):
         shutil.copy2(HARNESS / file, bundle / file)
     (bundle / "run.sh").chmod(0o755)
     if (HARNESS / "README.md").exists():

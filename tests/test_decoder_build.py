@@ -66,6 +66,102 @@ def test_harness_check_and_figures(built: tuple[Path, dict]) -> None:
     assert "longer than the context (64)" in too_long.stderr
 
 
+def _bench(folder: Path, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(folder / "bench.py"), "--no-verify", *flags],
+        capture_output=True,
+        text=True,
+    )
+
+
+def test_harness_sweeps_prompt_lengths_and_threads_with_percentiles(
+    built: tuple[Path, dict], tmp_path: Path
+) -> None:
+    """Repeated interleaved runs per (threads, prompt length): percentiles in order, the KV cache
+    growing with the length, the encoder harness's env (with the CPU's kernel extensions), and
+    the default sweep skipping the lengths the context cannot hold."""
+    folder, _ = built
+    out = tmp_path / "r.json"
+    flags = ("--runs", "3", "--warmup", "1", "--new-tokens", "4", "--threads", "1,2")
+    run = _bench(folder, *flags, "--prompt-tokens", "8,24", "--json", str(out))
+    assert run.returncode == 0, run.stderr
+    result = json.loads(out.read_text())
+    rows = result["sweep"]
+    assert [(r["threads"], r["prompt_tokens"]) for r in rows] == [(1, 8), (1, 24), (2, 8), (2, 24)]
+    for row in rows:
+        assert row["runs"] == 3 and row["new_tokens"] == 4
+        for key in ("ttft_ms", "decode_tokens_per_s", "inter_token_ms"):
+            stats = row[key]
+            assert 0 < stats["min"] <= stats["p50"] <= stats["p90"] <= stats["p99"] <= stats["max"]
+    # 2 layers x (key + value) x 2 KV heads x head size 16 x 4 bytes per position.
+    assert [r["kv_cache_mb"] for r in rows[:2]] == [round(512 * n / 1e6, 2) for n in (12, 28)]
+    assert result["perf"]["decode_tokens_per_s"] == rows[0]["decode_tokens_per_s"]["p50"]
+    assert result["settings"]["prompt_tokens"] == [8, 24] and result["compare"] is None
+    env = result["env"]
+    assert env["cpu_features"] is None or isinstance(env["cpu_features"], list)
+    assert {"machine", "cpu_model", "cores", "governor", "onnxruntime"} <= set(env)
+    default = json.loads(_bench(folder, "--runs", "1", "--new-tokens", "8").stdout)
+    assert default["settings"]["prompt_tokens"] == [32]  # 32 + 8 fit the context of 64
+    assert default["settings"]["skipped_prompt_tokens"] == [128, 512, 1024]
+
+
+def test_harness_regression_gate(built: tuple[Path, dict], tmp_path: Path) -> None:
+    """--compare: exit 1 when a configuration's decode p50 fell (or TTFT p50 rose) past the
+    threshold against the baseline, 0 when not; a baseline it cannot judge by is one line, 2."""
+    folder, _ = built
+    flags = ("--runs", "2", "--warmup", "0", "--new-tokens", "4", "--prompt-tokens", "8")
+    first = tmp_path / "first.json"
+    assert _bench(folder, *flags, "--json", str(first)).returncode == 0
+    report = json.loads(first.read_text())
+    row = report["sweep"][0]
+
+    def baseline(name: str, rate_scale: float, ttft_scale: float) -> str:
+        changed = json.loads(json.dumps(report))
+        changed["sweep"][0]["decode_tokens_per_s"]["p50"] = (
+            row["decode_tokens_per_s"]["p50"] * rate_scale
+        )
+        changed["sweep"][0]["ttft_ms"]["p50"] = row["ttft_ms"]["p50"] * ttft_scale
+        path = tmp_path / name
+        path.write_text(json.dumps(changed))
+        return str(path)
+
+    faster = _bench(folder, *flags, "--compare", baseline("fast.json", 100.0, 1.0))
+    assert faster.returncode == 1, faster.stderr
+    verdict = json.loads(faster.stdout)["compare"]
+    assert verdict["regressed"] and verdict["rows"][0]["decode_ratio"] < 0.5
+    quicker_start = _bench(folder, *flags, "--compare", baseline("ttft.json", 0.01, 0.01))
+    assert (
+        quicker_start.returncode == 1
+        and json.loads(quicker_start.stdout)["compare"]["rows"][0]["ttft_ratio"] > 1.05
+    )
+    slower = _bench(folder, *flags, "--compare", baseline("slow.json", 0.01, 100.0))
+    assert slower.returncode == 0, slower.stderr
+    assert json.loads(slower.stdout)["compare"]["regressed"] is False
+    other = _bench(folder, *flags[:-1], "16", "--compare", str(first))
+    assert other.returncode == 2 and "no configuration" in other.stderr
+    assert len(other.stderr.strip().splitlines()) == 1
+    bad = tmp_path / "bad.json"
+    bad.write_text(
+        json.dumps(
+            {
+                "sweep": [
+                    {
+                        "threads": 1,
+                        "prompt_tokens": 8,
+                        "ttft_ms": {"p50": "NaN"},
+                        "decode_tokens_per_s": {"p50": 1},
+                    }
+                ]
+            }
+        )
+    )
+    refused = _bench(folder, *flags, "--compare", str(bad))
+    assert refused.returncode == 2 and "finite numbers > 0" in refused.stderr
+    for flag, value in (("--runs", "0"), ("--threads", "1,x"), ("--threshold", "nan")):
+        wrong = _bench(folder, flag, value)
+        assert wrong.returncode == 2 and "Traceback" not in wrong.stderr, (flag, wrong.stderr)
+
+
 def test_harness_fails_on_a_changed_reference(built: tuple[Path, dict], tmp_path: Path) -> None:
     import shutil
 

@@ -290,6 +290,7 @@ def test_harness_imports_only_stdlib_numpy_onnxruntime():
     assert STDLIB, "needs Python 3.10+ for sys.stdlib_module_names"
     for script in (
         "bench.py",
+        "bench_env.py",
         "bench_llm.py",
         "bundle_check.py",
         "edgepack_decode.py",
@@ -309,8 +310,15 @@ def test_harness_imports_only_stdlib_numpy_onnxruntime():
             if node in tree.body:
                 top_level |= names
         allowed = STDLIB | {
-            "bench.py": {"numpy", "onnxruntime", "bundle_check"},
-            "bench_llm.py": {"numpy", "onnxruntime", "bundle_check", "edgepack_decode"},
+            "bench.py": {"numpy", "onnxruntime", "bundle_check", "bench_env"},
+            "bench_env.py": {"numpy", "bundle_check"},
+            "bench_llm.py": {
+                "numpy",
+                "onnxruntime",
+                "bundle_check",
+                "bench_env",
+                "edgepack_decode",
+            },
             "edgepack_decode.py": {"numpy"},
             "bundle_check.py": {"model_signing", "tokenizers"},
         }.get(script, set())
@@ -323,6 +331,7 @@ def test_harness_imports_only_stdlib_numpy_onnxruntime():
 def test_harness_parses_as_python_38():
     for script in (
         "bench.py",
+        "bench_env.py",
         "bench_llm.py",
         "bundle_check.py",
         "edgepack_decode.py",

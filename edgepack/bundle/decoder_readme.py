@@ -73,9 +73,10 @@ def _summary(name: str, manifest: dict[str, Any]) -> list[str]:
 HARNESS = """## Check and measure
 
 ```sh
-sh run.sh --json ../result.json               # check, then TTFT, tokens/s, peak RSS
+sh run.sh --json ../result.json               # check, then the prompt sweep: TTFT, tokens/s
 sh run.sh --check-only                        # only the check
-sh run.sh --threads 4 --prompt-tokens 128 --new-tokens 64
+sh run.sh --threads 1,2,4 --prompt-tokens 128,512 --new-tokens 64 --runs 10
+sh run.sh --compare ../result.json --threshold 0.05   # exit 1 on a regression
 ```
 
 `run.sh` runs `python3 bench.py` with your flags (`PYTHON=/path/to/python sh run.sh` picks another
@@ -85,13 +86,15 @@ this device's next-token argmax equals the host's token. The check passes when t
 least `check.min_agreement` of `manifest.json`. It also decodes each prompt greedily on its own and
 reports how many tokens stay on the host's path (int4 kernels round differently per CPU, so a
 near-tie may send a free-running path elsewhere; the share above is what passes or fails). Then,
-unless `--check-only`, it times the first token of a prompt and the decoding of new tokens. It
-prints the JSON report and exits with:
+unless `--check-only`, it times, for each prompt length and thread count, the first token of the
+prompt and the decoding of `--new-tokens` more: one warm-up run each, then `--runs` rounds that
+visit every configuration once (so a slow spell on a shared or hot device falls on all of them),
+reported as percentiles. It prints the JSON report and exits with:
 
 | code | meaning |
 | --- | --- |
-| 0 | the check passed |
-| 1 | the check failed |
+| 0 | the check passed (and, with `--compare`, nothing regressed) |
+| 1 | the check failed, or with `--compare` a configuration's decode p50 tokens/s fell, or its TTFT p50 rose, by more than `--threshold` |
 | 2 | something you can fix: a tampered or missing file, a bad flag or value (e.g. a prompt plus new tokens longer than the context); one line says what |
 
 ## Flags
@@ -99,9 +102,13 @@ prints the JSON report and exits with:
 | flag | default | meaning |
 | --- | --- | --- |
 | `--json PATH` | none | also write the JSON report here (outside the bundle folder) |
-| `--threads N` | 1 | intra-op threads |
-| `--prompt-tokens N` | 32 | prompt length for the time to first token |
-| `--new-tokens N` | 32 | tokens decoded for tokens/s; prompt plus new tokens must fit the context |
+| `--threads N[,N...]` | 1 | intra-op threads; a list sweeps them |
+| `--prompt-tokens N[,N...]` | 32,128,512,1024 | prompt lengths for the time to first token (by default those that fit the context; one you name must fit) |
+| `--new-tokens N` | 64 | tokens decoded per run for tokens/s; prompt plus new tokens must fit the context |
+| `--runs N` | 5 | timed runs per configuration |
+| `--warmup N` | 1 | untimed runs per configuration first |
+| `--compare REPORT` | none | an earlier `--json` report: judge each configuration both ran by its p50s |
+| `--threshold X` | 0.05 | with `--compare`: the change that counts as a regression (0.05 = 5 %) |
 | `--check-only` | off | run the check, skip the timing |
 | `--progress` | off | one `progress DONE/TOTAL ...` line per graph call of the check on stderr (stdout stays the JSON report) |
 | `--no-verify` | off | skip the bundle check below |
@@ -113,8 +120,11 @@ prints the JSON report and exits with:
 | key | type | meaning |
 | --- | --- | --- |
 | `check` | object | `passed`, `agreement` (share of positions whose argmax is the host's token), `min_agreement`, `tokens` (positions compared), `greedy_prefix_tokens` (per prompt, how many free-running greedy tokens equal the host's; null with `--forced-only`) |
-| `env` | object | `machine`, `python`, `onnxruntime` |
-| `perf` | object | absent with `--check-only`: `threads`, `prompt_tokens`, `ttft_ms` (time to first token), `decode_tokens_per_s`, `peak_rss_mb`, `kv_cache_mb_at_context` (fp32 KV cache at the full context), `context_length` |
+| `env` | object | the encoder harness's: `machine`, `os`, `cpu_model`, `cores`, `affinity`, `governor`, `cpu_mhz`, `temperature_c`, `device_model`, `cpu_features` (the ISA extensions the int4/int8 kernels choose by: compare figures only between equal lists), plus `python`, `onnxruntime` |
+| `settings` | object | `runs`, `warmup`, `new_tokens`, `prompt_tokens`, `threads`, `skipped_prompt_tokens` (default lengths the context cannot hold) |
+| `sweep` | list | per (`threads`, `prompt_tokens`): `runs`, `new_tokens`; `ttft_ms`, `decode_tokens_per_s` (one value per run) and `inter_token_ms` (every decode step) as `mean`, `std`, `min`, `p50`, `p90`, `p95`, `p99`, `max`; `kv_cache_mb` at that prompt plus the new tokens |
+| `perf` | object | absent with `--check-only`; the first configuration's headline: `threads`, `prompt_tokens`, `runs`, `ttft_ms` and `decode_tokens_per_s` (p50s) with their `_p90`, `peak_rss_mb`, `kv_cache_mb_at_context` (fp32 KV cache at the full context), `context_length` |
+| `compare` | object or null | with `--compare`: `baseline`, `threshold`, `rows` (`threads`, `prompt_tokens`, `decode_ratio`, `ttft_ratio`, `regressed`), `regressed` |
 
 ## Use the model from an app
 

@@ -81,7 +81,13 @@ def package_decoder(
         shutil.copytree(tokenizer_dir, folder / "tokenizer")
         shutil.copy2(HARNESS, folder / "bench.py")
         # run.sh is the encoders' too: it checks SHA256SUMS names and file types, then the sums.
-        for shared in ("bundle_check.py", "edgepack_decode.py", "edgepack_runtime.py", "run.sh"):
+        for shared in (
+            "bench_env.py",
+            "bundle_check.py",
+            "edgepack_decode.py",
+            "edgepack_runtime.py",
+            "run.sh",
+        ):
             shutil.copy2(HARNESS_DIR / shared, folder / shared)
         (folder / "run.sh").chmod(0o755)
         (folder / REFERENCE).write_text(json.dumps(reference, indent=1) + "\n", encoding="utf-8")

@@ -29,7 +29,7 @@ from edgepack.bundle.requirements import requirements_text
 from edgepack.errors import UserError
 
 HARNESS_DIR = Path(__file__).resolve().parent.parent / "harness"
-HARNESS_FILES = ("bench.py", "bundle_check.py", "run.sh", "edgepack_runtime.py")
+HARNESS_FILES = ("bench.py", "bench_env.py", "bundle_check.py", "run.sh", "edgepack_runtime.py")
 EXECUTABLE = ("run.sh", "bench.py", "bench_android.sh", "edgepack_runtime.py")
 TMP_PREFIX = ".edgepack-tmp-"
 # Failures of the destination, not of edgepack: a full disk, quota, read-only or forbidden folder.

@@ -7,15 +7,35 @@ with int8 activations round differently per CPU (x86 VNNI vs ARM dot-product), s
 free-running greedy path may part from the host's and never return; fed the host's tokens, such a
 tie costs one position, while a wrong kernel or model misses most of them. How long each free
 greedy path stays on the host's is reported beside it.
-Benchmark: time to first token for an N-token prompt, decode tokens/s, peak RSS, and the KV-cache
-bytes at the profile's context length.
+Benchmark: for each prompt length of a sweep (32/128/512/1024 tokens, those that fit the context)
+and each thread count, time to first token and decode tokens/s as percentiles over repeated runs,
+after a warm-up, the configurations interleaved within each round so a slow spell on a shared or
+throttling device lands on all of them alike; inter-token latency percentiles within the runs;
+the KV-cache bytes at each length and at the context; peak RSS; the device's environment in the
+encoder harness's schema (bench_env.py); and with --compare, a regression gate against an earlier
+report: exit 1 when a configuration's decode p50 tokens/s falls or its TTFT p50 rises by more
+than --threshold.
+
+JSON report (--json PATH), beside the encoder report's schema_version, kind ("decoder"), bundle,
+started_utc, runtime, env:
+
+    key                    meaning
+    check                  passed, agreement, min_agreement, tokens, greedy_prefix_tokens
+    settings               runs, warmup, new_tokens, prompt_tokens, threads, skipped_prompt_tokens
+    sweep                  one object per (threads, prompt_tokens): runs; ttft_ms,
+                           decode_tokens_per_s and inter_token_ms as mean, std, min, p50, p90, p95,
+                           p99, max; kv_cache_mb (at prompt + new tokens)
+    perf                   the headline, from the first configuration: ttft_ms and
+                           decode_tokens_per_s (p50s), their p90s, peak_rss_mb,
+                           kv_cache_mb_at_context, context_length, threads, prompt_tokens, runs
+    compare                baseline, threshold, rows (threads, prompt_tokens, ratios,
+                           regressed), regressed; null without --compare
 """
 
 import argparse
 import json
 import os
 import platform
-import resource
 import sys
 import time
 from pathlib import Path
@@ -27,11 +47,14 @@ import onnxruntime as ort
 # harness. Under `python -I` the script's folder is not on sys.path.
 sys.dont_write_bytecode = True  # a __pycache__ in the bundle would fail its own check
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_env import collect_env, peak_rss_mb, positive_number, summarize  # noqa: E402
 from bundle_check import HarnessError, bundle_relpath, load_json, verify_bundle  # noqa: E402
 from edgepack_decode import empty_past, greedy_stream, step, teacher_forced  # noqa: E402
 
 # More intra-op threads than this only thrash; onnxruntime takes negative counts as an error.
 MAX_THREADS = 1024
+# Prompt lengths of the default sweep; those past the context (less the new tokens) are skipped.
+SWEEP = (32, 128, 512, 1024)
 # The encoder harness's report conventions (schema_version, kind, bundle, started_utc, runtime,
 # env), so `edgepack compare` reads both; "kind" tells which figures follow.
 SCHEMA_VERSION = 1
@@ -70,26 +93,42 @@ def kv_bytes(sess, context):
     return total
 
 
-def cpu_model():
-    """The CPU's name from /proc/cpuinfo (Linux, Android), else what platform knows, else null."""
+def int_list(text):
+    """argparse type: "32,128" -> [32, 128]."""
     try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip().lower() in ("model name", "hardware", "cpu model"):
-                    return value.strip() or None
-    except OSError:
-        pass
-    return platform.processor() or None
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            "%r is not a comma-separated list of integers" % text
+        ) from None
+    if not values:
+        raise argparse.ArgumentTypeError("%r names no value" % text)
+    return values
 
 
-def main():
-    here = os.path.dirname(os.path.abspath(__file__))
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", help="write the results here")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--prompt-tokens", type=int, default=32)
-    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument(
+        "--threads", type=int_list, default=[1], help="intra-op threads; a list sweeps: 1,2"
+    )
+    p.add_argument(
+        "--prompt-tokens",
+        type=int_list,
+        default=None,
+        help="prompt lengths to time (default %s, those that fit the context)"
+        % ",".join(str(n) for n in SWEEP),
+    )
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per run")
+    p.add_argument("--runs", type=int, default=5, help="timed runs per configuration")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs per configuration first")
+    p.add_argument("--compare", type=Path, help="an earlier --json report: the regression gate")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=0.05,
+        help="--compare: the slowdown that counts as a regression (0.05 = 5%%)",
+    )
     p.add_argument("--check-only", action="store_true")
     p.add_argument(
         "--forced-only",
@@ -101,46 +140,50 @@ def main():
     p.add_argument("--no-verify", action="store_true", help="skip the bundle checks")
     p.add_argument("--public-key", type=Path, help="also check bundle.sig with this public key")
     p.add_argument("--require-signature", action="store_true")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.require_signature and args.public_key is None:
         fail("--require-signature needs --public-key PUB, the signer's public key")
-    if not 1 <= args.threads <= MAX_THREADS:
-        fail("--threads %d is out of range: use 1 to %d" % (args.threads, MAX_THREADS))
-    if not args.no_verify:
-        notes = []
-        try:
-            verify_bundle(Path(here), args.public_key, args.require_signature, notes)
-        except HarnessError as exc:
-            fail(str(exc))
-        for note in notes:  # the run goes on, but says what was not checked
-            sys.stderr.write("warning: " + note + "\n")
-    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    manifest = read_json(os.path.join(here, "manifest.json"), "manifest.json")
-    try:
-        name = bundle_relpath(manifest["reference"]["inputs"], "manifest.json reference.inputs")
-        model = bundle_relpath(manifest["model"]["file"], "manifest.json model.file")
-        context = int(manifest["generation"]["context_length"])
-    except (KeyError, TypeError, ValueError, HarnessError) as exc:
-        fail("manifest.json is not a decoder bundle's manifest (%s); rebuild the bundle" % exc)
-    reference = read_json(os.path.join(here, *name.split("/")), name)
-    for flag, value in (("--prompt-tokens", args.prompt_tokens), ("--new-tokens", args.new_tokens)):
+    for threads in args.threads:
+        if not 1 <= threads <= MAX_THREADS:
+            fail("--threads %d is out of range: use 1 to %d" % (threads, MAX_THREADS))
+    for flag, value in (("--new-tokens", args.new_tokens), ("--runs", args.runs)):
         if value < 1:
             fail("%s must be at least 1, got %d" % (flag, value))
-    if args.prompt_tokens + args.new_tokens > context:
-        fail(
-            "a prompt of %d tokens plus %d new ones is longer than the context (%d)"
-            % (args.prompt_tokens, args.new_tokens, context)
-        )
+    if args.warmup < 0:
+        fail("--warmup must be 0 or more, got %d" % args.warmup)
+    if not (args.threshold >= 0 and args.threshold < 100):  # (NaN fails both)
+        fail("--threshold must be a number from 0 to 100, got %r" % args.threshold)
+    return args
+
+
+def prompt_lengths(args, context):
+    """The sweep's prompt lengths, and the default ones skipped because they do not fit."""
+    room = context - args.new_tokens
+    if args.prompt_tokens is None:
+        fits = [n for n in SWEEP if n <= room]
+        return fits or ([room] if room >= 1 else []), [n for n in SWEEP if n > room]
+    for n in args.prompt_tokens:
+        if n < 1:
+            fail("--prompt-tokens must be at least 1, got %d" % n)
+        if n > room:
+            fail(
+                "a prompt of %d tokens plus %d new ones is longer than the context (%d)"
+                % (n, args.new_tokens, context)
+            )
+    return list(args.prompt_tokens), []
+
+
+def session_for(path, threads):
     options = ort.SessionOptions()
-    options.intra_op_num_threads = args.threads
-    sess = ort.InferenceSession(
-        os.path.join(here, *model.split("/")), options, providers=["CPUExecutionProvider"]
-    )
-    eos = set(manifest["generation"]["eos_token_ids"])
-    check = manifest["check"]
+    options.intra_op_num_threads = threads
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def run_check(sess, prompts, check, eos, args):
+    """The device check: forced agreement with the host's continuations, and (unless
+    --forced-only) how long each free greedy path stays on the host's."""
     agree = total = 0
     prefixes = []
-    prompts = reference["prompts"]
     # A step is one graph call: the forced pass of each prompt, then each free greedy token.
     greedy = not args.forced_only
     steps = len(prompts) + (sum(len(i["continuation"]) for i in prompts) if greedy else 0)
@@ -167,6 +210,160 @@ def main():
             same += 1
         prefixes.append(same)
     agreement = agree / total if total else 1.0
+    return {
+        "passed": agreement >= float(check["min_agreement"]),
+        "agreement": round(agreement, 4),
+        "min_agreement": check["min_agreement"],
+        "tokens": total,
+        "greedy_prefix_tokens": prefixes if greedy else None,
+    }
+
+
+def time_generation(sess, prompt, new_tokens):
+    """(time to first token in ms, [ms of each decode step]): the prompt pass and the argmax of
+    its last position, then ``new_tokens`` single-token steps on the KV cache. EOS does not stop
+    it: every run times the same number of steps."""
+    t0 = time.perf_counter()
+    logits, past = step(sess, prompt, empty_past(sess), 0)
+    token = int(np.argmax(logits[-1]))
+    ttft = (time.perf_counter() - t0) * 1000.0
+    pos, steps = len(prompt), []
+    for _ in range(new_tokens):
+        t = time.perf_counter()
+        logits, past = step(sess, [token], past, pos)
+        token, pos = int(np.argmax(logits[-1])), pos + 1
+        steps.append((time.perf_counter() - t) * 1000.0)
+    return ttft, steps
+
+
+def sweep(path, seed_prompt, lengths, args, progress):
+    """Every (threads, prompt length), warm-up first, then ``runs`` rounds that visit each
+    configuration once, so drift over the run is shared by all of them."""
+    sessions = dict((threads, session_for(path, threads)) for threads in args.threads)
+    configs = [(threads, n) for threads in args.threads for n in lengths]
+    prompts = dict((n, (seed_prompt * n)[:n]) for n in lengths)
+    for threads, n in configs:
+        for _ in range(args.warmup):
+            time_generation(sessions[threads], prompts[n], args.new_tokens)
+    ttfts = dict((c, []) for c in configs)
+    rates = dict((c, []) for c in configs)
+    steps = dict((c, []) for c in configs)
+    for round_ in range(args.runs):
+        for threads, n in configs:
+            ttft, times = time_generation(sessions[threads], prompts[n], args.new_tokens)
+            ttfts[(threads, n)].append(ttft)
+            rates[(threads, n)].append(len(times) / (sum(times) / 1000.0))
+            steps[(threads, n)].extend(times)
+        if progress:
+            progress_line(round_ + 1, args.runs, "benchmark rounds")
+    rows = []
+    for threads, n in configs:
+        sess = sessions[threads]
+        rows.append(
+            {
+                "threads": threads,
+                "prompt_tokens": n,
+                "new_tokens": args.new_tokens,
+                "runs": args.runs,
+                "ttft_ms": summarize(ttfts[(threads, n)]),
+                "decode_tokens_per_s": summarize(rates[(threads, n)]),
+                "inter_token_ms": summarize(steps[(threads, n)]),
+                "kv_cache_mb": round(kv_bytes(sess, n + args.new_tokens) / 1e6, 2),
+            }
+        )
+    return rows
+
+
+def baseline_rows(path):
+    """The sweep rows of an earlier report (a report from before sweeps: its perf figures)."""
+    try:
+        report = load_json(path, "--compare %s" % path, user_file=True)
+    except HarnessError as exc:
+        fail(str(exc))
+    rows = report.get("sweep") if isinstance(report, dict) else None
+    if isinstance(rows, list):
+        return [r for r in rows if isinstance(r, dict)]
+    perf = report.get("perf") if isinstance(report, dict) else None
+    if not isinstance(perf, dict):
+        fail("--compare %s: not a decoder bench.py JSON report (no sweep or perf)" % path)
+    return [
+        {
+            "threads": perf.get("threads"),
+            "prompt_tokens": perf.get("prompt_tokens"),
+            "ttft_ms": {"p50": perf.get("ttft_ms")},
+            "decode_tokens_per_s": {"p50": perf.get("decode_tokens_per_s")},
+        }
+    ]
+
+
+def compare(rows, path, threshold):
+    """Each configuration present in both reports, judged on its p50s: regressed when decode
+    tokens/s fell below baseline / (1 + threshold) or TTFT rose above baseline x (1 + threshold)."""
+    base = dict(((r.get("threads"), r.get("prompt_tokens")), r) for r in baseline_rows(path))
+    judged = []
+    for row in rows:
+        old = base.get((row["threads"], row["prompt_tokens"]))
+        if old is None:
+            continue
+        try:
+            old_rate = old["decode_tokens_per_s"]["p50"]
+            old_ttft = old["ttft_ms"]["p50"]
+        except (KeyError, TypeError):
+            fail("--compare %s: a sweep row lacks decode_tokens_per_s.p50 or ttft_ms.p50" % path)
+        if not (positive_number(old_rate) and positive_number(old_ttft)):
+            fail("--compare %s: baseline p50s must be finite numbers > 0" % path)
+        rate = row["decode_tokens_per_s"]["p50"] / old_rate
+        ttft = row["ttft_ms"]["p50"] / old_ttft
+        judged.append(
+            {
+                "threads": row["threads"],
+                "prompt_tokens": row["prompt_tokens"],
+                "decode_ratio": round(rate, 4),
+                "ttft_ratio": round(ttft, 4),
+                "regressed": rate < 1.0 / (1.0 + threshold) or ttft > 1.0 + threshold,
+            }
+        )
+    if not judged:
+        fail(
+            "--compare %s: no configuration (threads, prompt tokens) in common with this run" % path
+        )
+    return {
+        "baseline": str(path),
+        "threshold": threshold,
+        "rows": judged,
+        "regressed": any(r["regressed"] for r in judged),
+    }
+
+
+def main():
+    here = os.path.dirname(os.path.abspath(__file__))
+    args = parse_args()
+    if not args.no_verify:
+        notes = []
+        try:
+            verify_bundle(Path(here), args.public_key, args.require_signature, notes)
+        except HarnessError as exc:
+            fail(str(exc))
+        for note in notes:  # the run goes on, but says what was not checked
+            sys.stderr.write("warning: " + note + "\n")
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    manifest = read_json(os.path.join(here, "manifest.json"), "manifest.json")
+    try:
+        name = bundle_relpath(manifest["reference"]["inputs"], "manifest.json reference.inputs")
+        model = bundle_relpath(manifest["model"]["file"], "manifest.json model.file")
+        context = int(manifest["generation"]["context_length"])
+    except (KeyError, TypeError, ValueError, HarnessError) as exc:
+        fail("manifest.json is not a decoder bundle's manifest (%s); rebuild the bundle" % exc)
+    reference = read_json(os.path.join(here, *name.split("/")), name)
+    lengths, skipped = prompt_lengths(args, context)
+    if not args.check_only and not lengths:
+        fail(
+            "the context (%d) leaves no room for a prompt and %d new tokens"
+            % (context, args.new_tokens)
+        )
+    path = os.path.join(here, *model.split("/"))
+    sess = session_for(path, args.threads[0])
+    eos = set(manifest["generation"]["eos_token_ids"])
     result = {
         "schema_version": SCHEMA_VERSION,
         "kind": KIND,
@@ -174,47 +371,43 @@ def main():
         "started_utc": started,
         "runtime": {
             "onnxruntime": ort.__version__,
-            "threads": args.threads,
+            "threads": args.threads[0],
             "python": platform.python_version(),
             "numpy": np.__version__,
         },
-        "check": {
-            "passed": agreement >= float(check["min_agreement"]),
-            "agreement": round(agreement, 4),
-            "min_agreement": check["min_agreement"],
-            "tokens": total,
-            "greedy_prefix_tokens": prefixes if greedy else None,
-        },
+        "check": run_check(sess, reference["prompts"], manifest["check"], eos, args),
         # What ran the check: an emulated aarch64 run shows up as machine "aarch64".
-        "env": {
-            "machine": platform.machine() or None,
-            "os": platform.platform(),
-            "cpu_model": cpu_model(),
-            "cores": os.cpu_count(),
-            "python": platform.python_version(),
-            "onnxruntime": ort.__version__,
-        },
+        "env": dict(collect_env(), python=platform.python_version(), onnxruntime=ort.__version__),
+        "compare": None,
     }
+    del sess
     if not args.check_only:
-        prompt = (reference["prompts"][0]["prompt"] * args.prompt_tokens)[: args.prompt_tokens]
-        t0 = time.perf_counter()
-        logits, past = step(sess, prompt, empty_past(sess), 0)
-        token = int(np.argmax(logits[-1]))
-        t1 = time.perf_counter()
-        pos = len(prompt)
-        for _ in range(args.new_tokens):
-            logits, past = step(sess, [token], past, pos)
-            token, pos = int(np.argmax(logits[-1])), pos + 1
-        t2 = time.perf_counter()
-        result["perf"] = {
+        seed = reference["prompts"][0]["prompt"]
+        rows = sweep(path, seed, lengths, args, args.progress)
+        head = rows[0]
+        result["settings"] = {
+            "runs": args.runs,
+            "warmup": args.warmup,
+            "new_tokens": args.new_tokens,
+            "prompt_tokens": lengths,
             "threads": args.threads,
-            "prompt_tokens": args.prompt_tokens,
-            "ttft_ms": round((t1 - t0) * 1000, 2),
-            "decode_tokens_per_s": round(args.new_tokens / (t2 - t1), 2),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "kv_cache_mb_at_context": round(kv_bytes(sess, context) / 1e6, 2),
+            "skipped_prompt_tokens": skipped,
+        }
+        result["sweep"] = rows
+        result["perf"] = {
+            "threads": head["threads"],
+            "prompt_tokens": head["prompt_tokens"],
+            "runs": args.runs,
+            "ttft_ms": head["ttft_ms"]["p50"],
+            "ttft_ms_p90": head["ttft_ms"]["p90"],
+            "decode_tokens_per_s": head["decode_tokens_per_s"]["p50"],
+            "decode_tokens_per_s_p90": head["decode_tokens_per_s"]["p90"],
+            "peak_rss_mb": peak_rss_mb(),
+            "kv_cache_mb_at_context": round(kv_bytes(session_for(path, 1), context) / 1e6, 2),
             "context_length": context,
         }
+        if args.compare is not None:
+            result["compare"] = compare(rows, args.compare, args.threshold)
     text = json.dumps(result, indent=2, sort_keys=True)
     print(text)
     if args.json:
@@ -222,7 +415,8 @@ def main():
             os.makedirs(os.path.dirname(args.json), exist_ok=True)
         with open(args.json, "w", encoding="utf-8") as f:
             f.write(text + "\n")
-    sys.exit(0 if result["check"]["passed"] else 1)
+    regressed = bool(result["compare"] and result["compare"]["regressed"])
+    sys.exit(0 if result["check"]["passed"] and not regressed else 1)
 
 
 if __name__ == "__main__":
