@@ -36,6 +36,7 @@ class BuildConfig:
     eval_data: str = ""
     seed: int = 0  # drives every random choice, so builds are reproducible
     precision: str = ""  # "" = the target profile's; "fp32" builds the same bundle unquantized
+    kv_cache: str = ""  # decoders: "" = the target profile's; "int8" or "fp32"
     out: str = "dist"
     force: bool = False
     trust_remote_code: bool = False

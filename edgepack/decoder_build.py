@@ -51,6 +51,7 @@ from edgepack.quantize import WEIGHT_ONLY_VERSION, WeightOnlySettings, derived, 
 PRECISIONS = ("int4", "int8", "fp32")
 # What a profile without a [decoder] section gets (targets/*.toml explains the choice).
 DEFAULT_PRECISION, DEFAULT_ACCURACY_LEVEL = "int4", 4
+DEFAULT_KV_CACHE = "fp32"
 # The accuracy search's steps, smallest and fastest first: (bits, block size in the layers). On
 # SmolLM2: int4 blocks of 64 at 78.2 MB and perplexity 39.40; of 32 at 84.8 MB, 37.99 and ~10 %
 # slower decode; int8 at about twice the size and close to fp32.
@@ -117,28 +118,40 @@ def _setting(config: BuildConfig, profile: TargetProfile) -> Setting:
     if precision not in PRECISIONS:
         raise UserError(f"--precision {precision} does not fit a decoder; use one of {PRECISIONS}.")
     level = int(section.get("accuracy_level", DEFAULT_ACCURACY_LEVEL))
-    return precision, None if precision == "fp32" else level
+    kv = config.kv_cache or str(section.get("kv_cache", DEFAULT_KV_CACHE))
+    if precision == "fp32" and kv != "fp32":
+        if config.kv_cache:
+            raise UserError(
+                "--kv-cache int8 goes with weight-only int4 or int8, not --precision fp32."
+            )
+        kv = "fp32"  # (an fp32 bundle is the unquantized reference, cache included)
+    return precision, None if precision == "fp32" else level, kv
 
 
-def _quantized(
-    fp32: OnnxModel, precision: str, level: int, calibration: list[int], window: int
-) -> OnnxModel:
-    """The weight-only copy behind the cache (one per setting, export and calibration text)."""
+def _quantized(fp32: OnnxModel, step: Setting, calibration: list[int], window: int) -> OnnxModel:
+    """The weight-only copy (and its int8 KV cache) behind the cache, one per setting, export and
+    calibration text."""
     from edgepack.quantize import activation_power
+    from edgepack.quantize.kv_cache import KV_CACHE_VERSION, kv_ranges, quantize_kv_cache
 
+    precision, level, kv = step
     bits, block = STEPS[precision]
-    settings = WeightOnlySettings(bits=bits, block_size=block, accuracy_level=level)
+    settings = WeightOnlySettings(bits=bits, block_size=block, accuracy_level=int(level or 0))
     key = {
         **settings.record(),
         "code": WEIGHT_ONLY_VERSION,
         "calibration": hashlib.sha256(json.dumps(calibration).encode()).hexdigest(),
     }
+    if kv != "fp32":  # (an fp32 cache keeps the key it always had)
+        key["kv_cache"] = {"type": kv, "code": KV_CACHE_VERSION}
 
     def make(out: Path) -> OnnxModel:
         path = out / "model.onnx"
         importance = activation_power(fp32.path, calibration, window) if calibration else None
         record = quantize_weights(fp32.path, path, settings, importance)
         record["calibration_tokens"] = len(calibration)
+        if kv == "int8":  # scales from the quantized graph's own keys and values
+            record["kv_cache"] = quantize_kv_cache(path, path, kv_ranges(path, calibration, window))
         return OnnxModel(
             **{
                 **fp32.__dict__,
@@ -209,17 +222,20 @@ def _choose(
     it twice.
     """
     calibration, heldout, context = data
-    precision, level = setting
+    precision, level, kv = setting
     window = min(WINDOW, context)
     tried = []
     for step in LADDER[LADDER.index(precision) :] if precision in LADDER else (precision,):
-        key = (step, None if step == "fp32" else level)
+        key = (step, None, "fp32") if step == "fp32" else (step, level, kv)
         if key not in steps:
             if step == "fp32":
                 candidate = fp32
             else:
-                with progress.stage("quantize", f"{step} weight-only, accuracy level {level}"):
-                    candidate = _quantized(fp32, step, int(level or 0), calibration, window)
+                cache = "" if kv == "fp32" else f", {kv} KV cache"
+                with progress.stage(
+                    "quantize", f"{step} weight-only, accuracy level {level}{cache}"
+                ):
+                    candidate = _quantized(fp32, key, calibration, window)
             with progress.stage("fidelity", f"perplexity on {len(heldout)} held-out tokens"):
                 fid = _fidelity(fp32, candidate, heldout, window)
             fid["relative_perplexity_increase"] = fid["perplexity"] / fid["perplexity_fp32"] - 1.0

@@ -13,7 +13,8 @@ from edgepack.artifacts import HFModel, OnnxModel
 from edgepack.config import BuildConfig, portable_name, recorded_config
 from edgepack.profiles import TargetProfile
 
-Setting = tuple[str, int | None]  # (precision, MatMulNBits accuracy level; None for fp32)
+# (precision, MatMulNBits accuracy level (None for fp32), KV cache type)
+Setting = tuple[str, int | None, str]
 NEW_TOKENS = 32  # the reference continuations' length
 # Share of the reference continuations' positions where a device, fed the host's tokens, must
 # pick the host's next token (harness/bench_llm.py says why teacher-forced). SmolLM2 int4 on the
@@ -39,6 +40,7 @@ def setting_record(
         "precision": setting[0],
         "precision_from": source,
         "accuracy_level": setting[1],
+        "kv_cache": setting[2],
         "shipped_precision": candidate.precision,
         "perplexity": fid["perplexity"],
         "perplexity_fp32": fid["perplexity_fp32"],

@@ -128,6 +128,8 @@ def build(
                 moved = box.publish()
             progress.note(f"report: {Path(config.out) / 'report.md'} and report.html")
             return published(results, moved)
+        if config.kv_cache:
+            raise UserError("--kv-cache is a decoder option: an encoder keeps no KV cache.")
         shared, texts, original = _prepare(config, progress)
         shared = replace(shared, sign_key=sign_key)
         profiles = resolve_targets(config.target)

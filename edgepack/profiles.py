@@ -75,6 +75,8 @@ SCHEMA: dict[str, dict[str, Spec] | Spec] = {
         "precision": (str, False, ("int4", "int8", "fp32")),
         # MatMulNBits compute type: 4 = int8 activations (the CPU's dot-product kernels), 0 = fp32.
         "accuracy_level": (int, False, (0, 1, 2, 3, 4)),
+        # The KV cache's type: int8 keeps a quarter of fp32's memory (quantize/kv_cache.py).
+        "kv_cache": (str, False, ("fp32", "int8")),
     },
 }
 OPTIONAL_SECTIONS = frozenset({"decoder"})

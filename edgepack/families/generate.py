@@ -17,7 +17,11 @@ import numpy as np
 
 from edgepack.families.decoder import PAST_PREFIX, PRESENT_PREFIX, past_name
 
-_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+_NP = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(int8)": np.int8,  # an int8 KV cache (quantize/kv_cache.py)
+}
 
 
 def empty_past(session: Any) -> dict[str, np.ndarray]:
@@ -93,10 +97,20 @@ def windows(ids: Sequence[int], size: int) -> list[list[int]]:
     return [list(ids[i : i + size]) for i in range(0, len(ids), size) if len(ids[i : i + size]) > 1]
 
 
-def token_scores(session: Any, chunk: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    """Negative log-likelihood of each next token in ``chunk`` and the graph's argmax before it."""
-    logits, _ = step(session, list(chunk), empty_past(session), 0)
-    logits = logits[:-1].astype(np.float64)
+def token_scores(
+    session: Any, chunk: Sequence[int], part: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Negative log-likelihood of each next token in ``chunk`` and the graph's argmax before it.
+
+    With ``part``, the chunk is fed ``part`` tokens at a time on the KV cache, as generation feeds
+    it: what attends to a quantized cache is then measured (in one pass, tokens attend to each
+    other in the pass's own precision)."""
+    ids, past, pieces = list(chunk), empty_past(session), []
+    size = part or len(ids)
+    for start in range(0, len(ids), size):
+        logits, past = step(session, ids[start : start + size], past, start)
+        pieces.append(logits)
+    logits = np.concatenate(pieces)[:-1].astype(np.float64)
     top = logits.max(axis=-1, keepdims=True)
     log_z = np.log(np.exp(logits - top).sum(axis=-1)) + top[:, 0]
     target = np.asarray(chunk[1:])

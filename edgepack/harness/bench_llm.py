@@ -49,7 +49,13 @@ sys.dont_write_bytecode = True  # a __pycache__ in the bundle would fail its own
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_env import collect_env, peak_rss_mb, positive_number, summarize  # noqa: E402
 from bundle_check import HarnessError, bundle_relpath, load_json, verify_bundle  # noqa: E402
-from edgepack_decode import empty_past, greedy_stream, step, teacher_forced  # noqa: E402
+from edgepack_decode import (  # noqa: E402
+    CACHE_TYPES,
+    empty_past,
+    greedy_stream,
+    step,
+    teacher_forced,
+)
 
 # More intra-op threads than this only thrash; onnxruntime takes negative counts as an error.
 MAX_THREADS = 1024
@@ -85,11 +91,13 @@ def progress_line(done, total, what):
 
 
 def kv_bytes(sess, context):
+    """The KV cache's bytes at ``context`` positions, in the element type the graph keeps it in."""
     total = 0
     for i in sess.get_inputs():
         if i.name.startswith("past_key_values."):
             heads, size = i.shape[1], i.shape[3]
-            total += int(heads) * int(size) * context * 4
+            width = np.dtype(CACHE_TYPES.get(i.type, np.float32)).itemsize
+            total += int(heads) * int(size) * context * width
     return total
 
 

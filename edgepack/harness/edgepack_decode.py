@@ -6,6 +6,9 @@ device checks is what an app runs. numpy and an onnxruntime session only; Python
 
 import numpy as np
 
+# The cache's element types: fp32, or int8 (an int8 KV cache, dequantized inside the graph).
+CACHE_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8}
+
 
 def empty_past(sess):
     past = {}
@@ -13,7 +16,7 @@ def empty_past(sess):
         if i.name.startswith("past_key_values."):
             dims = [d if isinstance(d, int) else 0 for d in i.shape]
             dims[0] = 1
-            past[i.name] = np.zeros(dims, dtype=np.float32)
+            past[i.name] = np.zeros(dims, dtype=CACHE_TYPES.get(i.type, np.float32))
     return past
 
 
