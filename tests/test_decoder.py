@@ -123,6 +123,25 @@ def test_llama_family_graphs_are_fused(tmp_path: Path, kind: str) -> None:
         assert ops.count("MatMul") == 11 and "Softmax" not in ops
 
 
+def test_generation_projects_only_the_last_position(tmp_path: Path) -> None:
+    """A fused graph's ``logits_from``: fed, the vocabulary projection runs from that position on
+    (generation's steps); not fed, every position's logits as before (perplexity, the check)."""
+    import numpy as np
+
+    from edgepack.evaluate import session
+    from edgepack.export.decoder import export_decoder
+    from edgepack.families.generate import empty_past, step
+
+    model = load_model(str(make_tiny_decoder(tmp_path / "m", "llama")))
+    sess = session(export_decoder(model, tmp_path / "x").path)
+    ids = [2, 10, 11, 12, 13]
+    every, past_all = step(sess, ids, empty_past(sess), 0)
+    last, past_last = step(sess, ids, empty_past(sess), 0, last=True)
+    assert every.shape[0] == 5 and last.shape[0] == 1
+    assert np.allclose(last[0], every[-1], atol=1e-5)
+    assert all(np.array_equal(past_all[k], past_last[k]) for k in past_all)
+
+
 # What each variant's graph has that the plain Llama layer's lacks (2 layers each).
 VARIANT_OPS = {
     "llama3": {"GroupQueryAttention": 2, "QuickGelu": 2},

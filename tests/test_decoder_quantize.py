@@ -14,7 +14,7 @@ from decoder_factory import VARIANTS, make_tiny_decoder, prompts_for
 from edgepack.errors import UserError
 from edgepack.evaluate import session
 from edgepack.families.decoder_fidelity import greedy_prefix, perplexity_and_top1
-from edgepack.families.generate import empty_past, greedy
+from edgepack.families.generate import empty_past, greedy, step_feeds
 from edgepack.load import load_model
 from edgepack.quantize.blockwise import dequantize, quantize_rows
 from edgepack.quantize.weight_only import UNTIED, WeightOnlySettings, quantize_weights
@@ -90,9 +90,7 @@ def test_shared_embedding_rows_equal_the_heads_dequantized_weights(
     codes = np.stack([inits[head.input[1]] & 15, inits[head.input[1]] >> 4], axis=-1)
     rows = dequantize(codes.reshape(*codes.shape[:2], -1), inits[head.input[2]], 4, 64)
     sess = session(model.SerializeToString())
-    past = empty_past(sess)
-    feeds = {"input_ids": np.array([[5, 7]]), "attention_mask": np.ones((1, 2), np.int64), **past}
-    got = sess.run([gathered], feeds)[0]
+    got = sess.run([gathered], step_feeds(sess, [5, 7], empty_past(sess), 0))[0]
     np.testing.assert_array_equal(got.reshape(2, -1), rows[[5, 7]])
 
 
@@ -219,7 +217,11 @@ def test_channel_scales_fold_without_changing_the_fp32_function(
     # 2 layers x (qkv after the input norm, gate/up after the second norm, down after up).
     assert len(alphas) == 6 and any(a > 0 for a in alphas.values())
     sess, folded = session(fp32), session(model.SerializeToString())
-    feeds = {"input_ids": np.array([ids[:12]]), "attention_mask": np.ones((1, 12), np.int64)}
+    feeds = {
+        "input_ids": np.array([ids[:12]]),
+        "attention_mask": np.ones((1, 12), np.int64),
+        "logits_from": np.array([0]),
+    }
     want = sess.run(["logits"], {**feeds, **empty_past(sess)})[0]
     got = folded.run(["logits"], {**feeds, **empty_past(folded)})[0]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
@@ -284,7 +286,11 @@ def test_every_fused_architecture_folds_scales_exactly_and_quantizes_whole(
         outputs_of_blocks += ("post_attention_layernorm",)
     assert moved and not any(name in n for n in moved for name in outputs_of_blocks)
     sess, folded = session(fp32), session(model.SerializeToString())
-    feeds = {"input_ids": np.array([ids[:12]]), "attention_mask": np.ones((1, 12), np.int64)}
+    feeds = {
+        "input_ids": np.array([ids[:12]]),
+        "attention_mask": np.ones((1, 12), np.int64),
+        "logits_from": np.array([0]),
+    }
     want = sess.run(["logits"], {**feeds, **empty_past(sess)})[0]
     got = folded.run(["logits"], {**feeds, **empty_past(folded)})[0]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

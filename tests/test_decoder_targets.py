@@ -50,15 +50,29 @@ def _levels(model: Path) -> set[int]:
 
 
 def test_the_setting_comes_from_the_profile_unless_precision_overrides() -> None:
-    assert decoder_build._setting(BuildConfig(), load_target("arm64")) == ("int4", 4)
-    assert decoder_build._setting(BuildConfig(precision="int8"), load_target("ios")) == ("int8", 4)
+    assert decoder_build._setting(BuildConfig(), load_target("arm64")) == ("int4", 4, "fp32")
+    assert decoder_build._setting(BuildConfig(precision="int8"), load_target("ios")) == (
+        "int8",
+        4,
+        "fp32",
+    )
+    assert decoder_build._setting(BuildConfig(kv_cache="int8"), load_target("arm64")) == (
+        "int4",
+        4,
+        "int8",
+    )
     # fp32 has no MatMulNBits: one setting whatever the level, and no default level to record.
     assert decoder_build._setting(BuildConfig(precision="fp32"), _variant("x", "int8", 0)) == (
         "fp32",
         None,
+        "fp32",
     )
     # A fixed-shape profile has no [decoder] section: the defaults.
-    assert decoder_build._setting(BuildConfig(), load_target("android-nnapi")) == ("int4", 4)
+    assert decoder_build._setting(BuildConfig(), load_target("android-nnapi")) == (
+        "int4",
+        4,
+        "fp32",
+    )
     with pytest.raises(UserError, match=r"--precision int2 does not fit a decoder"):
         decoder_build._setting(BuildConfig(precision="int2"), load_target("arm64"))
 
@@ -73,9 +87,9 @@ def test_one_quantization_per_distinct_setting(
     calls: list[tuple[str, int]] = []
     quantized = decoder_build._quantized
 
-    def counting(fp32: Any, precision: str, level: int, *rest: Any) -> Any:
-        calls.append((precision, level))
-        return quantized(fp32, precision, level, *rest)
+    def counting(fp32: Any, step: tuple[str, int, str], *rest: Any) -> Any:
+        calls.append(step[:2])
+        return quantized(fp32, step, *rest)
 
     monkeypatch.setattr(decoder_build, "_quantized", counting)
     folder = make_tiny_decoder(tmp_path / "m", "llama")

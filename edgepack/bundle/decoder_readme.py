@@ -123,7 +123,7 @@ reported as percentiles. It prints the JSON report and exits with:
 | `env` | object | the encoder harness's: `machine`, `os`, `cpu_model`, `cores`, `affinity`, `governor`, `cpu_mhz`, `temperature_c`, `device_model`, `cpu_features` (the ISA extensions the int4/int8 kernels choose by: compare figures only between equal lists), plus `python`, `onnxruntime` |
 | `settings` | object | `runs`, `warmup`, `new_tokens`, `prompt_tokens`, `threads`, `skipped_prompt_tokens` (default lengths the context cannot hold) |
 | `sweep` | list | per (`threads`, `prompt_tokens`): `runs`, `new_tokens`; `ttft_ms`, `decode_tokens_per_s` (one value per run) and `inter_token_ms` (every decode step) as `mean`, `std`, `min`, `p50`, `p90`, `p95`, `p99`, `max`; `kv_cache_mb` at that prompt plus the new tokens |
-| `perf` | object | absent with `--check-only`; the first configuration's headline: `threads`, `prompt_tokens`, `runs`, `ttft_ms` and `decode_tokens_per_s` (p50s) with their `_p90`, `peak_rss_mb`, `kv_cache_mb_at_context` (the KV cache at the full context, in its type: fp32, or int8 in a bundle built with `--kv-cache int8`), `context_length` |
+| `perf` | object | absent with `--check-only`; the first configuration's headline: `threads`, `prompt_tokens`, `runs`, `ttft_ms` and `decode_tokens_per_s` (p50s) with their `_p90`, `peak_rss_mb`, `kv_cache_mb_at_context` (the KV cache at the full context, in its own type: fp32, or int8 when the manifest's `decoder.kv_cache` says so), `context_length` |
 | `compare` | object or null | with `--compare`: `baseline`, `threshold`, `rows` (`threads`, `prompt_tokens`, `decode_ratio`, `ttft_ratio`, `regressed`), `regressed` |
 
 ## Use the model from an app

@@ -17,6 +17,12 @@ The graph keeps the bundle contract of the traced export: inputs ``input_ids``,
 outputs ``logits`` and ``present.N.key/value``; an empty past serves the first step. Positions
 come from the attention mask (GroupQueryAttention's ``seqlens_k``), so there is no
 ``position_ids`` input: batches are one right-aligned sequence, as the harness and runtime feed.
+
+One more input, ``logits_from`` (int64 [1]): logits are computed from that position of the pass
+on. Generation needs only the last position's: on SmolLM2 the vocabulary projection (49,152 x
+576) is a fifth of a prompt pass's work, spent on rows nobody reads. Perplexity and the device
+check feed 0. (An initializer as its default would spare callers the input, but onnxruntime
+then warns on every session that it cannot constant-fold it.)
 """
 
 from __future__ import annotations
@@ -53,8 +59,9 @@ OPSET = 17
 # where GatherBlockQuantized first takes ``bits`` (measured, tiny Llama int4 and int8).
 IR_VERSION = 8
 # Part of the export cache key: bump when the graph written for the same weights changes.
-GRAPH_VERSION = 4
+GRAPH_VERSION = 5  # 5: the logits_from input
 TWO_GB = 2_000_000_000
+LOGITS_FROM = "logits_from"
 
 
 def _rope_type(config: dict[str, Any]) -> str | None:
@@ -145,8 +152,9 @@ def _io(d: Dims) -> tuple[list[Any], list[Any]]:
     inputs = [
         tensor("input_ids", ["batch_size", "sequence_length"], TensorProto.INT64),
         tensor("attention_mask", ["batch_size", "total_sequence_length"], TensorProto.INT64),
+        tensor(LOGITS_FROM, [1], TensorProto.INT64),
     ]
-    outputs = [tensor("logits", ["batch_size", "sequence_length", d.vocab])]
+    outputs = [tensor("logits", ["batch_size", "logits_length", d.vocab])]
     for i in range(d.layers):
         for kind in ("key", "value"):
             past = ["batch_size", d.kv_heads, "past_sequence_length", d.head_dim]
@@ -226,6 +234,8 @@ def build_graph(
     final = norm_weight(g, "model.norm.weight", w["model.norm.weight"], arch)
     h, _ = norm(g, x, residual, final, d.eps)
     head = w.get("lm_head.weight", w["model.embed_tokens.weight"])
+    end, axis = g.const("/end", np.array([2**62])), g.const("/axis1", np.array([1]))
+    h = g.op("Slice", [h, LOGITS_FROM, end, axis])
     g.op("MatMul", [h, g.const("lm_head.weight", head.T)], ["logits"])
     inputs, outputs = _io(d)
     graph = helper.make_graph(g.nodes, "edgepack-decoder", inputs, outputs, g.inits)

@@ -36,7 +36,7 @@ def empty_past(session: Any) -> dict[str, np.ndarray]:
 
 
 def step_feeds(
-    session: Any, ids: Sequence[int], past: dict[str, np.ndarray], start: int
+    session: Any, ids: Sequence[int], past: dict[str, np.ndarray], start: int, last: bool = False
 ) -> dict[str, np.ndarray]:
     """The inputs of one pass over ``ids`` after ``start`` cached positions, as the graph names
     them (``position_ids`` only where it has one)."""
@@ -49,15 +49,20 @@ def step_feeds(
     }
     if "position_ids" in names:
         feeds["position_ids"] = np.arange(start, start + n, dtype=np.int64)[None]
+    # A fused graph projects onto the vocabulary from this position on: the last one alone for
+    # generation, every one for scores.
+    feeds["logits_from"] = np.asarray([n - 1 if last else 0], dtype=np.int64)
     return {k: v for k, v in feeds.items() if k in names}
 
 
 def step(
-    session: Any, ids: Sequence[int], past: dict[str, np.ndarray], start: int
+    session: Any, ids: Sequence[int], past: dict[str, np.ndarray], start: int, last: bool = False
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """One forward pass over ``ids`` after ``start`` cached positions: (logits [n, vocab], new past)."""
+    """One forward pass over ``ids`` after ``start`` cached positions: (logits [n, vocab], new
+    past); with ``last``, rows that end with the last position's (a fused graph computes that
+    one alone)."""
     outputs = [o.name for o in session.get_outputs()]
-    values = session.run(outputs, step_feeds(session, ids, past, start))
+    values = session.run(outputs, step_feeds(session, ids, past, start, last))
     result = dict(zip(outputs, values, strict=True))
     new_past = {past_name(k): v for k, v in result.items() if k.startswith(PRESENT_PREFIX)}
     return result["logits"][0], new_past
@@ -69,7 +74,7 @@ def greedy(
     """Greedy continuation of ``prompt`` (stopping after an end-of-sequence token, as transformers'
     ``generate`` does) and the first step's logits for the prompt's last position."""
     stop = set(eos)
-    logits, past = step(session, list(prompt), empty_past(session), 0)
+    logits, past = step(session, list(prompt), empty_past(session), 0, last=True)
     first = logits[-1].astype(np.float32)
     out: list[int] = []
     position = len(prompt)
@@ -78,7 +83,7 @@ def greedy(
         out.append(token)
         if token in stop or len(out) == new_tokens:
             break
-        logits, past = step(session, [token], past, position)
+        logits, past = step(session, [token], past, position, last=True)
         position += 1
     return out, first
 

@@ -232,13 +232,13 @@ def time_generation(sess, prompt, new_tokens):
     its last position, then ``new_tokens`` single-token steps on the KV cache. EOS does not stop
     it: every run times the same number of steps."""
     t0 = time.perf_counter()
-    logits, past = step(sess, prompt, empty_past(sess), 0)
+    logits, past = step(sess, prompt, empty_past(sess), 0, last=True)
     token = int(np.argmax(logits[-1]))
     ttft = (time.perf_counter() - t0) * 1000.0
     pos, steps = len(prompt), []
     for _ in range(new_tokens):
         t = time.perf_counter()
-        logits, past = step(sess, [token], past, pos)
+        logits, past = step(sess, [token], past, pos, last=True)
         token, pos = int(np.argmax(logits[-1])), pos + 1
         steps.append((time.perf_counter() - t) * 1000.0)
     return ttft, steps

@@ -20,9 +20,13 @@ def empty_past(sess):
     return past
 
 
-def step(sess, ids, past, start):
+def step(sess, ids, past, start, last=False):
+    """One pass over ``ids`` after ``start`` cached positions: (logits, new past). With ``last``,
+    a graph that takes ``logits_from`` computes the last position's logits alone (generation
+    reads no other); the returned rows then end with that position either way."""
     names = set(i.name for i in sess.get_inputs())
     feeds = dict(past)
+    feeds["logits_from"] = np.asarray([len(ids) - 1 if last else 0], dtype=np.int64)
     feeds["input_ids"] = np.asarray([ids], dtype=np.int64)
     feeds["attention_mask"] = np.ones((1, start + len(ids)), dtype=np.int64)
     if "position_ids" in names:
@@ -51,7 +55,7 @@ def teacher_forced(sess, prompt, continuation):
 
 def greedy_stream(sess, prompt, n, eos):
     """Yield up to ``n`` greedy tokens after ``prompt``; an end-of-sequence token is the last."""
-    logits, past = step(sess, list(prompt), empty_past(sess), 0)
+    logits, past = step(sess, list(prompt), empty_past(sess), 0, last=True)
     pos, count = len(prompt), 0
     while count < n:
         token = int(np.argmax(logits[-1]))
@@ -59,7 +63,7 @@ def greedy_stream(sess, prompt, n, eos):
         yield token
         if token in eos or count == n:
             return
-        logits, past = step(sess, [token], past, pos)
+        logits, past = step(sess, [token], past, pos, last=True)
         pos += 1
 
 
