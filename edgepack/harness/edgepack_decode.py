@@ -1,7 +1,11 @@
-"""Greedy decoding with the KV cache of an edgepack decoder bundle's ONNX graph.
+"""Greedy and sampled decoding with the KV cache of an edgepack decoder bundle's ONNX graph.
 
 Shared by the bundle's harness (bench.py) and its app runtime (edgepack_runtime.py), so what the
 device checks is what an app runs. numpy and an onnxruntime session only; Python 3.8+.
+
+Sampling follows transformers' order of logits processors (repetition penalty, temperature,
+top-k, top-p), so settings an app tuned against transformers mean the same here. Draws come from
+one numpy Generator per generation: the same seed gives the same tokens on the same graph.
 """
 
 import numpy as np
@@ -62,3 +66,59 @@ def greedy_stream(sess, prompt, n, eos):
 
 def greedy(sess, prompt, n, eos):
     return list(greedy_stream(sess, prompt, n, eos))
+
+
+def choose(logits, history, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, rng=None):
+    """The next token from one row of logits.
+
+    ``history`` (prompt and generated ids) is what the repetition penalty applies to, as in
+    transformers: a seen token's positive logit is divided by the penalty, a negative one
+    multiplied. ``temperature`` 0 is greedy (the argmax after the penalty); otherwise top-k then
+    top-p (the smallest set of most likely tokens whose probability reaches ``top_p``) and one
+    draw from ``rng``."""
+    scores = np.array(logits, dtype=np.float64)
+    if repetition_penalty != 1.0 and len(history):
+        seen = np.unique(np.asarray(history, dtype=np.int64))
+        seen = seen[(seen >= 0) & (seen < scores.shape[0])]
+        values = scores[seen]
+        scores[seen] = np.where(
+            values > 0, values / repetition_penalty, values * repetition_penalty
+        )
+    if temperature <= 0:
+        return int(np.argmax(scores))
+    scores /= temperature
+    if 0 < top_k < scores.shape[0]:
+        kth = np.partition(scores, -top_k)[-top_k]
+        scores[scores < kth] = -np.inf
+    probs = np.exp(scores - scores.max())
+    probs /= probs.sum()
+    if top_p < 1.0:
+        order = np.argsort(-probs, kind="stable")
+        before = np.cumsum(probs[order]) - probs[order]  # mass of the more likely tokens
+        drop = order[before >= top_p]  # the most likely token always stays (before = 0)
+        probs[drop] = 0.0
+        probs /= probs.sum()
+    # searchsorted on the cumulative sum, not Generator.choice: choice insists the
+    # probabilities sum to 1 within a tolerance float32-derived rows can miss.
+    cumulative = np.cumsum(probs)
+    pick = int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right"))
+    return min(pick, scores.shape[0] - 1)
+
+
+def sample_stream(sess, prompt, n, eos, settings=None, rng=None):
+    """Yield up to ``n`` tokens after ``prompt``, each from ``choose`` with ``settings`` (its
+    keyword arguments; none is greedy, as ``greedy_stream``); an end-of-sequence token is the
+    last."""
+    settings = dict(settings or {})
+    history = list(prompt)
+    logits, past = step(sess, history, empty_past(sess), 0)
+    pos, count = len(prompt), 0
+    while count < n:
+        token = choose(logits[-1], history, rng=rng, **settings)
+        count += 1
+        history.append(token)
+        yield token
+        if token in eos or count == n:
+            return
+        logits, past = step(sess, [token], past, pos)
+        pos += 1
