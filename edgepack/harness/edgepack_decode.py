@@ -68,14 +68,9 @@ def greedy(sess, prompt, n, eos):
     return list(greedy_stream(sess, prompt, n, eos))
 
 
-def choose(logits, history, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, rng=None):
-    """The next token from one row of logits.
-
-    ``history`` (prompt and generated ids) is what the repetition penalty applies to, as in
-    transformers: a seen token's positive logit is divided by the penalty, a negative one
-    multiplied. ``temperature`` 0 is greedy (the argmax after the penalty); otherwise top-k then
-    top-p (the smallest set of most likely tokens whose probability reaches ``top_p``) and one
-    draw from ``rng``."""
+def penalized(logits, history, repetition_penalty=1.0):
+    """float64 logits with transformers' repetition penalty: a seen token's positive logit is
+    divided by the penalty, a negative one multiplied."""
     scores = np.array(logits, dtype=np.float64)
     if repetition_penalty != 1.0 and len(history):
         seen = np.unique(np.asarray(history, dtype=np.int64))
@@ -84,9 +79,13 @@ def choose(logits, history, temperature=0.0, top_k=0, top_p=1.0, repetition_pena
         scores[seen] = np.where(
             values > 0, values / repetition_penalty, values * repetition_penalty
         )
-    if temperature <= 0:
-        return int(np.argmax(scores))
-    scores /= temperature
+    return scores
+
+
+def distribution(scores, temperature=1.0, top_k=0, top_p=1.0):
+    """Probabilities over the vocabulary after temperature, top-k, then top-p (the smallest set
+    of most likely tokens whose probability reaches ``top_p``; the likeliest always stays)."""
+    scores = np.array(scores, dtype=np.float64) / temperature
     if 0 < top_k < scores.shape[0]:
         kth = np.partition(scores, -top_k)[-top_k]
         scores[scores < kth] = -np.inf
@@ -95,12 +94,21 @@ def choose(logits, history, temperature=0.0, top_k=0, top_p=1.0, repetition_pena
     if top_p < 1.0:
         order = np.argsort(-probs, kind="stable")
         before = np.cumsum(probs[order]) - probs[order]  # mass of the more likely tokens
-        drop = order[before >= top_p]  # the most likely token always stays (before = 0)
-        probs[drop] = 0.0
+        probs[order[before >= top_p]] = 0.0
         probs /= probs.sum()
+    return probs
+
+
+def choose(logits, history, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, rng=None):
+    """The next token from one row of logits: the argmax after the penalty when ``temperature``
+    is 0, else one draw from ``rng`` over ``distribution``. ``history`` is the prompt and the
+    tokens so far."""
+    scores = penalized(logits, history, repetition_penalty)
+    if temperature <= 0:
+        return int(np.argmax(scores))
+    cumulative = np.cumsum(distribution(scores, temperature, top_k, top_p))
     # searchsorted on the cumulative sum, not Generator.choice: choice insists the
-    # probabilities sum to 1 within a tolerance float32-derived rows can miss.
-    cumulative = np.cumsum(probs)
+    # probabilities sum to 1 within a tolerance a float32-derived row can miss.
     pick = int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right"))
     return min(pick, scores.shape[0] - 1)
 
