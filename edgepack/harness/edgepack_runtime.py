@@ -137,6 +137,10 @@ class Model:
     ``providers`` its execution providers (default: CPU).
     """
 
+    # What the methods raise, for code that holds a model but imported this file another way
+    # (edgepack_serve.py is handed the model, whichever name its module was loaded under).
+    Error = BundleError
+
     def __init__(
         self,
         bundle_dir: Any = None,

@@ -81,15 +81,15 @@ def _number(body: Dict[str, Any], name: str, integral: bool = False) -> Any:
     return value
 
 
-def parse_options(body: Dict[str, Any], max_tokens: int, default_tokens: int) -> Dict[str, Any]:
-    """The generation options of a completions or chat request; RequestError for a bad one."""
+def parse_options(body: Dict[str, Any], max_tokens: int) -> Dict[str, Any]:
+    """The generation options of a completions or chat request; RequestError for a bad one.
+    ``max_new_tokens`` is None when the request names none."""
     n = _number(body, "n", integral=True)
     if n not in (None, 1):
         raise RequestError(400, "n must be 1: this server makes one choice per request", "n")
     tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     tokens = _number({"max_tokens": tokens}, "max_tokens", integral=True)
-    tokens = default_tokens if tokens is None else tokens
-    if not 0 <= tokens <= max_tokens:
+    if tokens is not None and not 0 <= tokens <= max_tokens:
         raise RequestError(
             400, "max_tokens must be 0 to {} on this server, got {}".format(max_tokens, tokens),
             "max_tokens",
@@ -162,34 +162,29 @@ class App:
     ) -> None:
         self.model, self.name, self.max_tokens, self.max_body = model, name, max_tokens, max_body
         self.admission, self.log = Admission(queue), log
-        self.errors = _bundle_error(model)
+        self.errors = model.Error
 
     def start(self, chat: bool, body: Dict[str, Any]) -> Tuple[Any, Dict[str, Any]]:
         """The generation a request asks for (not started) and its options; RequestError when
         the model refuses it (a prompt too long, a bad sampling value, no chat format)."""
-        options = parse_options(body, self.max_tokens, 256 if chat else 16)
+        options = parse_options(body, self.max_tokens)
         stream = options.pop("stream")
         tokens = options.pop("max_new_tokens")
         try:
             if chat:
                 ids = self.model.chat_ids(parse_messages(body))
-                generation = self.model.start(
-                    ids, tokens, stop_ids=self.model.end_of_turn, **options
-                )
+                stops = self.model.end_of_turn
             else:
-                prompt = parse_prompt(body)
-                generation = self.model.start(
-                    self.model.tokenizer.encode(prompt).ids, tokens, **options
-                )
+                ids, stops = self.model.tokenizer.encode(parse_prompt(body)).ids, []
+            if tokens is None:
+                # OpenAI's defaults: 16 for completions, the rest of the context for chat (here
+                # bounded by the server's limit).
+                room = max(0, self.model.max_length - len(ids))
+                tokens = min(16 if not chat else room, room, self.max_tokens)
+            generation = self.model.start(ids, tokens, stop_ids=stops, **options)
         except self.errors as exc:
             raise RequestError(400, str(exc)) from None
         return generation, {"stream": stream}
-
-
-def _bundle_error(model: Any) -> Any:
-    """The runtime's BundleError, from the module the model came from (imported as
-    edgepack_runtime, run as __main__, or loaded under another name by a test)."""
-    return sys.modules[type(model).__module__].BundleError
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -346,7 +341,7 @@ def make_server(
 
 def serve(model: Any, args: Any) -> int:
     """The ``serve`` command: bind, print the address, serve until interrupted."""
-    errors = _bundle_error(model)
+    errors = model.Error
     for flag, value, low in (
         ("--port", args.port, 0),
         ("--queue", args.queue, 0),
