@@ -318,17 +318,23 @@ def test_readme_flags_and_files_are_the_bundles(built: tuple[Path, dict]) -> Non
     folder, _ = built
     text = (folder / "README.md").read_text()
     helps = ""
-    for args in (["bench.py"], ["edgepack_runtime.py"], ["edgepack_runtime.py", "generate"]):
+    runtime = ["edgepack_runtime.py"]
+    commands = [["bench.py"], runtime] + [[*runtime, c] for c in ("generate", "chat", "serve")]
+    for args in commands:
         done = subprocess.run(
             [sys.executable, str(folder / args[0]), *args[1:], "--help"],
             capture_output=True, text=True, timeout=120, cwd=folder,
         )  # fmt: skip
         assert done.returncode == 0, done.stderr
         helps += done.stdout
-    assert {"--check-only", "--new-tokens", "--max-new-tokens"} <= readme_flags(text)
+    assert {"--check-only", "--new-tokens", "--max-new-tokens", "--temperature", "--port"} <= (
+        readme_flags(text)
+    )
     assert readme_flags(text) - readme_flags(helps) == set()
     names = readme_file_names(text)
-    assert {"run.sh", "bench.py", "reference.json", "edgepack_decode.py"} <= names
+    assert {"run.sh", "bench.py", "reference.json", "edgepack_decode.py", "edgepack_serve.py"} <= (
+        names
+    )
     assert sorted(n for n in names if not (folder / n).exists()) == []
     floor = ORT_FLOOR[("decoder", "onnx")]
     assert f"onnxruntime>={floor}\n" in (folder / "requirements.txt").read_text()
