@@ -92,11 +92,30 @@ def distribution(scores, temperature=1.0, top_k=0, top_p=1.0):
     probs = np.exp(scores - scores.max())
     probs /= probs.sum()
     if top_p < 1.0:
-        order = np.argsort(-probs, kind="stable")
-        before = np.cumsum(probs[order]) - probs[order]  # mass of the more likely tokens
-        probs[order[before >= top_p]] = 0.0
+        kept = np.zeros(probs.shape[0], dtype=bool)
+        kept[nucleus(probs, top_p)] = True
+        probs[~kept] = 0.0
         probs /= probs.sum()
     return probs
+
+
+def nucleus(probs, top_p, first=64):
+    """Indices of the smallest set of most likely tokens whose mass reaches ``top_p``.
+
+    Sorting a 49k-token vocabulary took 15 ms a token (more than the model's step on a loaded
+    2-core x86); the set is almost always among the few hundred likeliest, so only the ``first``
+    likeliest are sorted, four times more while their mass falls short of ``top_p``."""
+    size, k = probs.shape[0], first
+    while True:
+        if k >= size:
+            order = np.argsort(-probs, kind="stable")
+        else:
+            top = np.argpartition(-probs, k)[:k]
+            order = top[np.lexsort((top, -probs[top]))]  # as a stable sort of the whole row
+        before = np.cumsum(probs[order]) - probs[order]  # mass of the more likely tokens
+        if k >= size or before[-1] + probs[order[-1]] >= top_p:
+            return order[before < top_p]  # the likeliest always stays (before = 0)
+        k *= 4
 
 
 def choose(logits, history, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, rng=None):
