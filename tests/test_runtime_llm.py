@@ -132,6 +132,13 @@ def test_the_sampling_distribution_is_transformers_processors(bundle: Path) -> N
         got = decode.distribution(penalized, settings["temperature"], settings["top_k"],
                                   settings["top_p"])  # fmt: skip
         np.testing.assert_allclose(got, want, atol=1e-6, err_msg=str((case, settings)))
+    for case in range(
+        10
+    ):  # the nucleus from a partial sort (doubling its window) is the full sort's
+        probs = decode.distribution(rng.normal(0, 2, size=500), 1.0)
+        for top_p in (0.3, 0.9, 0.999):
+            whole = decode.nucleus(probs, top_p, first=10_000)
+            assert decode.nucleus(probs, top_p, first=2).tolist() == whole.tolist(), (case, top_p)
     draw = np.random.default_rng(5)
     logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
     picks = [decode.choose(logits, [], 1.0, 0, 0.75, 1.0, draw) for _ in range(4000)]
