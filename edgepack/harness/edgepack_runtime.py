@@ -752,6 +752,9 @@ def _chat(model: Model, args: argparse.Namespace) -> int:
     history = [{"role": "system", "content": args.system}] if args.system is not None else []
     lines = [args.message] if args.message is not None else None  # type: Optional[List[str]]
     interactive = lines is None and sys.stdin.isatty()
+    if interactive:
+        sys.stderr.write("> ")
+        sys.stderr.flush()
     for line in lines if lines is not None else sys.stdin:
         text = line.rstrip("\r\n")
         if not text.strip() and lines is None:
@@ -773,14 +776,13 @@ def _fit_and_start(
     model: Model, history: List[Dict[str, Any]], max_new: int, options: Dict[str, Any]
 ) -> Generation:
     first = 1 if history and history[0]["role"] == "system" else 0
-    while True:
-        try:
-            ids = model.chat_ids(history)
-            return model.start(ids, max_new, stop_ids=model.end_of_turn, **options)
-        except BundleError:
-            if len(history) - first < 3:  # only the new message is left: it cannot fit
-                raise
-            del history[first : first + 2]  # the oldest user message and its reply
+    ids = model.chat_ids(history)
+    # Drop the oldest user message and its reply while the conversation is too long; the newest
+    # message alone that does not fit is start()'s error to report.
+    while len(ids) + max_new > model.max_length and len(history) - first >= 3:
+        del history[first : first + 2]
+        ids = model.chat_ids(history)
+    return model.start(ids, max_new, stop_ids=model.end_of_turn, **options)
 
 
 def _read_lines(path: str) -> List[str]:
