@@ -191,6 +191,11 @@ class Handler(BaseHTTPRequestHandler):
     server_version = "edgepack-serve"
     protocol_version = "HTTP/1.0"  # one request per connection: a stream ends when it closes
     timeout = SOCKET_TIMEOUT_S
+    # Headers and body leave in one send (and each SSE event when flushed): written apart, the
+    # body could still wait behind Nagle's algorithm when the connection closed, and a client
+    # then saw the headers of a 413 and no body (seen under load in the tests).
+    wbufsize = -1
+    disable_nagle_algorithm = True
     app = None  # type: Any  # set on the class make_server returns
 
     def log_message(self, format: str, *args: Any) -> None:
@@ -204,6 +209,7 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
+        self.wfile.flush()
 
     def _error(self, status: int, message: str, param: Optional[str] = None) -> None:
         self.close_connection = True
@@ -276,6 +282,7 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
         self.end_headers()
+        self.wfile.flush()  # the client knows the stream started before the first token
         head["object"] = "chat.completion.chunk" if chat else "text_completion"
         if chat:
             self._event({**head, "choices": [_delta({"role": "assistant", "content": ""})]})
