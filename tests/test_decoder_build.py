@@ -405,3 +405,21 @@ def test_a_gguf_build_says_what_the_file_already_was(tmp_path: Path) -> None:
     assert source["restored"] == {"head_dim": 128}
     report = (tmp_path / "b" / "dist" / "report.md").read_text()
     assert "a GGUF of type MOSTLY_Q8_0" in report and "fidelity is measured against it" in report
+
+
+def test_a_model_without_a_chat_template_ships_the_reason_and_chat_says_it(
+    built: tuple[Path, dict],
+) -> None:
+    folder, manifest = built
+    assert manifest["generation"]["chat"] == {
+        "table": None,
+        "why": "the model's tokenizer has no chat template",
+    }
+    assert not (folder / "tokenizer" / "chat_template.jinja").exists()
+    run = subprocess.run(
+        [sys.executable, str(folder / "edgepack_runtime.py"), "chat", "--message", "a cat"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 2 and run.stderr.count("\n") == 1, run.stderr
+    assert "no chat format (the model's tokenizer has no chat template)" in run.stderr
+    assert verify_bundle(folder) >= 6
