@@ -297,7 +297,9 @@ def build_decoder(
         chosen[setting] = (candidate, *_measure(candidate, fid, prompts, fp32_out, eos))
     record = {"validation": validation, "context": context, "versions": versions or {}}
     record["chat"] = chat_format(tokenizer)
-    record["chat_template"] = tokenizer.chat_template if record["chat"]["table"] else None
+    # Shipped whenever it is one text, table or not: an app with Jinja can still render it.
+    template = getattr(tokenizer, "chat_template", None)
+    record["chat_template"] = template if isinstance(template, str) and template else None
     texts_ids = (texts, [tokenizer(t)["input_ids"] for t in texts])
     return [
         _package(box, config, model, fp32, profile, settings[profile.name], chosen, progress,
