@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Use an edgepack bundle from an app: text in, embeddings, labels or tagged tokens out.
+"""Use an edgepack bundle from an app: text in; embeddings, labels, tagged tokens or new text out.
 
 This file is copied verbatim into every bundle, next to bench.py. It needs only onnxruntime,
 numpy and Hugging Face ``tokenizers`` (all in the bundle's requirements.txt), never edgepack,
@@ -13,12 +13,15 @@ In Python (the bundle folder on sys.path, or copy this file next to your code)::
     vectors = model.embed(["where is my order?"])   # (n, d) float32; feature-extraction
     model.classify(["great phone"])             # [{"label", "score", "scores"}]; classifiers
     model.tag(["Ada lives in Paris"])           # [[{"token", "start", "end", "label", "score"}]]
+    llm.chat([{"role": "user", "content": "Hi!"}])      # decoders: the reply (chat template)
+    llm.generate("Once", 32, temperature=0.8, seed=1)  # greedy without temperature
 
 From a shell, in the bundle folder (JSON on stdout)::
 
     python3 -m edgepack_runtime embed "where is my order?" "track a parcel"
     python3 -m edgepack_runtime search --file faq.txt "where is my order?" --top 3
     python3 /path/to/bundle/edgepack_runtime.py classify "great phone"
+    python3 -m edgepack_runtime chat --message "Hi!"     # decoders; serve --port 8000 for HTTP
 
 What each task returns:
 
