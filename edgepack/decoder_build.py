@@ -280,6 +280,7 @@ def build_decoder(
     tolerance, before writing. ``versions`` go in the manifests."""
     from transformers import AutoTokenizer
 
+    from edgepack.chat_format import chat_format
     from edgepack.export import export_decoder_cached
     from edgepack.load import display_name
 
@@ -311,6 +312,10 @@ def build_decoder(
         candidate, fid = _choose(config, fp32, setting, data, progress, steps)
         chosen[setting] = (candidate, *_measure(candidate, fid, prompts, fp32_out, eos))
     record = {"validation": validation, "context": context, "versions": versions or {}}
+    record["chat"] = chat_format(tokenizer)
+    # Shipped whenever it is one text, table or not: an app with Jinja can still render it.
+    template = getattr(tokenizer, "chat_template", None)
+    record["chat_template"] = template if isinstance(template, str) and template else None
     texts_ids = (texts, [tokenizer(t)["input_ids"] for t in texts])
     return [
         _package(box, config, model, fp32, profile, settings[profile.name], chosen, progress,
@@ -345,6 +350,7 @@ def _package(
         record["versions"],
     )
     manifest["decoder"] = setting_record(config, profile, setting, candidate, fid)
+    manifest["generation"]["chat"] = record["chat"]
     manifest["resources"] = progress.resources()
     with progress.stage("package", profile.name):
         folder, tar = package_decoder(
@@ -358,6 +364,7 @@ def _package(
             fmt=profile.section("format"),
             check=_host_check(reference, shared["eos"]),
             texts=shared["texts"],
+            chat_template=record["chat_template"],
         )
     return BuildResult(profile.name, folder, tar, manifest, fp32.path)
 

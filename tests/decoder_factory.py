@@ -324,3 +324,26 @@ def build_fails_with(args: list[str], out: Path, *words: str) -> str:
         assert word in lines[-1], (word, lines[-1])
     assert not out.exists() or not any(out.iterdir()), sorted(out.iterdir())
     return lines[-1]
+
+
+# A chat template in the tiny tokenizer's own words; [SEP], a special token, ends each turn.
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}[SEP]{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+def build_chat_decoder(root: Path) -> Path:
+    """The folder of a tiny decoder bundle with a chat template and no EOS, so a continuation runs
+    as long as asked; a chat reply also ends at [SEP], the template's end of turn."""
+    import json
+
+    from edgepack.pipeline import build
+    from edgepack.progress import Progress
+
+    model = make_tiny_decoder(root / "chatty", eos=None, seed=5)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config["chat_template"] = TINY_CHAT_TEMPLATE
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    (result,) = build(tiny_decoder_config(root / "build", model=str(model)), Progress(quiet=True))
+    return result.folder

@@ -414,17 +414,23 @@ def test_readme_flags_and_files_are_the_bundles(built: tuple[Path, dict]) -> Non
     folder, _ = built
     text = (folder / "README.md").read_text()
     helps = ""
-    for args in (["bench.py"], ["edgepack_runtime.py"], ["edgepack_runtime.py", "generate"]):
+    runtime = ["edgepack_runtime.py"]
+    commands = [["bench.py"], runtime] + [[*runtime, c] for c in ("generate", "chat", "serve")]
+    for args in commands:
         done = subprocess.run(
             [sys.executable, str(folder / args[0]), *args[1:], "--help"],
             capture_output=True, text=True, timeout=120, cwd=folder,
         )  # fmt: skip
         assert done.returncode == 0, done.stderr
         helps += done.stdout
-    assert {"--check-only", "--new-tokens", "--max-new-tokens"} <= readme_flags(text)
+    assert {"--check-only", "--new-tokens", "--max-new-tokens", "--temperature", "--port"} <= (
+        readme_flags(text)
+    )
     assert readme_flags(text) - readme_flags(helps) == set()
     names = readme_file_names(text)
-    assert {"run.sh", "bench.py", "reference.json", "edgepack_decode.py"} <= names
+    assert {"run.sh", "bench.py", "reference.json", "edgepack_decode.py", "edgepack_serve.py"} <= (
+        names
+    )
     assert sorted(n for n in names if not (folder / n).exists()) == []
     floor = ORT_FLOOR[("decoder", "onnx")]
     assert f"onnxruntime>={floor}\n" in (folder / "requirements.txt").read_text()
@@ -495,3 +501,21 @@ def test_a_gguf_build_says_what_the_file_already_was(tmp_path: Path) -> None:
     assert source["restored"] == {"head_dim": 128}
     report = (tmp_path / "b" / "dist" / "report.md").read_text()
     assert "a GGUF of type MOSTLY_Q8_0" in report and "fidelity is measured against it" in report
+
+
+def test_a_model_without_a_chat_template_ships_the_reason_and_chat_says_it(
+    built: tuple[Path, dict],
+) -> None:
+    folder, manifest = built
+    assert manifest["generation"]["chat"] == {
+        "table": None,
+        "why": "the model's tokenizer has no chat template",
+    }
+    assert not (folder / "tokenizer" / "chat_template.jinja").exists()
+    run = subprocess.run(
+        [sys.executable, str(folder / "edgepack_runtime.py"), "chat", "--message", "a cat"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 2 and run.stderr.count("\n") == 1, run.stderr
+    assert "no chat format (the model's tokenizer has no chat template)" in run.stderr
+    assert verify_bundle(folder) >= 6

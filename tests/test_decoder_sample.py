@@ -72,3 +72,30 @@ def test_sample_llm_check_on_emulated_aarch64(sysroot: Path, sample_bundle: Path
     # int8 activations round differently on ARM: free greedy paths part from x86's at near-ties
     # (measured prefixes [4, 0, 13, 32]), but fed x86's tokens the picks agree.
     assert check["agreement"] >= check["min_agreement"] == 0.9
+
+
+def test_sample_llm_chats_with_its_own_template(sample_bundle: Path) -> None:
+    """The sample bundle carries SmolLM2's chat template as a table that renders as transformers
+    does (its default system prompt included), and answers a chat greedily; the answer is the
+    one measured with the int4 bundle (and the fp32 model) on x86."""
+    from transformers import AutoTokenizer
+
+    chat = json.loads((sample_bundle / "manifest.json").read_text())["generation"]["chat"]
+    assert chat["end_of_turn"] == "<|im_end|>" and "SmolLM" in chat["table"]["start_user"]
+    tok = AutoTokenizer.from_pretrained(str(sample_bundle / "tokenizer"))
+    spec = importlib.util.spec_from_file_location("sample_llm_runtime",
+                                                  sample_bundle / "edgepack_runtime.py")  # fmt: skip
+    runtime = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runtime)
+    model = runtime.Model(sample_bundle, threads=1)
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    for messages in (
+        question,
+        [{"role": "system", "content": "Be brief."}, *question,
+         {"role": "assistant", "content": "Paris."}, {"role": "user", "content": "And Italy?"}],
+    ):  # fmt: skip
+        want = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+        assert model.chat_ids(messages) == want
+    assert model.chat(question, 32) == "The capital of France is Paris."
+    sampled = [model.chat(question, 24, temperature=0.7, top_p=0.9, seed=s) for s in (1, 1, 2)]
+    assert sampled[0] == sampled[1] and all(sampled)

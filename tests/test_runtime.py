@@ -317,7 +317,9 @@ def test_wrong_task_and_missing_tokenizer_json_are_said_clearly(
 HARNESS = Path(__file__).resolve().parents[1] / "edgepack" / "harness"
 
 
-@pytest.mark.parametrize("script", ["edgepack_runtime.py", "mobile.py", "mobile_sources.py"])
+@pytest.mark.parametrize(
+    "script", ["edgepack_runtime.py", "edgepack_serve.py", "mobile.py", "mobile_sources.py"]
+)
 def test_device_side_files_parse_as_python_38_and_import_only_device_packages(script: str) -> None:
     import ast
 

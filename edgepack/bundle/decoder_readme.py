@@ -129,31 +129,83 @@ reported as percentiles. It prints the JSON report and exits with:
 ## Use the model from an app
 
 `edgepack_runtime.py` tokenizes exactly as the build host did (`tokenizer/tokenizer.json`) and
-decodes greedily with the KV cache, stopping at the end-of-sequence token; it needs only
-onnxruntime, numpy and tokenizers (requirements.txt) and shares its decoding loop with `bench.py`
-(`edgepack_decode.py`), so what the check passed is what an app runs.
+decodes with the KV cache; it needs only onnxruntime, numpy and tokenizers (requirements.txt) and
+shares its decoding loop with `bench.py` (`edgepack_decode.py`). Greedy is the default, and it is
+the path the check above passed.
 
 ```python
 import sys; sys.path.insert(0, "/path/to/this/bundle")
 from edgepack_runtime import BundleError, Model
 model = Model("/path/to/this/bundle", threads=2)    # threads and providers are optional
-text = model.generate("The capital of France is", max_new_tokens=32)   # str
+text = model.generate("The capital of France is", max_new_tokens=32)   # str, greedy
 for piece in model.stream("Once upon a time", max_new_tokens=32):      # str pieces, as decoded
     print(piece, end="", flush=True)
+reply = model.chat([{"role": "system", "content": "Answer in one sentence."},
+                    {"role": "user", "content": "What is the capital of France?"}],
+                   max_new_tokens=64)
+story = model.generate("Once upon a time", 64, temperature=0.8, top_p=0.95, seed=1,
+                       stop=["\n\n"])                # the same seed gives the same text
 ids = list(model.generate_ids([1, 2, 3], max_new_tokens=8))            # token ids in, ids out
 ```
 
-A prompt whose tokens plus `max_new_tokens` (default 64) exceed the context raises `BundleError`,
-as does a prompt with no tokens.
+- Sampling: `temperature` (0, the default, is greedy), `top_k` (0: all tokens), `top_p` (1.0: all),
+  `repetition_penalty` (1.0: none), applied in transformers' order; `seed` makes a sampled run
+  repeat itself exactly (numpy's Generator; no seed, a fresh one each time).
+- `stop`: a string or strings; the text ends before the first one and leaves it out. The
+  end-of-sequence token ends any text; a chat reply also ends at the template's end-of-turn token.
+- Streaming (`stream`, `chat_stream`) hands out text as soon as it is whole: a character spread
+  over several tokens (é, 日, an emoji) is never split. `model.start(ids, ...)` returns the same
+  stream with `finish_reason` ("stop" or "length"), `prompt_tokens` and `completion_tokens`.
+- Chat: `manifest.json` `generation.chat` holds the model's chat template as fixed strings between
+  the turns, worked out by the build with transformers and checked against the template on several
+  conversations (`tokenizer/chat_template.jinja` is the template itself). Conversations are an
+  optional system message, then user and assistant turns alternating, ending with the user's;
+  anything else raises `BundleError`, as does a bundle whose template could not be written down
+  that way (`generation.chat.why` says why).
+- A prompt whose tokens plus `max_new_tokens` exceed the context raises `BundleError`, as does a
+  prompt with no tokens.
 
-From a shell in this folder (JSON on stdout, exit 2 with one line on stderr for a `BundleError`):
+From a shell in this folder (exit 2 with one line on stderr for a `BundleError`):
 
 ```sh
 python3 edgepack_runtime.py generate "The capital of France is" --max-new-tokens 32
 # {"prompt": "The capital of France is", "text": " ..."}
+python3 edgepack_runtime.py generate "Once upon a time" --temperature 0.8 --top-p 0.95 --top-k 50 --repetition-penalty 1.1 --seed 1 --stop "."
+python3 edgepack_runtime.py chat --message "What is the capital of France?"   # the reply, streamed
+python3 edgepack_runtime.py chat --system "Answer briefly."   # one user turn per stdin line
 python3 edgepack_runtime.py tokenize "The capital of France is"   # ids and tokens
 python3 edgepack_runtime.py --threads 2 --bundle /path/to/bundle generate "Hi" --max-new-tokens 16
 ```
+
+## Serve it over HTTP (OpenAI-compatible)
+
+```sh
+python3 edgepack_runtime.py serve --port 8000        # loopback only; --host 0.0.0.0 to expose it
+curl -s http://127.0.0.1:8000/v1/chat/completions -H "Content-Type: application/json" \
+  -d '{"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 32}'
+```
+
+`edgepack_serve.py` (standard library only) answers `POST /v1/completions`,
+`POST /v1/chat/completions` (JSON with `id`, `object`, `created`, `model`, `choices`, `usage`; with
+`"stream": true`, Server-Sent Events `data: {...}` chunks and then `data: [DONE]`) and
+`GET /v1/models`, so OpenAI client libraries work with `base_url="http://127.0.0.1:8000/v1"`.
+Requests take `max_tokens`, `temperature`, `top_p`, `seed`, `stop`, `stream`, and `top_k` and
+`repetition_penalty` beyond OpenAI's; `n` must be 1 and other fields are ignored. Greedy unless
+`temperature` is given. There is no authentication: keep it on loopback unless the network is yours.
+
+| flag | default | meaning |
+| --- | --- | --- |
+| `--host ADDR` | 127.0.0.1 | address to listen on |
+| `--port N` | 8000 | port; 0 picks a free one (the first stdout line names it) |
+| `--queue N` | 8 | requests that may wait while one generates; more get 429 at once |
+| `--max-tokens N` | 512 | most new tokens a request may ask (more is a 400) |
+| `--max-body N` | 1048576 | largest request body in bytes (more is a 413, not read) |
+| `--model-name NAME` | this folder's name | the model id the API reports |
+| `--log` | off | one stderr line per request |
+
+One generation runs at a time; bad JSON, a wrong type or value, or a prompt too long for the
+context is a 400 with OpenAI's error object (`{"error": {"message", "type", "param", "code"}}`),
+an unknown path a 404, and a client silent for 30 s loses its connection.
 """
 
 

@@ -31,6 +31,17 @@ REFERENCE = "reference.json"
 # The converter's list of operators and types the model uses: what a reduced (minimal) onnxruntime
 # build must include; the encoder bundles ship it under the same name.
 OPERATOR_CONFIG = "required_operators_and_types.config"
+CHAT_TEMPLATE = "chat_template.jinja"  # the name transformers saves it under
+# Shipped from harness/ as they are: the shared integrity check, the decode loop, the app runtime
+# and its HTTP server, run.sh.
+RUNTIME_FILES = (
+    "bench_env.py",
+    "bundle_check.py",
+    "edgepack_decode.py",
+    "edgepack_runtime.py",
+    "edgepack_serve.py",
+    "run.sh",
+)
 
 
 def _device_model(model_path: Path, tmp: Path, fmt: dict[str, Any]) -> tuple[Path, Path | None]:
@@ -53,6 +64,7 @@ def package_decoder(
     fmt: dict[str, Any] | None = None,
     check: Callable[[Path], dict[str, Any]] | None = None,
     texts: tuple[list[str], list[list[int]]] | None = None,
+    chat_template: str | None = None,
 ) -> tuple[Path, Path]:
     """Write ``<name>/`` and its .tar.gz into ``box``, which publishes them when the build ends;
     returns (folder, tarball) there until then.
@@ -60,6 +72,8 @@ def package_decoder(
     ``fmt`` is the profile's [format] section; ``check`` runs on the converted model file before
     anything is written (it raises to stop the bundle) and its figures go in manifest ``check``.
     ``texts`` are reference texts and the ids the build host's tokenizer gave them.
+    ``chat_template`` is the Jinja source the manifest's chat table was made from, shipped as
+    tokenizer/chat_template.jinja for apps that render with Jinja themselves.
     """
     manifest["reference"] = {"inputs": REFERENCE, "outputs": REFERENCE}
     with box.bundle(name) as tmp:
@@ -79,15 +93,12 @@ def package_decoder(
         if op_config is not None:
             shutil.copy2(op_config, folder / OPERATOR_CONFIG)
         shutil.copytree(tokenizer_dir, folder / "tokenizer")
+        template = folder / "tokenizer" / CHAT_TEMPLATE
+        if chat_template and not template.exists():
+            template.write_text(chat_template, encoding="utf-8")
         shutil.copy2(HARNESS, folder / "bench.py")
         # run.sh is the encoders' too: it checks SHA256SUMS names and file types, then the sums.
-        for shared in (
-            "bench_env.py",
-            "bundle_check.py",
-            "edgepack_decode.py",
-            "edgepack_runtime.py",
-            "run.sh",
-        ):
+        for shared in RUNTIME_FILES:
             shutil.copy2(HARNESS_DIR / shared, folder / shared)
         (folder / "run.sh").chmod(0o755)
         (folder / REFERENCE).write_text(json.dumps(reference, indent=1) + "\n", encoding="utf-8")
