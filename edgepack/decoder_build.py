@@ -44,6 +44,7 @@ from edgepack.families.decoder_fidelity import (
     perplexity_and_top1,
 )
 from edgepack.families.generate import greedy
+from edgepack.load import gguf_blocks
 from edgepack.profiles import TargetProfile, list_targets, resolve_targets
 from edgepack.progress import Progress
 from edgepack.quantize import WEIGHT_ONLY_VERSION, WeightOnlySettings, derived, quantize_weights
@@ -121,9 +122,15 @@ def _setting(config: BuildConfig, profile: TargetProfile) -> Setting:
 
 
 def _quantized(
-    fp32: OnnxModel, precision: str, level: int, calibration: list[int], window: int
+    fp32: OnnxModel,
+    precision: str,
+    level: int,
+    calibration: list[int],
+    window: int,
+    source: Path | None = None,
 ) -> OnnxModel:
-    """The weight-only copy behind the cache (one per setting, export and calibration text)."""
+    """The weight-only copy behind the cache (one per setting, export, calibration text and the
+    GGUF blocks in ``source``, a converted folder, carried where the weights still are them)."""
     from edgepack.quantize import activation_power
 
     bits, block = STEPS[precision]
@@ -132,12 +139,13 @@ def _quantized(
         **settings.record(),
         "code": WEIGHT_ONLY_VERSION,
         "calibration": hashlib.sha256(json.dumps(calibration).encode()).hexdigest(),
+        "source_blocks": None if source is None else sha256_file(source / gguf_blocks.BLOCKS),
     }
 
     def make(out: Path) -> OnnxModel:
         path = out / "model.onnx"
         importance = activation_power(fp32.path, calibration, window) if calibration else None
-        record = quantize_weights(fp32.path, path, settings, importance)
+        record = quantize_weights(fp32.path, path, settings, importance, source)
         record["calibration_tokens"] = len(calibration)
         return OnnxModel(
             **{
@@ -197,18 +205,18 @@ def _choose(
     config: BuildConfig,
     fp32: OnnxModel,
     setting: Setting,
-    data: tuple[list[int], list[int], int],
+    data: tuple[list[int], list[int], int, Path | None],
     progress: Progress,
     steps: dict[Setting, tuple[OnnxModel, dict[str, Any]]],
 ) -> tuple[OnnxModel, dict[str, Any]]:
     """The accuracy search for decoders: the requested precision, else the next wider one, until
     held-out perplexity is within ``--max-drop`` (a relative increase) of fp32's.
 
-    ``data`` is (calibration ids, held-out ids, context). ``steps`` keeps each quantized model
-    and its perplexity for the whole build, so targets sharing a step never quantize or measure
-    it twice.
+    ``data`` is (calibration ids, held-out ids, context, the GGUF blocks' folder or None).
+    ``steps`` keeps each quantized model and its perplexity for the whole build, so targets
+    sharing a step never quantize or measure it twice.
     """
-    calibration, heldout, context = data
+    calibration, heldout, context, source = data
     precision, level = setting
     window = min(WINDOW, context)
     tried = []
@@ -219,7 +227,7 @@ def _choose(
                 candidate = fp32
             else:
                 with progress.stage("quantize", f"{step} weight-only, accuracy level {level}"):
-                    candidate = _quantized(fp32, step, int(level or 0), calibration, window)
+                    candidate = _quantized(fp32, step, int(level or 0), calibration, window, source)
             with progress.stage("fidelity", f"perplexity on {len(heldout)} held-out tokens"):
                 fid = _fidelity(fp32, candidate, heldout, window)
             fid["relative_perplexity_increase"] = fid["perplexity"] / fid["perplexity_fp32"] - 1.0
@@ -287,7 +295,8 @@ def build_decoder(
         validation = dict(_validated(fp32, model, prompts))
     fp32_out = validation.pop("continuations")
     ids = tokenizer("\n".join(heldout.texts), add_special_tokens=False)["input_ids"]
-    data = (_calibration_ids(config, tokenizer), ids, context)
+    source = model.path if gguf_blocks.found(model.path) else None
+    data = (_calibration_ids(config, tokenizer), ids, context, source)
     eos = fp32.records["eos_token_ids"]
     steps: dict[Setting, tuple[OnnxModel, dict[str, Any]]] = {}
     chosen = {}
