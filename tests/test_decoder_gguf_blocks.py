@@ -19,8 +19,9 @@ EXACT = WeightOnlySettings(accuracy_level=0, method="rtn")
 
 
 def _graph_weights(path: Path) -> dict[str, np.ndarray]:
-    """Each MatMulNBits' weight [N, K] as the graph defines it (codes, scales, default zero
-    points, plus the per-block offsets a Q4_1 weight adds through its block sums)."""
+    """Each MatMulNBits' weight [N, K] as the graph defines it: codes, scales (a Cast of fp16
+    ones when carried), default zero points, plus for Q4_1 the per-block offsets m + 8 d the
+    graph computes from the stored fp16 minimums and the scales."""
     import onnx
     from onnx import numpy_helper
 
@@ -31,19 +32,18 @@ def _graph_weights(path: Path) -> dict[str, np.ndarray]:
         if node.op_type != "MatMulNBits":
             continue
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        bits, data, scales = attrs["bits"], inits[node.input[1]], inits[node.input[2]]
-        codes = (
-            data
-            if bits == 8
-            else np.stack([data & 0x0F, data >> 4], -1).reshape(*data.shape[:2], -1)
-        )
-        values = (codes.astype(np.float32) - 2 ** (bits - 1)) * scales.reshape(codes.shape[:2])[
-            ..., None
-        ]
-        offsets = inits.get(f"{node.input[1].removesuffix(f'_Q{bits}')}_block_offsets")
-        if offsets is not None:
-            values = values + offsets.T[..., None]
-        out[node.input[1].removesuffix(f"_Q{bits}")] = values.reshape(attrs["N"], attrs["K"])
+        bits, data = attrs["bits"], inits[node.input[1]]
+        name = node.input[1].removesuffix(f"_Q{bits}")
+        scales = inits.get(node.input[2], inits.get(node.input[2] + "_fp16"))
+        scales = scales.astype(np.float32).reshape(data.shape[:2])
+        codes = data if bits == 8 else np.stack([data & 0x0F, data >> 4], -1)
+        codes = codes.reshape(*data.shape[:2], -1).astype(np.float32)
+        values = (codes - 2 ** (bits - 1)) * scales[..., None]
+        minimums = inits.get(f"{name}_block_minimums_fp16")
+        if minimums is not None:
+            offsets = minimums.T.astype(np.float32) + np.float32(8) * scales
+            values = values + offsets[..., None]
+        out[name] = values.reshape(attrs["N"], attrs["K"])
     return out
 
 
@@ -113,7 +113,7 @@ def test_changed_weights_are_quantized_again(tmp_path: Path) -> None:
     requantized = record["source_blocks"]["requantized"]
     assert set(requantized) == {"Q4_1: changed since the file", "Q4_1: vocabulary kept out"}
     assert requantized["Q4_1: changed since the file"] == 64 * 128
-    assert not any(n.endswith(name + "_block_offsets") for n in _inits(tmp_path / "q.onnx"))
+    assert not any(n.startswith(name + "_block_minimums") for n in _inits(tmp_path / "q.onnx"))
 
 
 def _inits(path: Path) -> list[str]:

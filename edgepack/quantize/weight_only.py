@@ -118,6 +118,7 @@ class _Rewrite:
         self.quantized: dict[str, tuple[str, str, int, int, str]] = {}
         self.carried: dict[str, Blocks] = {}
         self.block_sums: dict[str, str] = {}  # MatMul input -> its sums per block of 32
+        self.prelude: list[Any] = []  # nodes over initializers only, put first in the graph
 
     def add(self, name: str, array: np.ndarray) -> str:
         from onnx import numpy_helper
@@ -181,6 +182,31 @@ def _block_sums(rw: _Rewrite, x: str) -> tuple[list[Any], str]:
     ], sums
 
 
+def _carried_constants(rw: _Rewrite, name: str, blocks: Blocks) -> tuple[str, str]:
+    """The fp32 scales [N, K / 32] and, for Q4_1, offsets m + 8 d [K / 32, N] as nodes over the
+    file's fp16 values: onnxruntime folds them into fp32 constants when the session loads (the
+    same arithmetic, the same speed), and the file stores half the bytes (112 -> 97 MB on
+    SmolLM2). Returns (scales, offsets or "")."""
+    from onnx import TensorProto, helper
+
+    half = rw.add(f"{name}_scales_fp16", blocks.scales.astype(np.float16))
+    scales = f"{name}_scales"
+    rw.prelude.append(helper.make_node("Cast", [half], [scales], name=scales, to=TensorProto.FLOAT))
+    if blocks.minimum is None:
+        return scales, ""
+    low = rw.add(f"{name}_block_minimums_fp16", blocks.minimum.T.astype(np.float16))
+    eight = rw.add("/eight", np.array(8.0, dtype=np.float32))
+    minimums, moved, scaled = f"{name}_block_minimums", f"{scales}_t", f"{scales}_t8"
+    offsets = f"{name}_block_offsets"
+    rw.prelude += [
+        helper.make_node("Cast", [low], [minimums], name=minimums, to=TensorProto.FLOAT),
+        helper.make_node("Transpose", [scales], [moved], name=moved, perm=[1, 0]),
+        helper.make_node("Mul", [moved, eight], [scaled], name=scaled),
+        helper.make_node("Add", [minimums, scaled], [offsets], name=offsets),
+    ]
+    return scales, offsets
+
+
 def _carried_matmul(rw: _Rewrite, node: Any, blocks: Blocks, index: int) -> list[Any]:
     """MatMulNBits holding the source's codes and scales as they are; Q4_1's per-block offsets
     added as (x summed per block) @ offsets, in fp32."""
@@ -188,11 +214,9 @@ def _carried_matmul(rw: _Rewrite, node: Any, blocks: Blocks, index: int) -> list
 
     name, (k, n) = node.input[1], rw.arrays[node.input[1]].shape
     data = rw.add(f"{name}_Q{blocks.bits}", pack(blocks.codes, blocks.bits))
-    scales = rw.add(f"{name}_scales", blocks.scales)
-    offset = blocks.offset
-    table = "" if offset is None else rw.add(f"{name}_block_offsets", offset.T.astype(np.float32))
+    scales, table = _carried_constants(rw, name, blocks)
     rw.quantized[name] = (data, scales, blocks.bits, BLOCK, table)
-    out = node.output[0] if offset is None else f"{node.output[0]}_codes"
+    out = f"{node.output[0]}_codes" if table else node.output[0]
     main = helper.make_node(
         "MatMulNBits",
         [node.input[0], data, scales],
@@ -205,7 +229,7 @@ def _carried_matmul(rw: _Rewrite, node: Any, blocks: Blocks, index: int) -> list
         block_size=BLOCK,
         accuracy_level=rw.settings.accuracy_level,
     )
-    if offset is None:
+    if not table:
         return [main]
     sum_nodes, sums = _block_sums(rw, node.input[0])
     added = f"{node.output[0]}_offsets"
@@ -412,6 +436,8 @@ def quantize_weights(
         if settings.quantize_embedding
         else {"embedding": None, "shared_with_lm_head": None}
     )
+    for offset, node in enumerate(rw.prelude):
+        model.graph.node.insert(offset, node)
     used = {name for n in model.graph.node for name in n.input}
     inits = [i for i in model.graph.initializer if i.name in used]
     del model.graph.initializer[:]
@@ -429,7 +455,12 @@ def quantize_weights(
         **embedding,
         "matmul_nbits": sum(n.op_type == "MatMulNBits" for n in nodes),
         "gather_block_quantized": sum(n.op_type == "GatherBlockQuantized" for n in nodes),
-        "matmul_left_float": sum(n.op_type == "MatMul" for n in nodes),
+        "matmul_left_float": sum(
+            n.op_type == "MatMul" and not n.input[1].endswith("_block_offsets") for n in nodes
+        ),
+        "block_offset_matmuls": sum(
+            n.op_type == "MatMul" and n.input[1].endswith("_block_offsets") for n in nodes
+        ),
     }
 
 
