@@ -36,6 +36,10 @@ class BuildConfig:
     eval_data: str = ""
     seed: int = 0  # drives every random choice, so builds are reproducible
     precision: str = ""  # "" = the target profile's; "fp32" builds the same bundle unquantized
+    # Decoders from a GGUF: write its Q4_0/Q4_1/Q8_0 blocks into the bundle as they are ("all"),
+    # all but the vocabulary ("layers": smaller, the vocabulary re-quantized to int4), or none
+    # ("off": re-quantize everything, as for any other checkpoint).
+    source_blocks: str = "all"
     out: str = "dist"
     force: bool = False
     trust_remote_code: bool = False

@@ -128,13 +128,16 @@ def _quantized(
     calibration: list[int],
     window: int,
     source: Path | None = None,
+    keep: str = "all",
 ) -> OnnxModel:
     """The weight-only copy behind the cache (one per setting, export, calibration text and the
     GGUF blocks in ``source``, a converted folder, carried where the weights still are them)."""
     from edgepack.quantize import activation_power
 
     bits, block = STEPS[precision]
-    settings = WeightOnlySettings(bits=bits, block_size=block, accuracy_level=level)
+    settings = WeightOnlySettings(
+        bits=bits, block_size=block, accuracy_level=level, keep_source_blocks=keep
+    )
     key = {
         **settings.record(),
         "code": WEIGHT_ONLY_VERSION,
@@ -227,7 +230,10 @@ def _choose(
                 candidate = fp32
             else:
                 with progress.stage("quantize", f"{step} weight-only, accuracy level {level}"):
-                    candidate = _quantized(fp32, step, int(level or 0), calibration, window, source)
+                    candidate = _quantized(
+                        fp32, step, int(level or 0), calibration, window, source,
+                        config.source_blocks,
+                    )  # fmt: skip
             with progress.stage("fidelity", f"perplexity on {len(heldout)} held-out tokens"):
                 fid = _fidelity(fp32, candidate, heldout, window)
             fid["relative_perplexity_increase"] = fid["perplexity"] / fid["perplexity_fp32"] - 1.0
