@@ -120,3 +120,12 @@ def _inits(path: Path) -> list[str]:
     import onnx
 
     return [i.name for i in onnx.load(str(path)).graph.initializer]
+
+
+def test_a_source_blocks_value_outside_the_choices_is_one_line() -> None:
+    from edgepack.config import BuildConfig
+    from edgepack.decoder_before_export import check_decoder_flags
+    from edgepack.errors import UserError
+
+    with pytest.raises(UserError, match="source_blocks must be one of all, layers, off"):
+        check_decoder_flags(BuildConfig(source_blocks="some"), "llama")
