@@ -39,7 +39,7 @@ KEEP = ("all", "layers", "off")
 MS = "com.microsoft"
 # Part of the weight-only cache key: bump when ``quantize_weights`` (or blockwise.py) writes a
 # different graph for the same fp32 graph, settings and calibration.
-WEIGHT_ONLY_VERSION = 2  # 2: a GGUF's blocks carried
+WEIGHT_ONLY_VERSION = 3  # 2: a GGUF's blocks carried; 3: their scales stored as fp16
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,8 @@ class WeightOnlySettings:
     method: str = "awq"
     untie_lm_head: bool = True
     quantize_embedding: bool = True
+    # A GGUF source's blocks (KEEP): on SmolLM2 "all" is 97.4 MB, perplexity 30.60 (fp32 30.53),
+    # decode ~0.75x of re-quantized int4; "layers" 85.0 MB, 32.74; "off" 78.2 MB, 39.40.
     keep_source_blocks: str = "all"
 
     def record(self) -> dict[str, Any]:
