@@ -129,3 +129,24 @@ def test_a_source_blocks_value_outside_the_choices_is_one_line() -> None:
 
     with pytest.raises(UserError, match="source_blocks must be one of all, layers, off"):
         check_decoder_flags(BuildConfig(source_blocks="some"), "llama")
+
+
+def test_packed_phi3_blocks_are_split_and_carried(tmp_path: Path) -> None:
+    """Phi-3 packs q/k/v and gate/up in the file; the graph keeps qkv whole and splits gate_up
+    into two MatMuls, each carried from its half of the packed rows."""
+    from edgepack.export.decoder import export_decoder
+
+    folder = make_tiny_decoder(tmp_path / "m", "phi3")
+    model = load_model(str(write_model_gguf(folder, "phi3", tmp_path / "m.gguf", "Q8_0")))
+    fp32 = export_decoder(model, tmp_path / "x")
+    record = quantize_weights(fp32.path, tmp_path / "q.onnx", EXACT, None, model.path)
+    assert record["source_blocks"]["requantized"] == {}
+    graph = _graph_weights(tmp_path / "q.onnx")
+    assert {"model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight"} <= set(
+        graph
+    )
+    ids = list(range(4, 30))
+    reference = _logits(fp32.path, ids)
+    assert (
+        np.abs(_logits(tmp_path / "q.onnx", ids) - reference).max() < 1e-4 * np.abs(reference).max()
+    )
