@@ -37,6 +37,10 @@ class BuildConfig:
     seed: int = 0  # drives every random choice, so builds are reproducible
     precision: str = ""  # "" = the target profile's; "fp32" builds the same bundle unquantized
     kv_cache: str = ""  # decoders: "" = the target profile's; "int8" or "fp32"
+    # Decoders from a GGUF: write its Q4_0/Q4_1/Q8_0 blocks into the bundle as they are ("all"),
+    # all but the vocabulary ("layers": smaller, the vocabulary re-quantized to int4), or none
+    # ("off": re-quantize everything, as for any other checkpoint).
+    source_blocks: str = "all"
     out: str = "dist"
     force: bool = False
     trust_remote_code: bool = False

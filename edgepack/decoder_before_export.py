@@ -37,7 +37,13 @@ ENCODER_ONLY = {
 
 def check_decoder_flags(config: BuildConfig, model_type: str) -> None:
     """One line for each flag a decoder build cannot honour, before anything long runs."""
+    from edgepack.quantize.weight_only import KEEP
+
     default = BuildConfig()
+    if config.source_blocks not in KEEP:
+        raise UserError(
+            f"source_blocks must be one of {', '.join(KEEP)}, got {config.source_blocks!r}."
+        )
     for key, why in ENCODER_ONLY.items():
         if getattr(config, key) != getattr(default, key):
             flag = "--" + key.replace("_", "-")

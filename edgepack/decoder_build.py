@@ -44,6 +44,7 @@ from edgepack.families.decoder_fidelity import (
     perplexity_and_top1,
 )
 from edgepack.families.generate import greedy
+from edgepack.load import gguf_blocks
 from edgepack.profiles import TargetProfile, list_targets, resolve_targets
 from edgepack.progress import Progress
 from edgepack.quantize import WEIGHT_ONLY_VERSION, WeightOnlySettings, derived, quantize_weights
@@ -61,8 +62,8 @@ CALIBRATION_TOKENS = 4096  # for the weight-only scale search: the activations' 
 PROMPTS = 4  # reference prompts: the first held-out texts, cut to PROMPT_TOKENS
 PROMPT_TOKENS = 32
 # Allowed relative perplexity increase when --max-drop keeps the encoders' default (0.005, a
-# cosine drop): edgepack's int4 costs SmolLM2-135M 29 % (30.53 -> 39.40) on samples/heldout.txt,
-# onnxruntime-genai's 32 % (40.34).
+# cosine drop): edgepack's int4 of SmolLM2-135M's dequantized weights costs 29 % (30.53 -> 39.40)
+# on samples/heldout.txt, onnxruntime-genai's 32 % (40.34); the GGUF's own blocks 0.2 % (30.60).
 DEFAULT_MAX_INCREASE = 0.5
 
 
@@ -128,19 +129,30 @@ def _setting(config: BuildConfig, profile: TargetProfile) -> Setting:
     return precision, None if precision == "fp32" else level, kv
 
 
-def _quantized(fp32: OnnxModel, step: Setting, calibration: list[int], window: int) -> OnnxModel:
-    """The weight-only copy (and its int8 KV cache) behind the cache, one per setting, export and
-    calibration text."""
+def _quantized(
+    fp32: OnnxModel,
+    step: Setting,
+    calibration: list[int],
+    window: int,
+    source: Path | None = None,
+    keep: str = "all",
+) -> OnnxModel:
+    """The weight-only copy (and its int8 KV cache) behind the cache, one per setting, export,
+    calibration text and the GGUF blocks in ``source`` (a converted folder), carried where the
+    weights still are them."""
     from edgepack.quantize import activation_power
     from edgepack.quantize.kv_cache import KV_CACHE_VERSION, kv_ranges, quantize_kv_cache
 
     precision, level, kv = step
     bits, block = STEPS[precision]
-    settings = WeightOnlySettings(bits=bits, block_size=block, accuracy_level=int(level or 0))
+    settings = WeightOnlySettings(
+        bits=bits, block_size=block, accuracy_level=int(level or 0), keep_source_blocks=keep
+    )
     key = {
         **settings.record(),
         "code": WEIGHT_ONLY_VERSION,
         "calibration": hashlib.sha256(json.dumps(calibration).encode()).hexdigest(),
+        "source_blocks": None if source is None else sha256_file(source / gguf_blocks.BLOCKS),
     }
     if kv != "fp32":  # (an fp32 cache keeps the key it always had)
         key["kv_cache"] = {"type": kv, "code": KV_CACHE_VERSION}
@@ -148,7 +160,7 @@ def _quantized(fp32: OnnxModel, step: Setting, calibration: list[int], window: i
     def make(out: Path) -> OnnxModel:
         path = out / "model.onnx"
         importance = activation_power(fp32.path, calibration, window) if calibration else None
-        record = quantize_weights(fp32.path, path, settings, importance)
+        record = quantize_weights(fp32.path, path, settings, importance, source)
         record["calibration_tokens"] = len(calibration)
         if kv == "int8":  # scales from the quantized graph's own keys and values
             record["kv_cache"] = quantize_kv_cache(path, path, kv_ranges(path, calibration, window))
@@ -210,18 +222,18 @@ def _choose(
     config: BuildConfig,
     fp32: OnnxModel,
     setting: Setting,
-    data: tuple[list[int], list[int], int],
+    data: tuple[list[int], list[int], int, Path | None],
     progress: Progress,
     steps: dict[Setting, tuple[OnnxModel, dict[str, Any]]],
 ) -> tuple[OnnxModel, dict[str, Any]]:
     """The accuracy search for decoders: the requested precision, else the next wider one, until
     held-out perplexity is within ``--max-drop`` (a relative increase) of fp32's.
 
-    ``data`` is (calibration ids, held-out ids, context). ``steps`` keeps each quantized model
-    and its perplexity for the whole build, so targets sharing a step never quantize or measure
-    it twice.
+    ``data`` is (calibration ids, held-out ids, context, the GGUF blocks' folder or None).
+    ``steps`` keeps each quantized model and its perplexity for the whole build, so targets
+    sharing a step never quantize or measure it twice.
     """
-    calibration, heldout, context = data
+    calibration, heldout, context, source = data
     precision, level, kv = setting
     window = min(WINDOW, context)
     tried = []
@@ -235,7 +247,9 @@ def _choose(
                 with progress.stage(
                     "quantize", f"{step} weight-only, accuracy level {level}{cache}"
                 ):
-                    candidate = _quantized(fp32, key, calibration, window)
+                    candidate = _quantized(
+                        fp32, key, calibration, window, source, config.source_blocks
+                    )
             with progress.stage("fidelity", f"perplexity on {len(heldout)} held-out tokens"):
                 fid = _fidelity(fp32, candidate, heldout, window)
             fid["relative_perplexity_increase"] = fid["perplexity"] / fid["perplexity_fp32"] - 1.0
@@ -304,7 +318,8 @@ def build_decoder(
         validation = dict(_validated(fp32, model, prompts))
     fp32_out = validation.pop("continuations")
     ids = tokenizer("\n".join(heldout.texts), add_special_tokens=False)["input_ids"]
-    data = (_calibration_ids(config, tokenizer), ids, context)
+    source = model.path if gguf_blocks.found(model.path) else None
+    data = (_calibration_ids(config, tokenizer), ids, context, source)
     eos = fp32.records["eos_token_ids"]
     steps: dict[Setting, tuple[OnnxModel, dict[str, Any]]] = {}
     chosen = {}

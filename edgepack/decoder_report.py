@@ -212,10 +212,19 @@ def _gguf_note(manifest: dict[str, Any]) -> str:
     if not gguf:
         return ""
     kinds = ", ".join(f"{k} {v:,}" for k, v in gguf["parameters_by_type"].items())
-    return (
+    note = (
         f" The source is a GGUF of type {gguf['file_type']} (parameters by tensor type: {kinds}): "
         "fp32 here is that model dequantized, and fidelity is measured against it."
     )
+    blocks = (manifest.get("quantization") or {}).get("source_blocks")
+    if blocks:
+        carried = ", ".join(f"{k} {v:,}" for k, v in blocks["carried"].items()) or "none"
+        again = ", ".join(f"{k} {v:,}" for k, v in blocks["requantized"].items()) or "none"
+        note += (
+            f" Weights carried as the file's own blocks (parameters): {carried}; quantized "
+            f"again: {again}."
+        )
+    return note
 
 
 def write_report(

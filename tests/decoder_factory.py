@@ -244,13 +244,13 @@ def _rotary_halves_interleaved(weight: Any, heads: int) -> Any:
     return weight.reshape(heads, 2, rows // heads // 2, -1).swapaxes(1, 2).reshape(weight.shape)
 
 
-_FILE_TYPES = {"F32": 0, "Q4_0": 2, "Q8_0": 7}
+_FILE_TYPES = {"F32": 0, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7}
 
 
 def write_model_gguf(folder: Path, kind: str, path: Path, quant: str = "F32") -> Path:
     """The tiny decoder in ``folder`` as llama.cpp writes it: hyperparameters, the word list as a
     SentencePiece-style tokenizer, and every tensor under its GGUF name (2-D ones as ``quant``:
-    Q4_0 or Q8_0; gguf can read K-quants but not write them)."""
+    Q4_0, Q4_1 or Q8_0; gguf can read K-quants but not write them)."""
     import gguf
     import numpy as np
     import torch

@@ -501,6 +501,12 @@ def test_a_gguf_build_says_what_the_file_already_was(tmp_path: Path) -> None:
     assert source["restored"] == {"head_dim": 128}
     report = (tmp_path / "b" / "dist" / "report.md").read_text()
     assert "a GGUF of type MOSTLY_Q8_0" in report and "fidelity is measured against it" in report
+    # Its Q8_0 blocks are the bundle's weights (Qwen3's q/k/v joined, then split for the q/k
+    # norms), so the shipped model is the dequantized one up to int8 activations.
+    blocks = result.manifest["quantization"]["source_blocks"]
+    assert blocks["requantized"] == {} and blocks["carried"]["Q8_0"] > 0
+    assert abs(result.manifest["fidelity"]["relative_perplexity_increase"]) < 0.01
+    assert "carried as the file's own blocks" in report
 
 
 def test_a_model_without_a_chat_template_ships_the_reason_and_chat_says_it(

@@ -61,6 +61,12 @@ def _build_options(values: dict[str, Any]) -> dict[str, Any]:
     help="Decoders: the KV cache's type, overriding the profile's (int8: a quarter of the memory, "
     "per-channel scales calibrated on --calibration).",
 )
+@click.option(
+    "--source-blocks",
+    type=click.Choice(["all", "layers", "off"]),
+    help="Decoders from a GGUF: carry its Q4_0/Q4_1/Q8_0 blocks as they are (default all), all "
+    "but the vocabulary, or none (quantize the dequantized weights again).",
+)
 @click.option("--out", help="Output folder (default dist).")
 @click.option("--min-cosine", type=FINITE, help="Fail if int8 mean cosine to fp32 is below this.")
 @click.option(

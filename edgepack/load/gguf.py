@@ -16,7 +16,7 @@ from edgepack.artifacts import HFModel, sha256_file
 from edgepack.cache import cached, lookup
 from edgepack.errors import UserError
 from edgepack.families import decoder
-from edgepack.load import gguf_config
+from edgepack.load import gguf_blocks, gguf_config
 
 MAGIC = b"GGUF"
 # save_pretrained copies the whole GGUF into the folder under this name (94 MB for the sample);
@@ -24,7 +24,7 @@ MAGIC = b"GGUF"
 GGUF_COPY = "tokenizer.model"
 # The conversion's code version, in its cache key beside the GGUF's SHA-256 and transformers'
 # version: bump when the folder written here changes.
-FORMAT_VERSION = 2  # 2: config values transformers drops restored; gguf.json
+FORMAT_VERSION = 3  # 2: config values transformers drops restored; gguf.json; 3: gguf_blocks
 # What the file was, beside the folder's config (the decoder manifest's source.gguf).
 RECORD = "gguf.json"
 # GGUF metadata (under the architecture's prefix) -> the config.json size transformers fills.
@@ -126,8 +126,9 @@ def gguf_folder(path: Path) -> Path:
 
 
 def _convert(path: Path, read: tuple[str, Any], digest: str, out: Path) -> HFModel:
-    """The Hugging Face folder, with what transformers drops from the config restored and a
-    ``gguf.json`` saying what the file was (its quantization, what was restored)."""
+    """The Hugging Face folder, with what transformers drops from the config restored, the
+    file's Q4_0/Q4_1/Q8_0 blocks kept (gguf_blocks.py) and a ``gguf.json`` saying what the file
+    was (its quantization, what was restored)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -144,12 +145,14 @@ def _convert(path: Path, read: tuple[str, Any], digest: str, out: Path) -> HFMod
     model.save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))
     (folder / GGUF_COPY).unlink(missing_ok=True)
+    kept = gguf_blocks.save_blocks(reader, model, arch, folder)
     record = {
         "file": path.name,
         "sha256": digest,
         "architecture": arch,
         **gguf_config.source_quantization(reader),
         "restored": overrides,
+        "blocks_kept": kept,  # parameters per type the weight-only stage can carry as they are
     }
     (folder / RECORD).write_text(json.dumps(record, indent=2) + "\n")
     return HFModel(

@@ -75,12 +75,16 @@ def fold_scales(
     importance: dict[str, np.ndarray],
     error: Callable[[np.ndarray, np.ndarray], float],
     grid: tuple[float, ...] = GRID,
+    frozen: frozenset[str] = frozenset(),
 ) -> dict[str, float]:
     """Scale and fold every group (recorded in ``arrays`` as factors to apply on read;
     ``importance`` updated); returns the alpha chosen per activation. ``error(weight_kn,
-    importance_k)`` is the quantizer's error. One group's weights are in memory at a time."""
+    importance_k)`` is the quantizer's error. One group's weights are in memory at a time. A
+    group that would scale or fold into a ``frozen`` initializer is left alone."""
     chosen = {}
     for group in _groups(model, arrays, importance):
+        if frozen.intersection([*group.weights, group.fold]):
+            continue
         power = importance[group.activation].astype(np.float64)
         rms = np.sqrt(np.maximum(power, 1e-12))
         weights = [arrays[w] for w in group.weights]

@@ -9,6 +9,13 @@ once: on SmolLM2-135M that is 17.7 MB, a fifth of the int4 file. A traced export
 head as a Transpose of the embedding, which is first given its own initializer so it is quantized
 too (untying it took decode from 41 to 71 tok/s on SmolLM2). GPT-2's Conv1D layers export as Gemm
 and stay fp32.
+
+A model converted from a GGUF keeps the file's Q4_0/Q4_1/Q8_0 blocks (load/gguf_blocks.py); a
+weight that is still exactly those blocks is written from them instead of quantized again
+(quantize/carried.py). Q4_1's w = d * q + m is d * (q - 8) plus a per-block offset, which is
+MatMulNBits (default zero point) plus a small fp32 MatMul of the input's block sums: a float zero
+point would say the same in one node, but onnxruntime 1.32 runs MatMulNBits with float zero points
+~65x slower (no integer kernel).
 """
 
 from __future__ import annotations
@@ -20,15 +27,20 @@ from typing import Any
 import numpy as np
 
 from edgepack.errors import UserError
+from edgepack.load.gguf_blocks import BLOCK, Blocks, SourceBlocks
 from edgepack.quantize.blockwise import SEARCH, pack, quantize_rows
+from edgepack.quantize.carried import lookup, matching
 from edgepack.quantize.weight_store import Weights, make_internal
 
 UNTIED = "lm_head.untied_weight"
 METHODS = ("search", "rtn", "awq")
+# Which source blocks to carry: every matching weight, all but the vocabulary (lm_head and the
+# embedding sharing it), or none.
+KEEP = ("all", "layers", "off")
 MS = "com.microsoft"
 # Part of the weight-only cache key: bump when ``quantize_weights`` (or blockwise.py) writes a
 # different graph for the same fp32 graph, settings and calibration.
-WEIGHT_ONLY_VERSION = 1
+WEIGHT_ONLY_VERSION = 3  # 2: a GGUF's blocks carried; 3: their scales stored as fp16
 
 
 @dataclass(frozen=True)
@@ -48,6 +60,9 @@ class WeightOnlySettings:
     method: str = "awq"
     untie_lm_head: bool = True
     quantize_embedding: bool = True
+    # A GGUF source's blocks (KEEP): on SmolLM2 "all" is 97.4 MB, perplexity 30.60 (fp32 30.53),
+    # decode ~0.75x of re-quantized int4; "layers" 85.0 MB, 32.74; "off" 78.2 MB, 39.40.
+    keep_source_blocks: str = "all"
 
     def record(self) -> dict[str, Any]:
         return asdict(self)
@@ -63,6 +78,10 @@ def check_settings(settings: WeightOnlySettings) -> None:
         raise UserError(f"accuracy level must be 0-4, got {settings.accuracy_level}.")
     if settings.method not in METHODS:
         raise UserError(f"weight-only method must be one of {METHODS}, got {settings.method!r}.")
+    if settings.keep_source_blocks not in KEEP:
+        raise UserError(
+            f"keep_source_blocks must be one of {KEEP}, got {settings.keep_source_blocks!r}."
+        )
 
 
 def untie_lm_head(model: Any, weights: Weights) -> str | None:
@@ -86,18 +105,24 @@ def untie_lm_head(model: Any, weights: Weights) -> str | None:
 
 
 class _Rewrite:
-    """The graph being rewritten: its fp32 initializers (read one at a time), and what replaces
-    them."""
+    """The graph being rewritten: its fp32 initializers, and what replaces them."""
 
     def __init__(self, model: Any, settings: WeightOnlySettings, weights: Weights) -> None:
+        # The fp32 initializers are read one at a time (weight_store.py).
         self.model, self.settings, self.arrays = model, settings, weights
         self.added: list[Any] = []
-        self.quantized: dict[str, tuple[str, str]] = {}  # fp32 weight -> (bytes, scales)
+        # fp32 weight -> (bytes, scales, bits, block size, per-block offsets [K / 32, N] or ""),
+        # for an embedding to share
+        self.quantized: dict[str, tuple[str, str, int, int, str]] = {}
+        self.carried: dict[str, Blocks] = {}
+        self.block_sums: dict[str, str] = {}  # MatMul input -> its sums per block of 32
+        self.prelude: list[Any] = []  # nodes over initializers only, put first in the graph
 
     def add(self, name: str, array: np.ndarray) -> str:
         from onnx import numpy_helper
 
-        self.added.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        if not any(i.name == name for i in self.added):
+            self.added.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
 
     def quantize(
@@ -119,20 +144,119 @@ class _Rewrite:
         return data, self.add(f"{name}_scales", scales)
 
 
+def carried_weights(
+    model: Any, weights: Weights, source: Path | None, settings: WeightOnlySettings
+) -> dict:
+    """MatMul weight -> the source blocks it still is exactly (none without a source)."""
+    if source is None or settings.keep_source_blocks == "off":
+        return {}
+    blocks = SourceBlocks(source)
+    found = {}
+    for node in model.graph.node:
+        if node.op_type != "MatMul" or node.input[1] not in weights:
+            continue
+        if "logits" in node.output and settings.keep_source_blocks == "layers":
+            continue
+        kept = lookup(blocks, node.input[1])
+        if kept is not None and matching(kept, weights[node.input[1]]):
+            found[node.input[1]] = kept
+    return found
+
+
+def _block_sums(rw: _Rewrite, x: str) -> tuple[list[Any], str]:
+    """Nodes summing ``x`` [batch, seq, K] over each block of 32 (once per input)."""
+    from onnx import helper
+
+    if x in rw.block_sums:
+        return [], rw.block_sums[x]
+    shape = rw.add("/block_sums_shape", np.array([0, 0, -1, BLOCK], dtype=np.int64))
+    axes = rw.add("/block_sums_axes", np.array([-1], dtype=np.int64))
+    blocks, sums = f"{x}_blocks", f"{x}_block_sums"
+    rw.block_sums[x] = sums
+    return [
+        helper.make_node("Reshape", [x, shape], [blocks], name=blocks),
+        helper.make_node("ReduceSum", [blocks, axes], [sums], name=sums, keepdims=0),
+    ], sums
+
+
+def _carried_constants(rw: _Rewrite, name: str, blocks: Blocks) -> tuple[str, str]:
+    """The fp32 scales [N, K / 32] and, for Q4_1, offsets m + 8 d [K / 32, N] as nodes over the
+    file's fp16 values: onnxruntime folds them into fp32 constants when the session loads (the
+    same arithmetic, the same speed), and the file stores half the bytes (112 -> 97 MB on
+    SmolLM2). Returns (scales, offsets or "")."""
+    from onnx import TensorProto, helper
+
+    half = rw.add(f"{name}_scales_fp16", blocks.scales.astype(np.float16))
+    scales = f"{name}_scales"
+    rw.prelude.append(helper.make_node("Cast", [half], [scales], name=scales, to=TensorProto.FLOAT))
+    if blocks.minimum is None:
+        return scales, ""
+    low = rw.add(f"{name}_block_minimums_fp16", blocks.minimum.T.astype(np.float16))
+    eight = rw.add("/eight", np.array(8.0, dtype=np.float32))
+    minimums, moved, scaled = f"{name}_block_minimums", f"{scales}_t", f"{scales}_t8"
+    offsets = f"{name}_block_offsets"
+    rw.prelude += [
+        helper.make_node("Cast", [low], [minimums], name=minimums, to=TensorProto.FLOAT),
+        helper.make_node("Transpose", [scales], [moved], name=moved, perm=[1, 0]),
+        helper.make_node("Mul", [moved, eight], [scaled], name=scaled),
+        helper.make_node("Add", [minimums, scaled], [offsets], name=offsets),
+    ]
+    return scales, offsets
+
+
+def _carried_matmul(rw: _Rewrite, node: Any, blocks: Blocks, index: int) -> list[Any]:
+    """MatMulNBits holding the source's codes and scales as they are; Q4_1's per-block offsets
+    added as (x summed per block) @ offsets, in fp32."""
+    from onnx import helper
+
+    name, (k, n) = node.input[1], rw.arrays.shape(node.input[1])
+    data = rw.add(f"{name}_Q{blocks.bits}", pack(blocks.codes, blocks.bits))
+    scales, table = _carried_constants(rw, name, blocks)
+    rw.quantized[name] = (data, scales, blocks.bits, BLOCK, table)
+    out = f"{node.output[0]}_codes" if table else node.output[0]
+    main = helper.make_node(
+        "MatMulNBits",
+        [node.input[0], data, scales],
+        [out],
+        name=node.name or f"/MatMulNBits_{index}",
+        domain=MS,
+        K=k,
+        N=n,
+        bits=blocks.bits,
+        block_size=BLOCK,
+        accuracy_level=rw.settings.accuracy_level,
+    )
+    if not table:
+        return [main]
+    sum_nodes, sums = _block_sums(rw, node.input[0])
+    added = f"{node.output[0]}_offsets"
+    return [
+        *sum_nodes,
+        main,
+        helper.make_node("MatMul", [sums, table], [added], name=added),
+        helper.make_node("Add", [out, added], list(node.output), name=node.output[0]),
+    ]
+
+
 def _matmuls(rw: _Rewrite, importance: dict[str, np.ndarray]) -> None:
     from onnx import helper
 
-    s = rw.settings
+    s, nodes = rw.settings, []
     for index, node in enumerate(rw.model.graph.node):
         if node.op_type != "MatMul" or not rw.arrays.is_float_matrix(node.input[1]):
+            nodes.append(node)
+            continue
+        if node.input[1] in rw.carried:
+            nodes.extend(_carried_matmul(rw, node, rw.carried[node.input[1]], index))
             continue
         k, n = rw.arrays.shape(node.input[1])
         head = "logits" in node.output
+        block = s.head_block_size if head else s.block_size
         data, scales = rw.quantize(
             node.input[1], rw.arrays[node.input[1]].T, importance.get(node.input[0]), head=head
         )
-        rw.quantized[node.input[1]] = (data, scales)
-        rw.model.graph.node[index].CopyFrom(
+        rw.quantized[node.input[1]] = (data, scales, s.bits, block, "")
+        nodes.append(
             helper.make_node(
                 "MatMulNBits",
                 [node.input[0], data, scales],
@@ -142,10 +266,12 @@ def _matmuls(rw: _Rewrite, importance: dict[str, np.ndarray]) -> None:
                 K=k,
                 N=n,
                 bits=s.bits,
-                block_size=s.head_block_size if head else s.block_size,
+                block_size=block,
                 accuracy_level=s.accuracy_level,
             )
         )
+    del rw.model.graph.node[:]
+    rw.model.graph.node.extend(nodes)
 
 
 def _tied_head(rw: _Rewrite, name: str) -> str | None:
@@ -167,8 +293,9 @@ def _shared_gather(
     need a trailing axis there, and the gathered blocks are flattened back to rows."""
     from onnx import helper
 
-    data, scales = rw.quantized[head]
-    blocks = table[1] // rw.settings.head_block_size
+    data, scales, bits, block, offsets = rw.quantized[head]
+    attrs = {**attrs, "bits": bits, "block_size": block}
+    blocks = table[1] // block
     shape3 = rw.add(f"{node.input[0]}_scale_shape", np.array([table[0], blocks, 1]))
     width = rw.add(f"{node.input[0]}_width", np.array([table[1]]))
     scales3, gathered = f"{scales}_3d", f"{node.output[0]}_blocks"
@@ -180,12 +307,28 @@ def _shared_gather(
         helper.make_node(
             "GatherBlockQuantized",
             [data, ids, scales3],
-            [gathered],
+            [gathered + "_codes" if offsets else gathered],
             name=gathered,
             quantize_axis=2,
             **attrs,
         ),
+        *(_gathered_offsets(rw, offsets, ids, gathered) if offsets else []),
         helper.make_node("Reshape", [gathered, shape], list(node.output), name=node.output[0]),
+    ]
+
+
+def _gathered_offsets(rw: _Rewrite, offsets: str, ids: str, gathered: str) -> list[Any]:
+    """Q4_1's per-block offsets added to the gathered blocks [batch, seq, blocks, 32] in place
+    (the head's offsets are [blocks, vocab]: gathered on axis 1, moved last)."""
+    from onnx import helper
+
+    axes = rw.add("/gathered_offsets_axes", np.array([-1], dtype=np.int64))
+    picked, moved, col = f"{gathered}_offsets", f"{gathered}_offsets_t", f"{gathered}_offsets_1"
+    return [
+        helper.make_node("Gather", [offsets, ids], [picked], name=picked, axis=1),
+        helper.make_node("Transpose", [picked], [moved], name=moved, perm=[1, 2, 0]),
+        helper.make_node("Unsqueeze", [moved, axes], [col], name=col),
+        helper.make_node("Add", [gathered + "_codes", col], [gathered], name=gathered + "_add"),
     ]
 
 
@@ -235,10 +378,15 @@ def _embedding(rw: _Rewrite, tied: str | None) -> dict[str, Any]:
 
 
 def _fold(
-    model: Any, weights: Weights, importance: dict[str, np.ndarray], settings: WeightOnlySettings
+    model: Any,
+    weights: Weights,
+    importance: dict[str, np.ndarray],
+    settings: WeightOnlySettings,
+    frozen: frozenset[str] = frozenset(),
 ) -> dict[str, float]:
     """AWQ-style channel scales recorded in ``weights`` (the graph computes the same function once
-    they are applied); ``importance`` is updated to the scaled activations."""
+    they are applied); ``importance`` is updated to the scaled activations. ``frozen``
+    initializers (carried source blocks) are neither scaled nor folded into."""
     from edgepack.quantize.blockwise import dequantize
     from edgepack.quantize.scaling import fold_scales
 
@@ -249,7 +397,7 @@ def _fold(
         diff = dequantize(codes, scales, s.bits, weight.shape[0]) - weight.T
         return float((np.square(diff) * power[None, :]).sum())
 
-    return fold_scales(model, weights, importance, error)
+    return fold_scales(model, weights, importance, error, frozen=frozen)
 
 
 def _store_kept(model: Any, weights: Weights) -> None:
@@ -265,12 +413,15 @@ def _store_kept(model: Any, weights: Weights) -> None:
 
 
 def fold_channel_scales(
-    model: Any, importance: dict[str, np.ndarray], settings: WeightOnlySettings
+    model: Any,
+    importance: dict[str, np.ndarray],
+    settings: WeightOnlySettings,
+    frozen: frozenset[str] = frozenset(),
 ) -> dict[str, float]:
     """AWQ-style channel scales folded into the fp32 initializers of a loaded ``model`` (in place;
     the graph computes the same function); ``importance`` is updated to the scaled activations."""
     weights = Weights(model.graph, Path("."))
-    alphas = _fold(model, weights, importance, settings)
+    alphas = _fold(model, weights, importance, settings, frozen)
     _store_kept(model, weights)
     return alphas
 
@@ -280,31 +431,38 @@ def quantize_weights(
     dst: Path,
     settings: WeightOnlySettings,
     importance: dict[str, np.ndarray] | None = None,
+    source: Path | None = None,
 ) -> dict[str, Any]:
     """Write the weight-only quantized copy of ``src`` to ``dst``; returns what was done.
 
     ``importance`` maps a MatMul's activation input to its mean square per channel (from
-    calibration); without it every channel counts the same."""
+    calibration); without it every channel counts the same. ``source`` is a converted GGUF's
+    folder whose blocks are carried where the weights still are them."""
     import onnx
 
     check_settings(settings)
     model = onnx.load(str(src), load_external_data=False)
     weights = Weights(model.graph, src.parent)
     tied = untie_lm_head(model, weights) if settings.untie_lm_head else None
+    carried = carried_weights(model, weights, source, settings)
     importance = dict(importance or {})
     awq = settings.method == "awq" and importance
-    alphas = _fold(model, weights, importance, settings) if awq else {}
+    alphas = _fold(model, weights, importance, settings, frozenset(carried)) if awq else {}
     rw = _Rewrite(model, settings, weights)
+    rw.carried = carried
+    kept = _source_record(rw, source)
     _matmuls(rw, importance)
     embedding = (
         _embedding(rw, tied)
         if settings.quantize_embedding
         else {"embedding": None, "shared_with_lm_head": None}
     )
+    for offset, node in enumerate(rw.prelude):
+        model.graph.node.insert(offset, node)
     used = {name for n in model.graph.node for name in n.input}
-    kept = [i for i in model.graph.initializer if i.name in used]
+    inits = [i for i in model.graph.initializer if i.name in used]
     del model.graph.initializer[:]
-    model.graph.initializer.extend(kept)
+    model.graph.initializer.extend(inits)
     _store_kept(model, weights)
     model.graph.initializer.extend(i for i in rw.added if i.name in used)
     if not any(o.domain == MS for o in model.opset_import):
@@ -313,11 +471,56 @@ def quantize_weights(
     nodes = model.graph.node
     return {
         **settings.record(),
+        "source_blocks": kept,
         "untied_from": tied,
         "calibrated": bool(importance),
         "channel_scaling": {"groups": len(alphas), "scaled": sum(a > 0 for a in alphas.values())},
         **embedding,
         "matmul_nbits": sum(n.op_type == "MatMulNBits" for n in nodes),
         "gather_block_quantized": sum(n.op_type == "GatherBlockQuantized" for n in nodes),
-        "matmul_left_float": sum(n.op_type == "MatMul" for n in nodes),
+        "matmul_left_float": sum(
+            n.op_type == "MatMul" and not n.input[1].endswith("_block_offsets") for n in nodes
+        ),
+        "block_offset_matmuls": sum(
+            n.op_type == "MatMul" and n.input[1].endswith("_block_offsets") for n in nodes
+        ),
     }
+
+
+def _source_record(rw: _Rewrite, source: Path | None) -> dict[str, Any] | None:
+    """Parameters carried per source type, and re-quantized per source type (with why)."""
+    if source is None:
+        return None
+    kinds = SourceBlocks(source).kinds
+    carried: dict[str, int] = {}
+    requantized: dict[str, int] = {}
+    for node in rw.model.graph.node:
+        if node.op_type != "MatMul" or not rw.arrays.is_float_matrix(node.input[1]):
+            continue
+        name = node.input[1]
+        size = int(np.prod(rw.arrays.shape(name)))
+        if name in rw.carried:
+            kind = rw.carried[name].kind
+            carried[kind] = carried.get(kind, 0) + size
+            continue
+        kind = _source_kind(kinds, name)
+        why = "changed since the file" if kind in ("Q4_0", "Q4_1", "Q8_0") else "no exact map"
+        if kind in ("Q4_0", "Q4_1", "Q8_0") and "logits" in node.output:
+            why = "vocabulary kept out" if rw.settings.keep_source_blocks == "layers" else why
+        label = f"{kind}: {why}"
+        requantized[label] = requantized.get(label, 0) + size
+    return {"carried": carried, "requantized": requantized}
+
+
+def _source_kind(kinds: dict[str, str], name: str) -> str:
+    """The file's type of a graph weight (its first part, for joined ones), or "unknown"."""
+    stem, packed = name.removesuffix(".weight"), name.rsplit(".", 2)[0] + ".gate_up_proj.weight"
+    for candidate in (
+        name,
+        stem.replace("qkv_proj", "q_proj") + ".weight",
+        packed,
+        "model.embed_tokens.weight" if "lm_head" in name else name,
+    ):
+        if candidate in kinds:
+            return kinds[candidate]
+    return "unknown"
