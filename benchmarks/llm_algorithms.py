@@ -69,18 +69,11 @@ class WindowReader:
 def window_feeds(model: Path, ids: Sequence[int], window: int = WINDOW) -> list[dict[str, Any]]:
     """One feed dict per full ``window`` of ``ids`` (a short tail is dropped)."""
     from edgepack.evaluate import session
-    from edgepack.families.generate import empty_past
+    from edgepack.families.generate import empty_past, step_feeds
 
     sess = session(model)
-    names = {i.name for i in sess.get_inputs()}
-    feeds = []
-    for start in range(0, len(ids) - window + 1, window):
-        chunk = np.asarray([ids[start : start + window]], dtype=np.int64)
-        feed = {"input_ids": chunk, "attention_mask": np.ones_like(chunk), **empty_past(sess)}
-        if "position_ids" in names:
-            feed["position_ids"] = np.arange(window, dtype=np.int64)[None]
-        feeds.append(feed)
-    return feeds
+    starts = range(0, len(ids) - window + 1, window)
+    return [step_feeds(sess, ids[start : start + window], empty_past(sess), 0) for start in starts]
 
 
 class _MemoSession:

@@ -37,7 +37,7 @@ ENCODER_ONLY = {
 
 def check_decoder_flags(config: BuildConfig, model_type: str) -> None:
     """One line for each flag a decoder build cannot honour, before anything long runs."""
-    from edgepack.quantize.weight_only import KEEP
+    from edgepack.quantize import KEEP
 
     default = BuildConfig()
     if config.source_blocks not in KEEP:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from edgepack import __version__
-from edgepack.artifacts import HFModel, OnnxModel, sha256_file
+from edgepack.artifacts import HFModel, OnnxModel
 from edgepack.bundle import (
     BuildResult,
     Outbox,
@@ -44,10 +44,9 @@ from edgepack.families.decoder_fidelity import (
     perplexity_and_top1,
 )
 from edgepack.families.generate import greedy
-from edgepack.load import gguf_blocks
 from edgepack.profiles import TargetProfile, list_targets, resolve_targets
 from edgepack.progress import Progress
-from edgepack.quantize import WEIGHT_ONLY_VERSION, WeightOnlySettings, derived, quantize_weights
+from edgepack.quantize import WeightOnlySettings, derived, weight_only_stage
 
 PRECISIONS = ("int4", "int8", "fp32")
 # What a profile without a [decoder] section gets (targets/*.toml explains the choice).
@@ -137,44 +136,13 @@ def _quantized(
     source: Path | None = None,
     keep: str = "all",
 ) -> OnnxModel:
-    """The weight-only copy (and its int8 KV cache) behind the cache, one per setting, export,
-    calibration text and the GGUF blocks in ``source`` (a converted folder), carried where the
-    weights still are them."""
-    from edgepack.quantize import activation_power
-    from edgepack.quantize.kv_cache import KV_CACHE_VERSION, kv_ranges, quantize_kv_cache
-
+    """One step of the ladder as the weight-only stage's settings (quantize/decoder_stage.py)."""
     precision, level, kv = step
     bits, block = STEPS[precision]
     settings = WeightOnlySettings(
         bits=bits, block_size=block, accuracy_level=int(level or 0), keep_source_blocks=keep
     )
-    key = {
-        **settings.record(),
-        "code": WEIGHT_ONLY_VERSION,
-        "calibration": hashlib.sha256(json.dumps(calibration).encode()).hexdigest(),
-        "source_blocks": None if source is None else sha256_file(source / gguf_blocks.BLOCKS),
-    }
-    if kv != "fp32":  # (an fp32 cache keeps the key it always had)
-        key["kv_cache"] = {"type": kv, "code": KV_CACHE_VERSION}
-
-    def make(out: Path) -> OnnxModel:
-        path = out / "model.onnx"
-        importance = activation_power(fp32.path, calibration, window) if calibration else None
-        record = quantize_weights(fp32.path, path, settings, importance, source)
-        record["calibration_tokens"] = len(calibration)
-        if kv == "int8":  # scales from the quantized graph's own keys and values
-            record["kv_cache"] = quantize_kv_cache(path, path, kv_ranges(path, calibration, window))
-        return OnnxModel(
-            **{
-                **fp32.__dict__,
-                "path": path,
-                "precision": f"int{bits}",
-                "sha256": sha256_file(path),
-                "records": {**fp32.records, "quantization": record},
-            }
-        )
-
-    return derived(fp32, cached("weight-only", key, fp32.digest, OnnxModel, make)[0], True)
+    return derived(fp32, weight_only_stage(fp32, settings, kv, calibration, window, source), True)
 
 
 def _validated(fp32: OnnxModel, model: HFModel, prompts: list[list[int]]) -> dict[str, Any]:
@@ -240,13 +208,12 @@ def _choose(
     for step in LADDER[LADDER.index(precision) :] if precision in LADDER else (precision,):
         key = (step, None, "fp32") if step == "fp32" else (step, level, kv)
         if key not in steps:
-            if step == "fp32":
-                candidate = fp32
-            else:
-                cache = "" if kv == "fp32" else f", {kv} KV cache"
-                with progress.stage(
-                    "quantize", f"{step} weight-only, accuracy level {level}{cache}"
-                ):
+            candidate = fp32
+            if step != "fp32":
+                what = f"{step} weight-only, accuracy level {level}" + (
+                    "" if kv == "fp32" else f", {kv} KV cache"
+                )
+                with progress.stage("quantize", what):
                     candidate = _quantized(
                         fp32, key, calibration, window, source, config.source_blocks
                     )
@@ -262,15 +229,9 @@ def _choose(
             )
         candidate, fid = steps[key]
         increase = fid["relative_perplexity_increase"]
-        tried.append(
-            {
-                "step": step,
-                "precision": candidate.precision,
-                "block_size": STEPS.get(step, (None, None))[1],
-                "perplexity": fid["perplexity"],
-                "increase": increase,
-            }
-        )
+        block = STEPS.get(step, (None, None))[1]
+        tried.append({"step": step, "precision": candidate.precision, "block_size": block,
+                      "perplexity": fid["perplexity"], "increase": increase})  # fmt: skip
         if increase <= _tolerance(config):
             return candidate, {**fid, "max_increase": _tolerance(config), "tried": tried}
     raise UserError(
@@ -294,9 +255,9 @@ def build_decoder(
     tolerance, before writing. ``versions`` go in the manifests."""
     from transformers import AutoTokenizer
 
-    from edgepack.chat_format import chat_format
+    from edgepack.bundle import chat_table
     from edgepack.export import export_decoder_cached
-    from edgepack.load import display_name
+    from edgepack.load import display_name, has_gguf_blocks
 
     check_decoder_flags(config, model.model_type)
     out, name = Path(config.out), config.name or display_name(model)
@@ -318,7 +279,7 @@ def build_decoder(
         validation = dict(_validated(fp32, model, prompts))
     fp32_out = validation.pop("continuations")
     ids = tokenizer("\n".join(heldout.texts), add_special_tokens=False)["input_ids"]
-    source = model.path if gguf_blocks.found(model.path) else None
+    source = model.path if has_gguf_blocks(model.path) else None
     data = (_calibration_ids(config, tokenizer), ids, context, source)
     eos = fp32.records["eos_token_ids"]
     steps: dict[Setting, tuple[OnnxModel, dict[str, Any]]] = {}
@@ -327,7 +288,7 @@ def build_decoder(
         candidate, fid = _choose(config, fp32, setting, data, progress, steps)
         chosen[setting] = (candidate, *_measure(candidate, fid, prompts, fp32_out, eos))
     record = {"validation": validation, "context": context, "versions": versions or {}}
-    record["chat"] = chat_format(tokenizer)
+    record["chat"] = chat_table(tokenizer)
     # Shipped whenever it is one text, table or not: an app with Jinja can still render it.
     template = getattr(tokenizer, "chat_template", None)
     record["chat_template"] = template if isinstance(template, str) and template else None

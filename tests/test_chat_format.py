@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from chat_templates import GEMMA3, LLAMA3, PHI3, QWEN3, QWEN25, SMOLLM2
 
-from edgepack.chat_format import chat_format
+from edgepack.bundle.chat_format import chat_format
 
 HARNESS = Path(__file__).resolve().parents[1] / "edgepack" / "harness"
 MARKERS = [

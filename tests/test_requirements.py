@@ -118,7 +118,8 @@ def test_every_flag_the_decoder_readme_names_is_real(fmt: str) -> None:
     assert {"--check-only", "--prompt-tokens", "--max-new-tokens", "--public-key"} <= flags
     runtime = HARNESS / "edgepack_runtime.py"
     known = readme_flags(
-        _help(HARNESS / "bench_llm.py") + _help(runtime) + _help(runtime, "generate")
+        _help(HARNESS / "bench_llm.py")
+        + "".join(_help(runtime, *cmd) for cmd in ((), ("generate",), ("chat",), ("serve",)))
     )
     assert flags - known == set()
     names = readme_file_names(text)

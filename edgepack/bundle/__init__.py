@@ -11,6 +11,7 @@ from edgepack.bundle.archive import (
     extract_bundle,
     is_archive,
 )
+from edgepack.bundle.chat_format import chat_format as chat_table
 from edgepack.bundle.llm import package_decoder
 from edgepack.bundle.manifest import VOLATILE_KEYS, read_manifest
 from edgepack.bundle.outbox import Outbox
@@ -30,6 +31,7 @@ __all__ = [
     "Shipment",
     "bundle_folder",
     "bundle_name",
+    "chat_table",
     "check_destination",
     "check_members",
     "check_out_root",

@@ -52,6 +52,21 @@ def _device_model(model_path: Path, tmp: Path, fmt: dict[str, Any]) -> tuple[Pat
     return model_path, None
 
 
+def _copy_tokenizer_and_harness(
+    folder: Path, tokenizer_dir: Path, chat_template: str | None
+) -> None:
+    """The tokenizer files (with the chat template as a file), the harness and the runtime."""
+    shutil.copytree(tokenizer_dir, folder / "tokenizer")
+    template = folder / "tokenizer" / CHAT_TEMPLATE
+    if chat_template and not template.exists():
+        template.write_text(chat_template, encoding="utf-8")
+    shutil.copy2(HARNESS, folder / "bench.py")
+    # run.sh is the encoders' too: it checks SHA256SUMS names and file types, then the sums.
+    for shared in RUNTIME_FILES:
+        shutil.copy2(HARNESS_DIR / shared, folder / shared)
+    (folder / "run.sh").chmod(0o755)
+
+
 def package_decoder(
     box: Outbox,
     name: str,
@@ -92,15 +107,7 @@ def package_decoder(
         shutil.copy2(model_file, folder / manifest["model"]["file"])
         if op_config is not None:
             shutil.copy2(op_config, folder / OPERATOR_CONFIG)
-        shutil.copytree(tokenizer_dir, folder / "tokenizer")
-        template = folder / "tokenizer" / CHAT_TEMPLATE
-        if chat_template and not template.exists():
-            template.write_text(chat_template, encoding="utf-8")
-        shutil.copy2(HARNESS, folder / "bench.py")
-        # run.sh is the encoders' too: it checks SHA256SUMS names and file types, then the sums.
-        for shared in RUNTIME_FILES:
-            shutil.copy2(HARNESS_DIR / shared, folder / shared)
-        (folder / "run.sh").chmod(0o755)
+        _copy_tokenizer_and_harness(folder, tokenizer_dir, chat_template)
         (folder / REFERENCE).write_text(json.dumps(reference, indent=1) + "\n", encoding="utf-8")
         if texts is not None:
             named = write_reference_texts(folder, *texts)
