@@ -138,6 +138,36 @@ def test_the_loss_is_soft_kl_times_t_squared_plus_hard_next_token_ce() -> None:
     assert float(causal_kd_loss(s, t, ids, mask, temperature, 1.0)) == pytest.approx(soft, rel=1e-5)
 
 
+def test_the_cached_top_k_loss_is_the_full_loss_at_full_k_and_a_lower_bound_below() -> None:
+    from edgepack.distill.causal import teacher_top_k, top_k_kd_loss
+
+    torch.manual_seed(0)
+    temperature, alpha, vocab = 2.0, 0.3, 11
+    s = torch.randn(2, 5, vocab, requires_grad=True)
+    table = torch.randn(vocab, vocab) * 3  # the teacher's logits after each token
+    ids = torch.randint(0, vocab, (2, 5))
+    t = table[ids]
+
+    class Teacher:  # what teacher_top_k calls: a model returning .logits
+        def __call__(self, input_ids: torch.Tensor) -> Any:
+            return type("Out", (), {"logits": table[input_ids]})()
+
+    full = causal_kd_loss(s, t, ids, torch.ones_like(ids), temperature, alpha)
+    whole = teacher_top_k(Teacher(), ids, vocab, temperature, batch=1)
+    assert whole[0].shape == (2, 4, vocab) and whole[0].dtype == torch.int32
+    exact = top_k_kd_loss(s, *whole, ids, temperature, alpha)
+    assert float(exact) == pytest.approx(float(full), rel=1e-5)
+    exact.backward()
+    assert torch.isfinite(s.grad).all()  # the nil rest bucket adds no NaN to the gradient
+    soft = float(causal_kd_loss(s, t, ids, torch.ones_like(ids), temperature, 1.0))
+    bounds = [float(top_k_kd_loss(s, *teacher_top_k(Teacher(), ids, k, temperature), ids,
+                                  temperature, 1.0)) for k in (1, 3, 6)]  # fmt: skip
+    # Merging tokens into one bucket can only lose KL (log-sum inequality), less as k grows.
+    assert 0 < bounds[0] <= bounds[1] <= bounds[2] <= soft + 1e-6, (bounds, soft)
+    with pytest.raises(Exception, match="top_k"):
+        CausalDistillSettings(top_k=-1).check()
+
+
 def _build(tmp_path: Path, **overrides: Any) -> Any:
     from edgepack.pipeline import build
     from edgepack.progress import Progress

@@ -51,6 +51,11 @@ class CausalDistillSettings:
     seq_len: int = 128  # tokens per window
     batch_size: int = 8  # global batch (windows), split across processes under torchrun
     lr: float = 1e-4  # a pruned model is close to its teacher already: small steps
+    # The teacher's k likeliest next tokens (log-probabilities at T) plus the rest's mass, computed
+    # once per training window before the loop; 0 runs the teacher every step on the full vocab.
+    top_k: int = 0
+    # Keep the (tied) token embedding / lm_head as the teacher's: no gradient, no AdamW state.
+    freeze_embedding: bool = False
     warmup_fraction: float = 0.05
     weight_decay: float = 0.0  # recovery, not regularisation: decay only pulls weights away
     epochs: int = 3  # the planned schedule; the time budget usually ends the run first
@@ -65,8 +70,10 @@ class CausalDistillSettings:
     def check(self) -> None:
         if self.temperature <= 0 or not 0.0 <= self.alpha <= 1.0:
             raise UserError("distillation needs temperature > 0 and alpha in [0, 1].")
-        if self.seq_len < 2 or self.batch_size < 1 or self.lr <= 0:
-            raise UserError("distillation needs seq_len >= 2, batch_size >= 1 and lr > 0.")
+        if self.seq_len < 2 or self.batch_size < 1 or self.lr <= 0 or self.top_k < 0:
+            raise UserError(
+                "distillation needs seq_len >= 2, batch_size >= 1, lr > 0 and top_k >= 0."
+            )
 
 
 def causal_kd_loss(
@@ -78,6 +85,54 @@ def causal_kd_loss(
     valid = (labels != IGNORE_LABEL) & (mask[:, :-1] != 0)
     s, t = student_logits[:, :-1][valid], teacher_logits[:, :-1][valid]
     return kd_loss(s, t, labels[valid], temperature, alpha)
+
+
+def teacher_top_k(
+    teacher: Any, rows: Any, k: int, temperature: float, batch: int = 8
+) -> tuple[Any, Any, Any]:
+    """For every window position but the last: the teacher's ``k`` likeliest next tokens (int32
+    ids) with their log-probabilities at ``temperature``, and the log of the mass left to the
+    other tokens (``[N, L-1, k]``, ``[N, L-1, k]``, ``[N, L-1]``)."""
+    import torch
+    import torch.nn.functional as F
+
+    ids, logps, rests = [], [], []
+    with torch.inference_mode():
+        for start in range(0, len(rows), batch):
+            logits = teacher(input_ids=rows[start : start + batch]).logits[:, :-1].float()
+            log_p = F.log_softmax(logits / temperature, dim=-1)
+            top = log_p.topk(min(k, log_p.shape[-1]), dim=-1)
+            rest = log_p.scatter(-1, top.indices, float("-inf")).logsumexp(-1)
+            ids.append(top.indices.to(torch.int32))
+            logps.append(top.values)
+            rests.append(rest)
+    return torch.cat(ids), torch.cat(logps), torch.cat(rests)
+
+
+def top_k_kd_loss(
+    student_logits: Any, top_ids: Any, top_logp: Any, rest_logp: Any, ids: Any,
+    temperature: float, alpha: float,
+) -> Any:  # fmt: skip
+    """``causal_kd_loss`` against a cached teacher: KL at T between the teacher's and the
+    student's distributions over the teacher's k tokens plus one bucket for all the others (a
+    lower bound of the full KL, equal to it when the rest's mass is nil), plus next-token CE.
+    Unpadded windows only (every position scores against ``ids[:, i + 1]``)."""
+    import torch.nn.functional as F
+
+    t = float(temperature)
+    logits = student_logits[:, :-1].float()
+    log_q = F.log_softmax(logits / t, dim=-1)
+    index = top_ids.long()
+    q_top = log_q.gather(-1, index)
+    q_rest = log_q.scatter(-1, index, float("-inf")).logsumexp(-1)
+    # Below e^-80 a bucket weighs nothing; the clamp keeps -inf (k = vocab) out of the gradient.
+    p_rest, q_rest = rest_logp.clamp(min=-80.0), q_rest.clamp(min=-80.0)
+    kl = (top_logp.exp() * (top_logp - q_top)).sum(-1) + p_rest.exp() * (p_rest - q_rest)
+    soft = kl.mean() * t * t
+    if alpha >= 1.0:
+        return soft
+    hard = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    return alpha * soft + (1.0 - alpha) * hard
 
 
 def token_windows(ids: list[int], seq_len: int) -> Any:
@@ -140,6 +195,15 @@ class CausalLoop(Loop):
         self.ckpt_dir, self.fingerprint = kw["checkpoint_dir"], kw["fingerprint"]
         self.progress, self.started = kw["progress"], kw["started"]
         self.frozen = 0
+        if self.s.freeze_embedding:
+            weight = student.get_input_embeddings().weight
+            weight.requires_grad_(False)  # tied: the lm_head is the same tensor
+            self.frozen = weight.numel()
+        self.cached = None
+        if self.s.top_k:
+            self.cached = teacher_top_k(
+                self.teacher, self.train_texts.to(self.rt.device), self.s.top_k, self.s.temperature
+            )
         self._training(student)
         self.step, self.elapsed_before = 0, 0.0
         self.curve: list[dict[str, Any]] = []
@@ -150,11 +214,18 @@ class CausalLoop(Loop):
 
         torch.manual_seed(self.s.seed * 1_000_003 + self.step * 1009 + self.rt.rank)
         x = self.train_texts[indices].to(self.rt.device)
-        mask = torch.ones_like(x)
-        with torch.no_grad():
-            t_logits = self.teacher(input_ids=x).logits
-        s_logits = self.model(input_ids=x).logits
-        loss = causal_kd_loss(s_logits, t_logits, x, mask, self.s.temperature, self.s.alpha)
+        if self.cached is not None:
+            top_ids, top_logp, rest = (c[indices] for c in self.cached)
+            s_logits = self.model(input_ids=x).logits
+            loss = top_k_kd_loss(
+                s_logits, top_ids, top_logp, rest, x, self.s.temperature, self.s.alpha
+            )
+        else:
+            with torch.no_grad():
+                t_logits = self.teacher(input_ids=x).logits
+            s_logits = self.model(input_ids=x).logits
+            mask = torch.ones_like(x)
+            loss = causal_kd_loss(s_logits, t_logits, x, mask, self.s.temperature, self.s.alpha)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.plain_student().parameters(), 1.0)
