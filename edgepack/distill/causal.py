@@ -14,8 +14,9 @@ extended because it is shaped around encoder tasks throughout (layer choice, poo
 Why a step cost 27 s on the sample (batch 8 of 128-token windows, SmolLM2 pruned to 26 layers):
 not the model but the machine. Quiet, one step is ~7 s (teacher forward 1.1, student forward
 1.1, full-vocab loss 1.4, backward 3.4, AdamW 0.3); with other jobs on the two cores, torch's two
-intra-op threads wait on each other at every op (same step, batch 4, load 6-8: 2 threads 52-56 s,
-1 thread 13.2 s), so on a shared machine run with ``OMP_NUM_THREADS=1``.
+intra-op threads wait on each other at every op (a batch-4 step on the cached teacher, load 6-8,
+interleaved: 2 threads 52-56 s, 1 thread 13.2 s), so on a shared machine run with
+``OMP_NUM_THREADS=1``.
 
 The teacher is run once per training window, the first time a batch holds it, not every step:
 its k = 128 likeliest next tokens at T (int32 ids and log-probabilities) plus the log of the rest's
