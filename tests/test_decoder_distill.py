@@ -74,6 +74,24 @@ def test_distilling_a_pruned_student_brings_it_closer_to_the_teacher(tmp_path: P
     assert (out.path / "decoder_pruning.json").is_file()  # the plan travels with the student
 
 
+def test_a_frozen_embedding_stays_the_students_while_the_layers_train(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    teacher, pruned, ids = _teacher_and_pruned(tmp_path)
+    settings = CausalDistillSettings(
+        seq_len=32, batch_size=4, lr=1e-3, max_steps=3, freeze_embedding=True, top_k=8
+    )
+    out = distill_decoder(
+        load_model(str(teacher)), load_model(str(pruned)), ids, settings, tmp_path / "s"
+    )
+    before = load_file(str(pruned / "model.safetensors"))
+    after = load_file(str(out.path / "model.safetensors"))
+    name = "model.embed_tokens.weight"
+    assert torch.equal(before[name], after[name])
+    moved = [k for k in before if k != name and not torch.equal(before[k], after[k])]
+    assert any("layers.0.mlp" in k for k in moved), moved
+
+
 @pytest.mark.slow
 def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
