@@ -74,6 +74,24 @@ def test_distilling_a_pruned_student_brings_it_closer_to_the_teacher(tmp_path: P
     assert (out.path / "decoder_pruning.json").is_file()  # the plan travels with the student
 
 
+def test_a_frozen_embedding_stays_the_students_while_the_layers_train(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    teacher, pruned, ids = _teacher_and_pruned(tmp_path)
+    settings = CausalDistillSettings(
+        seq_len=32, batch_size=4, lr=1e-3, max_steps=3, freeze_embedding=True, top_k=8
+    )
+    out = distill_decoder(
+        load_model(str(teacher)), load_model(str(pruned)), ids, settings, tmp_path / "s"
+    )
+    before = load_file(str(pruned / "model.safetensors"))
+    after = load_file(str(out.path / "model.safetensors"))
+    name = "model.embed_tokens.weight"
+    assert torch.equal(before[name], after[name])
+    moved = [k for k in before if k != name and not torch.equal(before[k], after[k])]
+    assert any("layers.0.mlp" in k for k in moved), moved
+
+
 @pytest.mark.slow
 def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -136,6 +154,36 @@ def test_the_loss_is_soft_kl_times_t_squared_plus_hard_next_token_ce() -> None:
     hard = sum(ces) / len(ces)
     assert got == pytest.approx(alpha * soft + (1 - alpha) * hard, rel=1e-5)
     assert float(causal_kd_loss(s, t, ids, mask, temperature, 1.0)) == pytest.approx(soft, rel=1e-5)
+
+
+def test_the_cached_top_k_loss_is_the_full_loss_at_full_k_and_a_lower_bound_below() -> None:
+    from edgepack.distill.causal import teacher_top_k, top_k_kd_loss
+
+    torch.manual_seed(0)
+    temperature, alpha, vocab = 2.0, 0.3, 11
+    s = torch.randn(2, 5, vocab, requires_grad=True)
+    table = torch.randn(vocab, vocab) * 3  # the teacher's logits after each token
+    ids = torch.randint(0, vocab, (2, 5))
+    t = table[ids]
+
+    class Teacher:  # what teacher_top_k calls: a model returning .logits
+        def __call__(self, input_ids: torch.Tensor) -> Any:
+            return type("Out", (), {"logits": table[input_ids]})()
+
+    full = causal_kd_loss(s, t, ids, torch.ones_like(ids), temperature, alpha)
+    whole = teacher_top_k(Teacher(), ids, vocab, temperature, batch=1)
+    assert whole[0].shape == (2, 4, vocab) and whole[0].dtype == torch.int32
+    exact = top_k_kd_loss(s, *whole, ids, temperature, alpha)
+    assert float(exact.detach()) == pytest.approx(float(full), rel=1e-5)
+    exact.backward()
+    assert torch.isfinite(s.grad).all()  # the nil rest bucket adds no NaN to the gradient
+    soft = float(causal_kd_loss(s, t, ids, torch.ones_like(ids), temperature, 1.0))
+    bounds = [float(top_k_kd_loss(s, *teacher_top_k(Teacher(), ids, k, temperature), ids,
+                                  temperature, 1.0)) for k in (1, 3, 6)]  # fmt: skip
+    # Merging tokens into one bucket can only lose KL (log-sum inequality), less as k grows.
+    assert 0 < bounds[0] <= bounds[1] <= bounds[2] <= soft + 1e-6, (bounds, soft)
+    with pytest.raises(Exception, match="top_k"):
+        CausalDistillSettings(top_k=-1).check()
 
 
 def _build(tmp_path: Path, **overrides: Any) -> Any:

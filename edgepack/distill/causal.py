@@ -11,9 +11,21 @@ number of predicted tokens and the token mean equals the per-example mean DDP re
 held-out scoring is perplexity and KL to the teacher instead of cosine. ``stage.distill`` was not
 extended because it is shaped around encoder tasks throughout (layer choice, pooling, labels).
 
-The teacher's forward pass is recomputed every step, not cached: a cache of its distributions
-over a 49k vocabulary is 49k floats per token (a top-k cache would change the loss), while the
-forward is about a third of a step's cost.
+Why a step cost 27 s on the sample (batch 8 of 128-token windows, SmolLM2 pruned to 26 layers):
+not the model but the machine. Quiet, one step is ~7 s (teacher forward 1.1, student forward
+1.1, full-vocab loss 1.4, backward 3.4, AdamW 0.3); with other jobs on the two cores, torch's two
+intra-op threads wait on each other at every op (a batch-4 step on the cached teacher, load 6-8,
+interleaved: 2 threads 52-56 s, 1 thread 13.2 s), so on a shared machine run with
+``OMP_NUM_THREADS=1``.
+
+The teacher is run once per training window, the first time a batch holds it, not every step:
+its k = 128 likeliest next tokens at T (int32 ids and log-probabilities) plus the log of the rest's
+mass, 130 KB a window (46 MB for the sample's 349 windows), where its full distribution would be
+25 MB a window (8.7 GB). Recomputing costs a teacher forward per step, every epoch; the cache costs
+one per window, once. It is filled as training goes, not before: filled up front on the loaded
+machine it took the sample's whole 600 s budget (870 s, no step taken). The loss over k tokens
+plus one bucket is a lower bound of the full KL (equal when the rest's mass is nil; the test
+checks both).
 """
 
 from __future__ import annotations
@@ -39,7 +51,7 @@ from edgepack.errors import UserError
 
 RECORD = "decoder_distillation.json"
 # Part of the cache key: bump when the same teacher, student, text and settings train differently.
-CAUSAL_DISTILL_VERSION = 1
+CAUSAL_DISTILL_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -49,8 +61,15 @@ class CausalDistillSettings:
     temperature: float = 2.0
     alpha: float = 0.5  # weight of the SOFT (teacher) loss; the next-token CE gets 1 - alpha
     seq_len: int = 128  # tokens per window
-    batch_size: int = 8  # global batch (windows), split across processes under torchrun
+    # Global batch (windows), split across processes under torchrun: 4 gives twice the updates of 8
+    # in a time budget, which on two cores is a few hundred steps at most.
+    batch_size: int = 4
     lr: float = 1e-4  # a pruned model is close to its teacher already: small steps
+    # The teacher's k likeliest next tokens (log-probabilities at T) plus the rest's mass, computed
+    # once per training window before the loop; 0 runs the teacher every step on the full vocab.
+    top_k: int = 128
+    # Keep the (tied) token embedding / lm_head as the teacher's: no gradient, no AdamW state.
+    freeze_embedding: bool = False
     warmup_fraction: float = 0.05
     weight_decay: float = 0.0  # recovery, not regularisation: decay only pulls weights away
     epochs: int = 3  # the planned schedule; the time budget usually ends the run first
@@ -65,8 +84,10 @@ class CausalDistillSettings:
     def check(self) -> None:
         if self.temperature <= 0 or not 0.0 <= self.alpha <= 1.0:
             raise UserError("distillation needs temperature > 0 and alpha in [0, 1].")
-        if self.seq_len < 2 or self.batch_size < 1 or self.lr <= 0:
-            raise UserError("distillation needs seq_len >= 2, batch_size >= 1 and lr > 0.")
+        if self.seq_len < 2 or self.batch_size < 1 or self.lr <= 0 or self.top_k < 0:
+            raise UserError(
+                "distillation needs seq_len >= 2, batch_size >= 1, lr > 0 and top_k >= 0."
+            )
 
 
 def causal_kd_loss(
@@ -78,6 +99,54 @@ def causal_kd_loss(
     valid = (labels != IGNORE_LABEL) & (mask[:, :-1] != 0)
     s, t = student_logits[:, :-1][valid], teacher_logits[:, :-1][valid]
     return kd_loss(s, t, labels[valid], temperature, alpha)
+
+
+def teacher_top_k(
+    teacher: Any, rows: Any, k: int, temperature: float, batch: int = 8
+) -> tuple[Any, Any, Any]:
+    """For every window position but the last: the teacher's ``k`` likeliest next tokens (int32
+    ids) with their log-probabilities at ``temperature``, and the log of the mass left to the
+    other tokens (``[N, L-1, k]``, ``[N, L-1, k]``, ``[N, L-1]``)."""
+    import torch
+    import torch.nn.functional as F
+
+    ids, logps, rests = [], [], []
+    with torch.inference_mode():
+        for start in range(0, len(rows), batch):
+            logits = teacher(input_ids=rows[start : start + batch]).logits[:, :-1].float()
+            log_p = F.log_softmax(logits / temperature, dim=-1)
+            top = log_p.topk(min(k, log_p.shape[-1]), dim=-1)
+            rest = log_p.scatter(-1, top.indices, float("-inf")).logsumexp(-1)
+            ids.append(top.indices.to(torch.int32))
+            logps.append(top.values)
+            rests.append(rest)
+    return torch.cat(ids), torch.cat(logps), torch.cat(rests)
+
+
+def top_k_kd_loss(
+    student_logits: Any, top_ids: Any, top_logp: Any, rest_logp: Any, ids: Any,
+    temperature: float, alpha: float,
+) -> Any:  # fmt: skip
+    """``causal_kd_loss`` against a cached teacher: KL at T between the teacher's and the
+    student's distributions over the teacher's k tokens plus one bucket for all the others (a
+    lower bound of the full KL, equal to it when the rest's mass is nil), plus next-token CE.
+    Unpadded windows only (every position scores against ``ids[:, i + 1]``)."""
+    import torch.nn.functional as F
+
+    t = float(temperature)
+    logits = student_logits[:, :-1].float()
+    log_q = F.log_softmax(logits / t, dim=-1)
+    index = top_ids.long()
+    q_top = log_q.gather(-1, index)
+    q_rest = log_q.scatter(-1, index, float("-inf")).logsumexp(-1)
+    # Below e^-80 a bucket weighs nothing; the clamp keeps -inf (k = vocab) out of the gradient.
+    p_rest, q_rest = rest_logp.clamp(min=-80.0), q_rest.clamp(min=-80.0)
+    kl = (top_logp.exp() * (top_logp - q_top)).sum(-1) + p_rest.exp() * (p_rest - q_rest)
+    soft = kl.mean() * t * t
+    if alpha >= 1.0:
+        return soft
+    hard = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    return alpha * soft + (1.0 - alpha) * hard
 
 
 def token_windows(ids: list[int], seq_len: int) -> Any:
@@ -140,6 +209,11 @@ class CausalLoop(Loop):
         self.ckpt_dir, self.fingerprint = kw["checkpoint_dir"], kw["fingerprint"]
         self.progress, self.started = kw["progress"], kw["started"]
         self.frozen = 0
+        if self.s.freeze_embedding:
+            weight = student.get_input_embeddings().weight
+            weight.requires_grad_(False)  # tied: the lm_head is the same tensor
+            self.frozen = weight.numel()
+        self.cached: dict[int, tuple[Any, Any, Any]] = {}  # window -> the teacher's top k
         self._training(student)
         self.step, self.elapsed_before = 0, 0.0
         self.curve: list[dict[str, Any]] = []
@@ -150,11 +224,18 @@ class CausalLoop(Loop):
 
         torch.manual_seed(self.s.seed * 1_000_003 + self.step * 1009 + self.rt.rank)
         x = self.train_texts[indices].to(self.rt.device)
-        mask = torch.ones_like(x)
-        with torch.no_grad():
-            t_logits = self.teacher(input_ids=x).logits
-        s_logits = self.model(input_ids=x).logits
-        loss = causal_kd_loss(s_logits, t_logits, x, mask, self.s.temperature, self.s.alpha)
+        if self.s.top_k:
+            top_ids, top_logp, rest = self._teacher_top_k(indices)
+            s_logits = self.model(input_ids=x).logits
+            loss = top_k_kd_loss(
+                s_logits, top_ids, top_logp, rest, x, self.s.temperature, self.s.alpha
+            )
+        else:
+            with torch.no_grad():
+                t_logits = self.teacher(input_ids=x).logits
+            s_logits = self.model(input_ids=x).logits
+            mask = torch.ones_like(x)
+            loss = causal_kd_loss(s_logits, t_logits, x, mask, self.s.temperature, self.s.alpha)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.plain_student().parameters(), 1.0)
@@ -162,6 +243,20 @@ class CausalLoop(Loop):
         self.scheduler.step()
         self.step_losses.append(float(loss.detach()))
         return self.step_losses[-1]
+
+    def _teacher_top_k(self, indices: list[int]) -> tuple[Any, Any, Any]:
+        """The teacher's top k for these windows, each run once, the first time a batch holds it
+        (so a budget shorter than an epoch pays no more than recomputing would). One window per
+        forward: the figures then do not depend on which batch first held a window, and a
+        resumed run, which starts with an empty cache, trains on the same numbers."""
+        import torch
+
+        for i in indices:
+            if i not in self.cached:
+                row = self.train_texts[i : i + 1].to(self.rt.device)
+                found = teacher_top_k(self.teacher, row, self.s.top_k, self.s.temperature, 1)
+                self.cached[i] = tuple(t[0] for t in found)  # type: ignore[assignment]
+        return tuple(torch.stack([self.cached[i][j] for i in indices]) for j in range(3))  # type: ignore[return-value]
 
     def _evaluate(self, losses: list[float]) -> None:
         """Held-out perplexity and KL to the teacher (rank 0; the others wait)."""

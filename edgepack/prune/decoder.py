@@ -29,9 +29,10 @@ layers' weights buys about a tenth of the decode speed.
 
 Attention is not pruned. KV-group removal (a KV head with the query heads that share it) must be
 uniform over layers; SmolLM2 has 3 groups of 3 query heads, so the smallest step removes a third
-of every layer's attention at once (8.8 M of 106 M parameters, 8 %), where FFN channels come in
-steps of 32 x 3 x 576 per layer. Attention is also only a quarter of a layer's weights there, so
-the FFN and depth cover any budget the task asks for at a finer grain; not implemented.
+of every layer's attention at once (8.8 M of 106 M parameters, 8.3 %), where FFN channels come in
+steps of 32 x 3 x 576 per layer. Measured (held-out, as above): dropping each layer's weakest
+group (mean |o_proj input| x its column norm) alone gives 69.61, already the 68.57 of the whole
+25 % layer + FFN mix, before the remaining 17 % of the budget is spent; so it is not implemented.
 """
 
 from __future__ import annotations
