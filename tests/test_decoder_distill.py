@@ -16,7 +16,7 @@ from decoder_factory import build_fails_with as _fails_with
 from decoder_factory import make_tiny_decoder, tiny_decoder_config
 
 from edgepack.distill import CausalDistillSettings, distill_decoder
-from edgepack.distill.causal import causal_kd_loss
+from edgepack.distill.causal_losses import causal_kd_loss
 from edgepack.load import load_model
 from edgepack.prune import DecoderPruneSettings, prune_decoder
 
@@ -157,7 +157,7 @@ def test_the_loss_is_soft_kl_times_t_squared_plus_hard_next_token_ce() -> None:
 
 
 def test_the_cached_top_k_loss_is_the_full_loss_at_full_k_and_a_lower_bound_below() -> None:
-    from edgepack.distill.causal import teacher_top_k, top_k_kd_loss
+    from edgepack.distill.causal_losses import teacher_top_k, top_k_kd_loss
 
     torch.manual_seed(0)
     temperature, alpha, vocab = 2.0, 0.3, 11
