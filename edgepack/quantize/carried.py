@@ -137,6 +137,28 @@ def _carried_constants(rw: Any, name: str, blocks: Blocks) -> tuple[str, str]:
     return scales, offsets
 
 
+def nbits_node(
+    node: Any, index: int, weight: list[str], out: str, shape: tuple[int, int, int, int, int]
+) -> Any:
+    """The MatMulNBits replacing MatMul ``node`` (the ``index``-th): ``weight`` is its packed
+    bytes and scales, ``shape`` is (K, N, bits, block size, accuracy level)."""
+    from onnx import helper
+
+    k, n, bits, block, level = shape
+    return helper.make_node(
+        "MatMulNBits",
+        [node.input[0], *weight],
+        [out],
+        name=node.name or f"/MatMulNBits_{index}",
+        domain=MS,
+        K=k,
+        N=n,
+        bits=bits,
+        block_size=block,
+        accuracy_level=level,
+    )
+
+
 def carried_matmul(rw: Any, node: Any, blocks: Blocks, index: int) -> list[Any]:
     """MatMulNBits holding the source's codes and scales as they are; Q4_1's per-block offsets
     added as (x summed per block) @ offsets, in fp32."""
@@ -147,18 +169,8 @@ def carried_matmul(rw: Any, node: Any, blocks: Blocks, index: int) -> list[Any]:
     scales, table = _carried_constants(rw, name, blocks)
     rw.quantized[name] = (data, scales, blocks.bits, BLOCK, table)
     out = f"{node.output[0]}_codes" if table else node.output[0]
-    main = helper.make_node(
-        "MatMulNBits",
-        [node.input[0], data, scales],
-        [out],
-        name=node.name or f"/MatMulNBits_{index}",
-        domain=MS,
-        K=k,
-        N=n,
-        bits=blocks.bits,
-        block_size=BLOCK,
-        accuracy_level=rw.settings.accuracy_level,
-    )
+    level = rw.settings.accuracy_level
+    main = nbits_node(node, index, [data, scales], out, (k, n, blocks.bits, BLOCK, level))
     if not table:
         return [main]
     sum_nodes, sums = _block_sums(rw, node.input[0])

@@ -33,6 +33,7 @@ from edgepack.quantize.carried import (
     carried_matmul,
     carried_weights,
     gathered_offsets,
+    nbits_node,
     source_record,
 )
 from edgepack.quantize.weight_store import Weights, make_internal
@@ -150,8 +151,6 @@ class _Rewrite:
 
 
 def _matmuls(rw: _Rewrite, importance: dict[str, np.ndarray]) -> None:
-    from onnx import helper
-
     s, nodes = rw.settings, []
     for index, node in enumerate(rw.model.graph.node):
         if node.op_type != "MatMul" or not rw.arrays.is_float_matrix(node.input[1]):
@@ -167,20 +166,8 @@ def _matmuls(rw: _Rewrite, importance: dict[str, np.ndarray]) -> None:
             node.input[1], rw.arrays[node.input[1]].T, importance.get(node.input[0]), head=head
         )
         rw.quantized[node.input[1]] = (data, scales, s.bits, block, "")
-        nodes.append(
-            helper.make_node(
-                "MatMulNBits",
-                [node.input[0], data, scales],
-                list(node.output),
-                name=node.name or f"/MatMulNBits_{index}",
-                domain=MS,
-                K=k,
-                N=n,
-                bits=s.bits,
-                block_size=block,
-                accuracy_level=s.accuracy_level,
-            )
-        )
+        shape = (k, n, s.bits, block, s.accuracy_level)
+        nodes.append(nbits_node(node, index, [data, scales], node.output[0], shape))
     del rw.model.graph.node[:]
     rw.model.graph.node.extend(nodes)
 
