@@ -79,8 +79,8 @@ def test_sample_llm_check_on_emulated_aarch64(sysroot: Path, sample_bundle: Path
 
 def test_sample_llm_chats_with_its_own_template(sample_bundle: Path) -> None:
     """The sample bundle carries SmolLM2's chat template as a table that renders as transformers
-    does (its default system prompt included), and answers a chat greedily; the answer is the
-    one measured with the int4 bundle (and the fp32 model) on x86."""
+    does (its default system prompt included), and answers a chat greedily along its own graph's
+    path."""
     from transformers import AutoTokenizer
 
     chat = json.loads((sample_bundle / "manifest.json").read_text())["generation"]["chat"]
@@ -99,6 +99,19 @@ def test_sample_llm_chats_with_its_own_template(sample_bundle: Path) -> None:
     ):  # fmt: skip
         want = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
         assert model.chat_ids(messages) == want
-    assert model.chat(question, 32) == "The capital of France is Paris."
+    # The reply is the greedy path of the rendered ids through the bundle's own graph, ended at
+    # the end-of-turn token. Its words are not asserted: this 135 M model's first token of this
+    # answer is a near-tie (fp32 "The" 25.33 vs "L" 25.24) that int8 activations may flip on
+    # another CPU's kernels.
+    from edgepack.evaluate import session
+    from edgepack.families.generate import greedy
+
+    eot = tok.convert_tokens_to_ids(chat["end_of_turn"])
+    path, _ = greedy(session(sample_bundle / "model.onnx"), model.chat_ids(question), 32, [eot])
+    reply = model.chat(question, 32)
+    assert (
+        reply
+        and reply == tok.decode([t for t in path if t != eot], skip_special_tokens=True).strip()
+    )
     sampled = [model.chat(question, 24, temperature=0.7, top_p=0.9, seed=s) for s in (1, 1, 2)]
     assert sampled[0] == sampled[1] and all(sampled)
