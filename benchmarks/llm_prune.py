@@ -226,6 +226,10 @@ def teacher_graph(workdir: Path) -> Path:
 @click.option("--out", type=click.Path(path_type=Path), help="Default benchmarks/results-prune.md.")
 @click.option("--rounds", type=int, default=7, show_default=True, help="Interleaved rounds.")
 @click.option("--new-tokens", type=int, default=64, show_default=True)
+@click.option("--source-blocks", type=click.Choice(["all", "layers", "off"]), default="off",
+              show_default=True, help="Every row's --source-blocks. off: the re-quantized int4 "
+              "baseline the pruning targets are set against; a pruned model's weights are no "
+              "longer the GGUF's, so carrying blocks would favour the unpruned row.")  # fmt: skip
 def main(
     recovery_seconds: float,
     fractions: str,
@@ -233,6 +237,7 @@ def main(
     out: Path | None,
     rounds: int,
     new_tokens: int,
+    source_blocks: str,
 ) -> None:
     """Build every row, measure them side by side, write and print the table."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -247,7 +252,8 @@ def main(
     command = shlex.join(["python", "-m", "benchmarks.llm_prune", *sys.argv[1:]])
     workdir = workdir or default_workdir()
     workdir.mkdir(parents=True, exist_ok=True)
-    rows = [build(v, workdir) for v in variants(chosen, recovery_seconds)]
+    extra = ("--source-blocks", source_blocks)
+    rows = [build(v, workdir, extra=extra) for v in variants(chosen, recovery_seconds)]
 
     from transformers import AutoTokenizer
 
