@@ -209,6 +209,22 @@ an unknown path a 404, and a client silent for 30 s loses its connection.
 """
 
 
+MOBILE = """## In an Android or iOS app
+
+`mobile/EdgepackLlm.kt` (onnxruntime-android) and `mobile/EdgepackLlm.swift` (onnxruntime-objc) do
+what `edgepack_runtime.py` does, without Python: the model's byte-level BPE tokenizer (reading
+`mobile/tokens.txt` and `mobile/merges.txt`), the chat template's table, greedy decoding or
+sampling (temperature, top-k, top-p, repetition penalty, a seed: SplitMix64, so the same seed gives
+the same tokens in both apps, not the same as the Python runtime's numpy draws), stop strings, the
+end-of-turn token, and streamed text that never splits a character. Copy `{model}`,
+`mobile/tokens.txt` and `mobile/merges.txt` into the app; the top of each file shows the calls.
+`LlmSignature` holds this model's cache names, type and shape; edgepack's tests check them against
+the model and run the Kotlin tokenizer, chat format and sampler on the JVM against this runtime.
+"""
+
+
 def decoder_readme(name: str, manifest: dict[str, Any]) -> str:
     """The whole README.md of one decoder bundle."""
-    return "\n".join([*_summary(name, manifest), HARNESS, *_shared_sections()])
+    mobile = (manifest.get("app") or {}).get("mobile") or []
+    extra = [MOBILE.format(model=manifest["model"]["file"])] if mobile else []
+    return "\n".join([*_summary(name, manifest), HARNESS, *extra, *_shared_sections()])

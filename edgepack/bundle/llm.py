@@ -20,6 +20,7 @@ from edgepack.bundle.sign import sign_bundle
 from edgepack.bundle.verify import verify_bundle
 from edgepack.bundle.write import (
     HARNESS_DIR,
+    render_decoder_app_sources,
     to_ort_format,
     tokenizers_version,
     write_reference_texts,
@@ -67,6 +68,23 @@ def _copy_tokenizer_and_harness(
     (folder / "run.sh").chmod(0o755)
 
 
+def _write_app_sources(folder: Path, manifest: dict[str, Any], model_file: Path, name: str) -> None:
+    """Kotlin and Swift sources for .ort bundles (a phone app has no Python); the manifest says
+    what the bundle offers an app, and why no mobile sources when there are none."""
+    files, why = {}, "not a mobile (.ort) bundle"
+    if model_file.suffix == ".ort":
+        files, why = render_decoder_app_sources(manifest, model_file, folder / "tokenizer", name)
+    for rel, text in files.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_text(text, encoding="utf-8")
+    manifest["app"] = {
+        "python": "edgepack_runtime.py",
+        "tokenizers": tokenizers_version(),
+        "mobile": sorted(files),
+        "mobile_skipped": None if files else why,
+    }
+
+
 def package_decoder(
     box: Outbox,
     name: str,
@@ -108,6 +126,7 @@ def package_decoder(
         if op_config is not None:
             shutil.copy2(op_config, folder / OPERATOR_CONFIG)
         _copy_tokenizer_and_harness(folder, tokenizer_dir, chat_template)
+        _write_app_sources(folder, manifest, model_file, name)
         (folder / REFERENCE).write_text(json.dumps(reference, indent=1) + "\n", encoding="utf-8")
         if texts is not None:
             named = write_reference_texts(folder, *texts)

@@ -234,6 +234,24 @@ def render_app_sources(
     return module.render(manifest, tokenizer_dir, name)
 
 
+def render_decoder_app_sources(
+    manifest: dict[str, Any], model_file: Path, tokenizer_dir: Path, name: str
+) -> tuple[dict[str, str], str]:
+    """Kotlin and Swift decoder sources and their tokenizer files (harness/mobile_llm.py), from
+    the converted model's own signature, or ({}, why none)."""
+    import importlib.util
+
+    import onnxruntime as ort
+
+    spec = importlib.util.spec_from_file_location(
+        "edgepack_mobile_llm", HARNESS_DIR / "mobile_llm.py"
+    )
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    session = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
+    return module.render(manifest, session, tokenizer_dir, name)
+
+
 def tokenizers_version() -> str:
     """The host's HF tokenizers, which the device's must match or follow (requirements.txt)."""
     from importlib import metadata
