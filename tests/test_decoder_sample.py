@@ -115,3 +115,54 @@ def test_sample_llm_chats_with_its_own_template(sample_bundle: Path) -> None:
     )
     sampled = [model.chat(question, 24, temperature=0.7, top_p=0.9, seed=s) for s in (1, 1, 2)]
     assert sampled[0] == sampled[1] and all(sampled)
+
+
+@pytest.fixture(scope="module")
+def sample_android(sample_bundle: Path) -> Path:
+    """The sample's Android bundle, built after the arm64 one (whose cached stages it reuses)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = sample_bundle.parent
+    build = subprocess.run(
+        [sys.executable, "-m", "edgepack.cli", "build", "--config", str(ROOT / "samples/llm.toml"),
+         "--target", "android", "--out", str(out)],
+        capture_output=True, text=True, env=env, timeout=2700,
+    )  # fmt: skip
+    assert build.returncode == 0, build.stderr[-2000:]
+    return out / "SmolLM2-135M-Instruct-android"
+
+
+def test_sample_llm_android_sources_tokenize_chat_and_decode_like_the_runtime(
+    sample_android: Path, tmp_path: Path
+) -> None:
+    """SmolLM2's real 49k-token byte-level BPE in the generated Kotlin (on the JVM, where kotlinc
+    is installed) and in the apps' Python port: HF tokenizers' ids, the runtime's chat prompt, and
+    the runtime's greedy reply from the .ort model through the apps' loop."""
+    from test_runtime_mobile_llm import _hex, compile_kotlin, corpus, harness, run_kotlin
+    from tokenizers import Tokenizer
+
+    manifest = json.loads((sample_android / "manifest.json").read_text())
+    assert manifest["app"]["mobile_skipped"] is None and len(manifest["app"]["mobile"]) == 4
+    spec = importlib.util.spec_from_file_location("sample_android_runtime",
+                                                  sample_android / "edgepack_runtime.py")  # fmt: skip
+    runtime = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runtime)
+    model = runtime.Model(sample_android, threads=1)
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = model.chat_ids(question)
+    want = list(model.generate_ids(ids, 24, stop_ids=model.end_of_turn))
+    mobile_llm = harness("mobile_llm")
+    assert mobile_llm.run_like_app(sample_android, ids, 24, stop_ids=model.end_of_turn) == want
+    reference = Tokenizer.from_file(str(sample_android / "tokenizer" / "tokenizer.json"))
+    texts = corpus()
+    jar = compile_kotlin((sample_android / "mobile/EdgepackLlm.kt").read_text(), tmp_path)
+    lines = [f"encode|1|{_hex(t)}" for t in texts]
+    lines.append("chat|" + _hex("user") + "|" + _hex(question[0]["content"]))
+    lines.append("stream|" + " ".join(map(str, want)))
+    mobile = sample_android / "mobile"
+    got = run_kotlin(jar, tmp_path, mobile / "tokens.txt", mobile / "merges.txt", lines)
+    assert [[int(i) for i in line.split()] for line in got[: len(texts)]] == [
+        reference.encode(t).ids for t in texts
+    ]
+    assert got[len(texts)] == "ok " + _hex(model.render_chat(question))
+    text = "".join(bytes.fromhex(p).decode("utf-8") for p in got[len(texts) + 1].split(" "))
+    assert text == reference.decode(want)

@@ -241,6 +241,7 @@ def test_bpe_port_equals_tokenizers(tmp_path: Path, style: str) -> None:
     for _ in range(50):  # any ids, including ones that split a character
         ids = [int(i) for i in rng.integers(0, len(spec["tokens"]), size=12)]
         assert port.decode(ids) == reference.decode(ids), ids
+        assert mobile_llm.generate_with(port, iter(ids)) == reference.decode(ids), ids
 
 
 def test_port_refuses_what_it_cannot_reproduce(tmp_path: Path) -> None:

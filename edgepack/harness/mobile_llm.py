@@ -340,9 +340,11 @@ def run_like_app(
     max_new_tokens: int,
     settings: Optional[Dict[str, Any]] = None,
     seed: int = 0,
+    stop_ids: Sequence[int] = (),
 ) -> List[int]:
     """The apps' generate loop on the bundle's model: feeds built from the rendered signature
-    (``signature``), the sampler fed by SplitMix64(seed); EOS ends it and is the last token."""
+    (``signature``), the sampler fed by SplitMix64(seed); EOS (or a ``stop_ids`` token, as the
+    chat's end of turn) ends it and is the last token."""
     import numpy as np
     import onnxruntime as ort
 
@@ -369,7 +371,7 @@ def run_like_app(
         token = decode.choose(values["logits"][0, -1], history, rng=rng, **(settings or {}))
         out.append(token)
         history.append(token)
-        if token in sig["eos"]:
+        if token in sig["eos"] or token in stop_ids:
             break
         start, ids = start + len(ids), [token]
     return out
