@@ -130,6 +130,10 @@ def build(
             return published(results, moved)
         if config.kv_cache:
             raise UserError("--kv-cache is a decoder option: an encoder keeps no KV cache.")
+        if config.source_blocks != "all":
+            raise UserError(
+                "--source-blocks is a decoder option: an encoder has no GGUF blocks to carry."
+            )
         shared, texts, original = _prepare(config, progress)
         shared = replace(shared, sign_key=sign_key)
         profiles = resolve_targets(config.target)

@@ -86,7 +86,7 @@ def test_int8_cache_bundle_checks_on_device_and_reports_its_memory(tmp_path: Pat
     assert app.returncode == 0, app.stderr
 
 
-def test_kv_cache_flag_is_refused_where_it_cannot_apply(
+def test_decoder_flags_are_refused_where_they_cannot_apply(
     tmp_path: Path, tiny_bert: Path, texts_file: Path
 ) -> None:
     from decoder_factory import tiny_decoder_config
@@ -98,3 +98,6 @@ def test_kv_cache_flag_is_refused_where_it_cannot_apply(
     )
     encoder = ["--model", str(tiny_bert), "--calibration", str(texts_file), "--target", "cpu"]
     build_fails_with([*encoder, "--kv-cache", "int8"], tmp_path / "o2", "--kv-cache", "encoder")
+    build_fails_with(
+        [*encoder, "--source-blocks", "off"], tmp_path / "o3", "--source-blocks", "encoder"
+    )

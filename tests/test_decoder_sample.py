@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,15 +27,29 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def sample_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The sample's arm64 bundle, built once by the CLI for the host and the emulated checks."""
+    return build_sample("arm64", tmp_path_factory.mktemp("llm-sample") / "dist")
+
+
+def build_sample(target: str, out: Path) -> Path:
+    """The sample built by the CLI, as a user would, for ``target`` into ``out``."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    out = tmp_path_factory.mktemp("llm-sample") / "dist"
     build = subprocess.run(
         [sys.executable, "-m", "edgepack.cli", "build", "--config", str(ROOT / "samples/llm.toml"),
-         "--target", "arm64", "--out", str(out)],
+         "--target", target, "--out", str(out)],
         capture_output=True, text=True, env=env, timeout=2700,
     )  # fmt: skip
     assert build.returncode == 0, build.stderr[-2000:]
-    return out / "SmolLM2-135M-Instruct-arm64"
+    return out / f"SmolLM2-135M-Instruct-{target}"
+
+
+def bundle_model(folder: Path) -> Any:
+    """The bundle's own runtime (its edgepack_runtime.py) on its model, one thread."""
+    spec = importlib.util.spec_from_file_location(
+        f"runtime_{folder.name}", folder / "edgepack_runtime.py"
+    )
+    runtime = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runtime)
+    return runtime.Model(folder, threads=1)
 
 
 def test_sample_llm_build_and_device_check(sample_bundle: Path) -> None:
@@ -86,11 +101,7 @@ def test_sample_llm_chats_with_its_own_template(sample_bundle: Path) -> None:
     chat = json.loads((sample_bundle / "manifest.json").read_text())["generation"]["chat"]
     assert chat["end_of_turn"] == "<|im_end|>" and "SmolLM" in chat["table"]["start_user"]
     tok = AutoTokenizer.from_pretrained(str(sample_bundle / "tokenizer"))
-    spec = importlib.util.spec_from_file_location("sample_llm_runtime",
-                                                  sample_bundle / "edgepack_runtime.py")  # fmt: skip
-    runtime = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(runtime)
-    model = runtime.Model(sample_bundle, threads=1)
+    model = bundle_model(sample_bundle)
     question = [{"role": "user", "content": "What is the capital of France?"}]
     for messages in (
         question,
@@ -120,15 +131,7 @@ def test_sample_llm_chats_with_its_own_template(sample_bundle: Path) -> None:
 @pytest.fixture(scope="module")
 def sample_android(sample_bundle: Path) -> Path:
     """The sample's Android bundle, built after the arm64 one (whose cached stages it reuses)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    out = sample_bundle.parent
-    build = subprocess.run(
-        [sys.executable, "-m", "edgepack.cli", "build", "--config", str(ROOT / "samples/llm.toml"),
-         "--target", "android", "--out", str(out)],
-        capture_output=True, text=True, env=env, timeout=2700,
-    )  # fmt: skip
-    assert build.returncode == 0, build.stderr[-2000:]
-    return out / "SmolLM2-135M-Instruct-android"
+    return build_sample("android", sample_bundle.parent)
 
 
 def test_sample_llm_android_sources_tokenize_chat_and_decode_like_the_runtime(
@@ -142,11 +145,7 @@ def test_sample_llm_android_sources_tokenize_chat_and_decode_like_the_runtime(
 
     manifest = json.loads((sample_android / "manifest.json").read_text())
     assert manifest["app"]["mobile_skipped"] is None and len(manifest["app"]["mobile"]) == 4
-    spec = importlib.util.spec_from_file_location("sample_android_runtime",
-                                                  sample_android / "edgepack_runtime.py")  # fmt: skip
-    runtime = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(runtime)
-    model = runtime.Model(sample_android, threads=1)
+    model = bundle_model(sample_android)
     question = [{"role": "user", "content": "What is the capital of France?"}]
     ids = model.chat_ids(question)
     want = list(model.generate_ids(ids, 24, stop_ids=model.end_of_turn))

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from test_runtime_mobile import VARIED as ENCODER_TEXTS
 
 HARNESS = Path(__file__).resolve().parents[1] / "edgepack" / "harness"
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
@@ -29,24 +30,14 @@ CHATML = (
     " + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}"
     "{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+# The encoder tokenizer's texts, and what byte-level BPE adds: chat markers and special tokens
+# written in the text, contractions, digit runs, runs of spaces and newlines, NFC pairs.
 VARIED = [
-    "Where is my order?",
-    "Héllo wörld 😀 naïve café, ÀÉÎÕÜ ç",
-    "ΣΟΦΟΣ σοφός İstanbul ﬁ Straße",
-    "日本語のテキスト 中文字符 한국어 텍스트",
-    "مرحبا، كيف حالك؟ Привет, мир!",
-    "a\u200bb\x00c\x7fd\ufffde\u00adf",
+    *ENCODER_TEXTS,
     "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
     "<|im_start|><|im_start|>x<|im_end|<|endoftext|>",
-    "",
-    "   \t\n ",
-    "x" * 150,
     "I'm sure they'll say it's 12345 or 3.14159, won't they?  Yes!!\n\n\nNo.",
-    "don't stop—believing… «quoted» ‘single’ “double” 1,000.50$ 50% #tag @user",
-    "a\ue000b\u0378c \u2028 \u3000全角\u3000スペース\u00a0nbsp",
-    "e\u0301 vs é, n\u0303 vs ñ, \u212b vs Å",
-    "tab\there\nnew\r\nline\x0bvertical\x1cfile",
-    "C++/C# <html>&amp; ~user^2 `code` {a|b} [x]    trailing   ",
+    "nbsp\u00a0and \u212b vs Å    trailing   ",
     "IT'S 'S 'Ll ALL CAPS'RE",
 ]
 # Bytes no training text has: the SmolLM2-like tokenizer encodes them as its unknown token.

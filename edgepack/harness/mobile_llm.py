@@ -443,10 +443,10 @@ def render(
         "bundle": bundle_name,
         "manifest": manifest,
     }
-    templates = _sibling("mobile_llm_sources")
+    templates, encoder_templates = _sibling("mobile_llm_sources"), _sibling("mobile_sources")
     return {
-        KOTLIN_FILE: templates.kotlin(values),
-        SWIFT_FILE: templates.swift(values),
+        KOTLIN_FILE: templates.kotlin(values, encoder_templates),
+        SWIFT_FILE: templates.swift(values, encoder_templates),
         TOKENS_FILE: "".join(t + "\n" for t in spec["tokens"]),
         MERGES_FILE: "".join(m + "\n" for m in spec["merges"]),
     }, ""

@@ -10,21 +10,7 @@ Python port of these sources: a change here must be made there. Standard library
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
-
-
-def _encoder_sources() -> Any:
-    """mobile_sources.py beside this file: the literal quoting and marker filling are shared."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "edgepack_harness_mobile_sources",
-        str(Path(__file__).resolve().parent / "mobile_sources.py"),
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore
-    return module
 
 
 def _optional(quote: Callable[[str], str], value: Optional[str], none: str) -> str:
@@ -82,8 +68,8 @@ def _marks(values: Dict[str, Any], quote: Callable[[str], str], none: str) -> Di
     }
 
 
-def kotlin(values: Dict[str, Any]) -> str:
-    enc = _encoder_sources()
+def kotlin(values: Dict[str, Any], enc: Any) -> str:
+    """``enc`` is mobile_sources.py, whose literal quoting and marker filling are shared."""
     return enc._fill(KOTLIN, _marks(values, enc.kt, "null"))
 
 
@@ -97,8 +83,7 @@ def icu_pattern(pattern: str) -> str:
     )
 
 
-def swift(values: Dict[str, Any]) -> str:
-    enc = _encoder_sources()
+def swift(values: Dict[str, Any], enc: Any) -> str:
     spec = {**values["spec"], "pattern": icu_pattern(values["spec"]["pattern"])}
     return enc._fill(SWIFT, _marks({**values, "spec": spec}, enc.sw, "nil"))
 
