@@ -128,12 +128,9 @@ def build(
                 moved = box.publish()
             progress.note(f"report: {Path(config.out) / 'report.md'} and report.html")
             return published(results, moved)
-        if config.kv_cache:
-            raise UserError("--kv-cache is a decoder option: an encoder keeps no KV cache.")
-        if config.source_blocks != "all":
-            raise UserError(
-                "--source-blocks is a decoder option: an encoder has no GGUF blocks to carry."
-            )
+        if config.kv_cache or config.source_blocks != "all":
+            flag = "--kv-cache" if config.kv_cache else "--source-blocks"
+            raise UserError(f"{flag} is a decoder option, and this model is an encoder.")
         shared, texts, original = _prepare(config, progress)
         shared = replace(shared, sign_key=sign_key)
         profiles = resolve_targets(config.target)
