@@ -222,16 +222,21 @@ def to_ort_format(onnx_path: Path, out_dir: Path, fmt: dict[str, Any]) -> tuple[
     return ort_file, configs[0]
 
 
+def _harness(name: str) -> Any:
+    """A harness module loaded by path: harness/ is a folder of device files, not a package."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"edgepack_{name}", HARNESS_DIR / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
 def render_app_sources(
     manifest: dict[str, Any], tokenizer_dir: Path, name: str
 ) -> tuple[dict[str, str], str]:
     """Kotlin and Swift sources for a mobile bundle (harness/mobile.py), or ({}, why none)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("edgepack_mobile", HARNESS_DIR / "mobile.py")
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module.render(manifest, tokenizer_dir, name)
+    return _harness("mobile").render(manifest, tokenizer_dir, name)
 
 
 def render_decoder_app_sources(
@@ -239,17 +244,10 @@ def render_decoder_app_sources(
 ) -> tuple[dict[str, str], str]:
     """Kotlin and Swift decoder sources and their tokenizer files (harness/mobile_llm.py), from
     the converted model's own signature, or ({}, why none)."""
-    import importlib.util
-
     import onnxruntime as ort
 
-    spec = importlib.util.spec_from_file_location(
-        "edgepack_mobile_llm", HARNESS_DIR / "mobile_llm.py"
-    )
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
     session = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
-    return module.render(manifest, session, tokenizer_dir, name)
+    return _harness("mobile_llm").render(manifest, session, tokenizer_dir, name)
 
 
 def tokenizers_version() -> str:

@@ -177,7 +177,8 @@ def tokenizer_spec(tokenizer_dir: Path) -> Tuple[Optional[Dict[str, Any]], str]:
     tokens, why_tokens = _token_list(vocab, added)
     if tokens is None:
         return None, why_tokens
-    if decoder["fuse"] and any(_raw(t, decoder["replace"]) for t in tokens):
+    table = frozenset(byte_chars())
+    if decoder["fuse"] and any(_raw(t, decoder["replace"], table) for t in tokens):
         return None, "the decoder fuses tokens before ByteLevel and some token is not byte-level"
     return {
         "pattern": pattern,
@@ -194,11 +195,11 @@ def tokenizer_spec(tokenizer_dir: Path) -> Tuple[Optional[Dict[str, Any]], str]:
     }, ""
 
 
-def _raw(token: str, replace: List[List[str]]) -> bool:
-    """Whether the decoder takes ``token`` as its own UTF-8 (a character outside the table)."""
+def _raw(token: str, replace: List[List[str]], table: Any) -> bool:
+    """Whether the decoder takes ``token`` as its own UTF-8 (a character outside ``table``, the
+    byte characters)."""
     for old, new in replace:
         token = token.replace(old, new)
-    table = set(byte_chars())
     return any(c not in table for c in token)
 
 
