@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -27,10 +29,22 @@ json_values = st.recursive(
 )
 
 
+_FOLDER: list[Path] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _scratch() -> Iterator[None]:
+    """One folder for the module's examples, removed at the end (hypothesis forbids tmp_path)."""
+    with tempfile.TemporaryDirectory(prefix="edgepack-fuzz-") as folder:
+        _FOLDER.append(Path(folder))
+        yield
+        _FOLDER.clear()
+
+
 def _write(name: str, content: bytes) -> Path:
-    folder = Path(tempfile.mkdtemp(prefix="edgepack-fuzz-"))
-    (folder / name).write_bytes(content)
-    return folder / name
+    path = _FOLDER[0] / name
+    path.write_bytes(content)
+    return path
 
 
 @FUZZ
