@@ -45,6 +45,7 @@ from edgepack.export.decoder_layers import (
     norm_weight,
     rotary_tables,
 )
+from edgepack.families.cache_layout import mark_cache_layout
 from edgepack.families.decoder_arch import ACTIVATIONS, ARCHS, DecoderArch
 
 # Architectures whose layers the fused graph can write (families/decoder_arch.py says how each
@@ -59,7 +60,7 @@ OPSET = 17
 # where GatherBlockQuantized first takes ``bits`` (measured, tiny Llama int4 and int8).
 IR_VERSION = 8
 # Part of the export cache key: bump when the graph written for the same weights changes.
-GRAPH_VERSION = 5  # 5: the logits_from input
+GRAPH_VERSION = 6  # 5: the logits_from input; 6: the in-place cache mark
 TWO_GB = 2_000_000_000
 LOGITS_FROM = "logits_from"
 
@@ -250,6 +251,7 @@ def save_model(model: Any, path: Path) -> None:
     already wrote them to ``model.onnx_data`` beside it."""
     import onnx
 
+    mark_cache_layout(model)
     onnx.save(model, str(path))
 
 

@@ -27,7 +27,9 @@ started_utc, runtime, env:
                            p99, max; kv_cache_mb (at prompt + new tokens)
     perf                   the headline, from the first configuration: ttft_ms and
                            decode_tokens_per_s (p50s), their p90s, peak_rss_mb,
-                           kv_cache_mb_at_context, context_length, threads, prompt_tokens, runs
+                           kv_cache_mb_at_context, kv_cache_in_place (the cache is
+                           written where it lies, not copied each step), context_length,
+                           threads, prompt_tokens, runs
     compare                baseline, threshold, rows (threads, prompt_tokens, ratios,
                            regressed), regressed; null without --compare
 """
@@ -51,9 +53,9 @@ from bench_env import collect_env, peak_rss_mb, positive_number, summarize  # no
 from bundle_check import HarnessError, bundle_relpath, load_json, verify_bundle  # noqa: E402
 from edgepack_decode import (  # noqa: E402
     CACHE_TYPES,
-    empty_past,
+    Cache,
     greedy_stream,
-    step,
+    in_place,
     teacher_forced,
 )
 
@@ -232,14 +234,14 @@ def time_generation(sess, prompt, new_tokens):
     its last position, then ``new_tokens`` single-token steps on the KV cache. EOS does not stop
     it: every run times the same number of steps."""
     t0 = time.perf_counter()
-    logits, past = step(sess, prompt, empty_past(sess), 0, last=True)
+    cache = Cache(sess, len(prompt) + new_tokens)
+    logits = cache.feed(prompt)
     token = int(np.argmax(logits[-1]))
     ttft = (time.perf_counter() - t0) * 1000.0
-    pos, steps = len(prompt), []
+    steps = []
     for _ in range(new_tokens):
         t = time.perf_counter()
-        logits, past = step(sess, [token], past, pos, last=True)
-        token, pos = int(np.argmax(logits[-1])), pos + 1
+        token = int(np.argmax(cache.feed([token])[-1]))
         steps.append((time.perf_counter() - t) * 1000.0)
     return ttft, steps
 
@@ -412,6 +414,7 @@ def main():
             "decode_tokens_per_s_p90": head["decode_tokens_per_s"]["p90"],
             "peak_rss_mb": peak_rss_mb(),
             "kv_cache_mb_at_context": round(kv_bytes(session_for(path, 1), context) / 1e6, 2),
+            "kv_cache_in_place": in_place(session_for(path, 1)),
             "context_length": context,
         }
         if args.compare is not None:

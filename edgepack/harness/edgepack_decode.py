@@ -12,6 +12,8 @@ import numpy as np
 
 # The cache's element types: fp32, or int8 (an int8 KV cache, dequantized inside the graph).
 CACHE_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8}
+# The graph metadata entry that says the cache can be written in place (families/cache_layout.py in edgepack).
+CACHE_LAYOUT, IN_PLACE = "edgepack.kv_cache", "in-place"
 
 
 def empty_past(sess):
@@ -24,25 +26,97 @@ def empty_past(sess):
     return past
 
 
+def _inputs(names, ids, start, last):
+    """The non-cache inputs of one pass over ``ids`` after ``start`` cached positions."""
+    feeds = {
+        "input_ids": np.asarray([ids], dtype=np.int64),
+        "attention_mask": np.ones((1, start + len(ids)), dtype=np.int64),
+        "logits_from": np.asarray([len(ids) - 1 if last else 0], dtype=np.int64),
+    }
+    if "position_ids" in names:
+        feeds["position_ids"] = np.arange(start, start + len(ids), dtype=np.int64)[None]
+    return dict((k, v) for k, v in feeds.items() if k in names)
+
+
 def step(sess, ids, past, start, last=False):
     """One pass over ``ids`` after ``start`` cached positions: (logits, new past). With ``last``,
     a graph that takes ``logits_from`` computes the last position's logits alone (generation
     reads no other); the returned rows then end with that position either way."""
     names = set(i.name for i in sess.get_inputs())
-    feeds = dict(past)
-    feeds["logits_from"] = np.asarray([len(ids) - 1 if last else 0], dtype=np.int64)
-    feeds["input_ids"] = np.asarray([ids], dtype=np.int64)
-    feeds["attention_mask"] = np.ones((1, start + len(ids)), dtype=np.int64)
-    if "position_ids" in names:
-        feeds["position_ids"] = np.arange(start, start + len(ids), dtype=np.int64)[None]
+    feeds = _inputs(names, ids, start, last)
+    feeds.update(past)
     outputs = [o.name for o in sess.get_outputs()]
-    values = sess.run(outputs, {k: v for k, v in feeds.items() if k in names})
+    values = sess.run(outputs, feeds)
     result = dict(zip(outputs, values))  # noqa: B905 (strict= needs 3.10; the harness runs on 3.8)
     new_past = {}
     for k, v in result.items():
         if k.startswith("present."):
             new_past["past_key_values." + k[len("present.") :]] = v
     return result["logits"][0], new_past
+
+
+def in_place(sess):
+    """Whether the graph says its cache can be written in place (edgepack marks a graph whose
+    GroupQueryAttention reads each past input and writes the matching present directly)."""
+    try:
+        meta = sess.get_modelmeta().custom_metadata_map
+    except (AttributeError, RuntimeError):
+        return False
+    return meta.get(CACHE_LAYOUT) == IN_PLACE
+
+
+class Cache:
+    """The KV cache of one generation, grown one pass at a time by ``feed``.
+
+    On a graph marked ``in_place`` it is one buffer per cache tensor, sized for the generation
+    and bound as both the past input and the present output: onnxruntime's GroupQueryAttention
+    then writes each pass's new positions into it and copies nothing. Otherwise each pass returns
+    the whole cache as new present tensors (zeroed and copied in every layer, at every step) that
+    become the next past, as ``step`` does."""
+
+    def __init__(self, sess, capacity):
+        self.sess, self.capacity, self.length = sess, capacity, 0
+        self.names = set(i.name for i in sess.get_inputs())
+        self.past = empty_past(sess)
+        self.binding = None
+        if in_place(sess):
+            self._bind()
+
+    def _bind(self):
+        self.binding = self.sess.io_binding()
+        # First: get_outputs() lists the outputs in the order they were bound.
+        self.binding.bind_output("logits")
+        self.buffers = []  # the arrays whose memory is bound, kept alive with the binding
+        for name, empty in self.past.items():
+            shape = list(empty.shape)
+            shape[2] = self.capacity
+            buffer = np.zeros(shape, dtype=empty.dtype)
+            self.buffers.append(buffer)
+            # Bound by address: the same memory as the past input and the present output.
+            where = ("cpu", 0, buffer.dtype.type, shape, buffer.ctypes.data)
+            self.binding.bind_input(name, *where)
+            self.binding.bind_output("present." + name[len("past_key_values.") :], *where)
+
+    def feed(self, ids, last=True):
+        """The logits of a pass over ``ids`` after the cached positions (the last row alone with
+        ``last``, on a graph that takes ``logits_from``); the cache then holds them too."""
+        if self.binding is None:
+            logits, self.past = step(self.sess, ids, self.past, self.length, last)
+        else:
+            if self.length + len(ids) > self.capacity:
+                raise ValueError(
+                    "%d cached + %d new positions exceed the cache's %d"
+                    % (self.length, len(ids), self.capacity)
+                )
+            inputs = _inputs(self.names, ids, self.length, last)
+            for name, value in inputs.items():
+                self.binding.bind_cpu_input(name, value)
+            self.sess.run_with_iobinding(self.binding)
+            # A copy: the array onnxruntime hands out is its output buffer, which the next pass
+            # reuses (rows a caller kept would change under it).
+            logits = np.array(self.binding.get_outputs()[0].numpy()[0])
+        self.length += len(ids)
+        return logits
 
 
 def teacher_forced(sess, prompt, continuation):
@@ -59,16 +133,16 @@ def teacher_forced(sess, prompt, continuation):
 
 def greedy_stream(sess, prompt, n, eos):
     """Yield up to ``n`` greedy tokens after ``prompt``; an end-of-sequence token is the last."""
-    logits, past = step(sess, list(prompt), empty_past(sess), 0, last=True)
-    pos, count = len(prompt), 0
+    cache = Cache(sess, len(prompt) + n)
+    logits = cache.feed(list(prompt))
+    count = 0
     while count < n:
         token = int(np.argmax(logits[-1]))
         count += 1
         yield token
         if token in eos or count == n:
             return
-        logits, past = step(sess, [token], past, pos, last=True)
-        pos += 1
+        logits = cache.feed([token])
 
 
 def greedy(sess, prompt, n, eos):
@@ -145,8 +219,9 @@ def sample_stream(sess, prompt, n, eos, settings=None, rng=None):
     last."""
     settings = dict(settings or {})
     history = list(prompt)
-    logits, past = step(sess, history, empty_past(sess), 0, last=True)
-    pos, count = len(prompt), 0
+    cache = Cache(sess, len(prompt) + n)
+    logits = cache.feed(history)
+    count = 0
     while count < n:
         token = choose(logits[-1], history, rng=rng, **settings)
         count += 1
@@ -154,5 +229,4 @@ def sample_stream(sess, prompt, n, eos, settings=None, rng=None):
         yield token
         if token in eos or count == n:
             return
-        logits, past = step(sess, [token], past, pos, last=True)
-        pos += 1
+        logits = cache.feed([token])

@@ -21,12 +21,13 @@ from typing import Any
 
 import numpy as np
 
+from edgepack.families.cache_layout import mark_cache_layout
 from edgepack.families.decoder import PAST_PREFIX, PRESENT_PREFIX
 from edgepack.families.generate import empty_past, step_feeds, windows
 
 KV_CACHE_TYPES = ("fp32", "int8")
 # Part of the KV-cache cache key: bump when what ``quantize_kv_cache`` writes changes.
-KV_CACHE_VERSION = 1
+KV_CACHE_VERSION = 2  # 2: the in-place cache mark
 MAX_WINDOWS = 16
 MS = "com.microsoft"
 # GroupQueryAttention's inputs: k_scale and v_scale are the 13th and 14th.
@@ -83,5 +84,6 @@ def quantize_kv_cache(src: Path, dst: Path, ranges: dict[str, np.ndarray]) -> di
     for value in [*graph.input, *graph.output]:
         if value.name.startswith((PAST_PREFIX, PRESENT_PREFIX)):
             value.type.tensor_type.elem_type = TensorProto.INT8
+    mark_cache_layout(model)
     onnx.save(model, str(dst))
     return {"kv_cache": "int8", "per_channel_scales": True, "layers": layers}

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from edgepack.errors import UserError
+from edgepack.families.cache_layout import mark_cache_layout
 from edgepack.load import Blocks
 from edgepack.quantize.blockwise import SEARCH, pack, quantize_rows
 from edgepack.quantize.carried import (
@@ -46,7 +47,9 @@ KEEP = ("all", "layers", "off")
 MS = "com.microsoft"
 # Part of the weight-only cache key: bump when ``quantize_weights`` (or blockwise.py) writes a
 # different graph for the same fp32 graph, settings and calibration.
-WEIGHT_ONLY_VERSION = 3  # 2: a GGUF's blocks carried; 3: their scales stored as fp16
+WEIGHT_ONLY_VERSION = (
+    4  # 2: a GGUF's blocks carried; 3: their scales stored as fp16; 4: the in-place cache mark
+)
 
 
 @dataclass(frozen=True)
@@ -350,6 +353,7 @@ def quantize_weights(
     model.graph.initializer.extend(i for i in rw.added if i.name in used)
     if not any(o.domain == MS for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid(MS, 1))
+    mark_cache_layout(model)
     onnx.save(model, str(dst))
     nodes = model.graph.node
     return {
